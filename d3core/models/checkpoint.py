@@ -1,0 +1,189 @@
+"""Load and save dLLMs in their official HF layout, from any fsspec URI.
+
+A checkpoint directory holds ``config.json`` (official field names), an optional
+``generation_config.json`` (its ``eos_token_id`` list names every stop token), and either
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Loading builds
+the model on the meta device and assigns the tensors (``load_state_dict(assign=True)``), so
+nothing is initialised twice and an 8B model needs one copy of its weights in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from d3core.models.config import ModelConfig
+from d3core.models.layers import DiffusionTransformer
+from d3core.models.registry import ARCHITECTURES, Architecture, build_model, get_architecture
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def expand_param_map(param_map: dict[str, str], num_layers: int) -> dict[str, str]:
+    """The literal per-layer map ``{official name: d3core name}`` for ``num_layers`` blocks."""
+    out: dict[str, str] = {}
+    for official, ours in param_map.items():
+        if "{i}" in official:
+            for i in range(num_layers):
+                out[official.format(i=i)] = ours.format(i=i)
+        else:
+            out[official] = ours
+    return out
+
+
+def official_names(model: DiffusionTransformer) -> list[str]:
+    """The official parameter names of ``model`` in its architecture's layout."""
+    arch = get_architecture(model.config.arch)
+    ours = dict(model.named_parameters())
+    full = expand_param_map(arch.param_map, model.config.num_layers)
+    return sorted(o for o, n in full.items() if n in ours)
+
+
+def detect_architecture(raw: dict[str, Any]) -> Architecture:
+    model_type = str(raw.get("model_type", "")).lower()
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.hf_model_types:
+            return arch
+    raise ValueError(
+        f"config.json model_type={raw.get('model_type')!r} is not a d3core dLLM: supported model_type "
+        f"values are {sorted(t for a in ARCHITECTURES.values() for t in a.hf_model_types)}"
+    )
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def load_config(uri: str) -> ModelConfig:
+    """Read ``config.json`` (and ``generation_config.json`` stop ids) at ``uri``."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    cfg_path = _join(root, CONFIG_NAME)
+    if not fs.exists(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {uri!r}: point at a directory saved in the official HF layout")
+    raw = _read_json(fs, cfg_path)
+    special: dict[str, Any] = {}
+    gen_path = _join(root, GENERATION_CONFIG_NAME)
+    if fs.exists(gen_path):
+        eos = _read_json(fs, gen_path).get("eos_token_id")
+        if eos is not None:
+            special["eos_ids"] = [eos] if isinstance(eos, int) else list(eos)
+    return detect_architecture(raw).config_from_hf(raw, special)
+
+
+def _read_tensors(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> dict[str, torch.Tensor]:
+    single = _join(root, WEIGHTS_NAME)
+    index = _join(root, INDEX_NAME)
+    if fs.exists(single):
+        files = [single]
+    elif fs.exists(index):
+        shard_names = sorted(set(_read_json(fs, index)["weight_map"].values()))
+        files = [_join(root, name) for name in shard_names]
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} at {uri!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with fs.open(path, "rb") as f:
+            tensors.update(load_safetensors_bytes(f.read()))
+    return tensors
+
+
+def load_pretrained(
+    uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> DiffusionTransformer:
+    """Load an official-layout LLaDA or Dream checkpoint from a local dir or fsspec URI."""
+    cfg = load_config(uri)
+    arch = get_architecture(cfg.arch)
+    fs, root = fsspec.core.url_to_fs(uri)
+    tensors = _read_tensors(fs, root, uri)
+    mapping = expand_param_map(arch.param_map, cfg.num_layers)
+    model = build_model(cfg, device="meta")
+    expected = set(dict(model.named_parameters()))
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in tensors.items():
+        ours = mapping.get(name)
+        if ours is None or ours not in expected:
+            unexpected.append(name)
+            continue
+        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = sorted(expected - set(state))
+    if missing or unexpected:
+        inverse = {v: k for k, v in mapping.items()}
+        raise ValueError(
+            f"checkpoint at {uri!r} does not match the official {cfg.arch} layout: "
+            f"missing {[inverse.get(m, m) for m in missing][:8]}, unexpected {sorted(unexpected)[:8]}; "
+            "was it saved by a different architecture or a LoRA adapter without merging?"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    logger.info("loaded %s (%s, %.2fM params) from %s", cfg.arch, tensors and next(iter(state.values())).dtype,
+                sum(p.numel() for p in model.parameters()) / 1e6, uri)
+    return model.eval()
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state, key=_natural_key):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    return shards
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def save_pretrained(
+    model: DiffusionTransformer, uri: str, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
+) -> None:
+    """Write ``model`` in its architecture's official layout (config, generation config, safetensors)."""
+    cfg = model.config
+    arch = get_architecture(cfg.arch)
+    mapping = {v: k for k, v in expand_param_map(arch.param_map, cfg.num_layers).items()}
+    state = {
+        mapping[name]: p.detach().to("cpu", dtype or p.dtype).contiguous() for name, p in model.named_parameters()
+    }
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(_join(root, CONFIG_NAME), "w") as f:
+        json.dump(arch.config_to_hf(cfg), f, indent=2)
+    with fs.open(_join(root, GENERATION_CONFIG_NAME), "w") as f:
+        json.dump({"eos_token_id": list(cfg.eos_ids), "pad_token_id": cfg.pad_id,
+                   **({"bos_token_id": cfg.bos_id} if cfg.bos_id is not None else {})}, f, indent=2)
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        with fs.open(_join(root, WEIGHTS_NAME), "wb") as f:
+            f.write(save_safetensors_bytes(shards[0], metadata={"format": "pt"}))
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        with fs.open(_join(root, name), "wb") as f:
+            f.write(save_safetensors_bytes(shard, metadata={"format": "pt"}))
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    with fs.open(_join(root, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

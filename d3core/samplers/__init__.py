@@ -1,0 +1,40 @@
+"""Decoding algorithms by name: ``get_sampler("vanilla")`` -> (params class, generate function)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from d3core.samplers import apd, ar, d3llm, dparallel, fast_dllm, vanilla
+from d3core.samplers.base import GenerationResult, SequenceResult
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    params_cls: type
+    generate: Callable[..., GenerationResult]
+    autoregressive: bool = False
+    needs_verifier: bool = False
+
+    def make_params(self, **kwargs: Any):
+        return self.params_cls(**kwargs)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "vanilla": Sampler("vanilla", vanilla.VanillaParams, vanilla.generate),
+    "fast_dllm": Sampler("fast_dllm", fast_dllm.FastDLLMParams, fast_dllm.generate),
+    "dparallel": Sampler("dparallel", dparallel.DParallelParams, dparallel.generate),
+    "d3llm": Sampler("d3llm", d3llm.D3LLMParams, d3llm.generate),
+    "apd": Sampler("apd", apd.APDParams, apd.generate, needs_verifier=True),
+    "ar": Sampler("ar", ar.ARParams, ar.generate, autoregressive=True),
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+__all__ = ["SAMPLERS", "Sampler", "get_sampler", "GenerationResult", "SequenceResult"]
