@@ -1,0 +1,1 @@
+"""Distillation pieces (pure tensors): trajectory masking, losses, curricula."""

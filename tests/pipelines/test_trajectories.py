@@ -1,0 +1,113 @@
+"""Teacher trajectories on local Ray Data: rows equal in-process decoding, resumable, any fsspec URI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from d3core import trajectory as T
+from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
+from d3core.samplers.vanilla import VanillaParams, generate
+from pipelines import trajectories as P
+
+ROOT = Path(__file__).resolve().parents[2]
+MASK_ID = load_tiny_tokenizer().mask_token_id
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def check_rows_against_in_process(rows, cfg):
+    prompts = P.load_prompts(cfg)
+    by_id = {r.id: r for r in rows}
+    assert sorted(by_id) == sorted(p["id"] for p in prompts)  # exactly one row per id
+    teacher = load_tiny_teacher()
+    params = VanillaParams(gen_length=cfg.gen_length, block_length=cfg.block_length)
+    reference = generate(teacher, [p["prompt_ids"] for p in prompts], params).sequences
+    for p, ref in zip(prompts, reference):
+        r = by_id[p["id"]]
+        assert r.prompt_ids == p["prompt_ids"]
+        assert r.response_ids == ref.tokens and r.unmask_step == ref.unmask_step
+        assert T.replay(r, MASK_ID) == r.response_ids
+        assert sorted(r.unmask_step) == list(range(cfg.gen_length))  # one slot revealed per step
+        assert T.order_is_blockwise(r.unmask_step, cfg.block_length)
+        assert MASK_ID not in T.replay(r, MASK_ID, upto=cfg.gen_length - 1)
+        assert MASK_ID in T.replay(r, MASK_ID, upto=cfg.gen_length - 2)
+
+
+@pytest.mark.slow
+def test_two_actors_write_rows_equal_to_in_process_decoding(ray_local, tmp_path):
+    cfg = P.TrajectoriesConfig(out="file://" + str(tmp_path / "traj"), n_prompts=300, shard_size=50, num_actors=2)
+    stats = P.run(cfg)
+    assert stats["rows"] == 300 and 0.5 < stats["correct_fraction"] <= 1.0
+    rows = T.read_trajectories(cfg.out)
+    check_rows_against_in_process(rows, cfg)
+    manifest = fsspec.open(cfg.out + "/manifest.json", "r").open().read()
+    assert '"complete": true' in manifest
+    again = P.run(cfg)  # everything complete: nothing decoded, nothing rewritten
+    assert again["rows"] == 0
+
+
+@pytest.mark.slow
+def test_in_memory_filesystem_and_correctness_filter(ray_local):
+    cfg = P.TrajectoriesConfig(out="memory://d3ray-traj-test", n_prompts=60, shard_size=30, num_actors=1,
+                               filter_correct=True, max_attempts=2)
+    P.run(cfg)
+    rows = T.read_trajectories(cfg.out)
+    assert rows and all(r.is_correct for r in rows)
+    assert all(r.attempts in (1, 2) for r in rows)
+    assert {r.temperature for r in rows if r.attempts == 2} <= {0.1}
+    fsspec.filesystem("memory").rm("/d3ray-traj-test", recursive=True)
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_gives_exactly_one_row_per_id(tmp_path):
+    out = tmp_path / "traj"
+    cmd = [sys.executable, str(ROOT / "pipelines" / "trajectories.py"), "--out", str(out), "--n-prompts", "240",
+           "--shard-size", "20", "--num-actors", "1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 3:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    assert 3 <= len(first) < 12, "the run should be interrupted part-way"
+    subprocess.run(cmd, env=env, check=True, timeout=400, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = T.read_trajectories(str(out))
+    ids = [r.id for r in rows]
+    assert len(ids) == len(set(ids)) == 240
+    for name, mtime in first.items():  # finished shards were not redone
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="preset='gpt'"):
+        P.TrajectoriesConfig(preset="gpt")
+    with pytest.raises(ValueError, match="max_attempts=0"):
+        P.TrajectoriesConfig(max_attempts=0)
+    with pytest.raises(ValueError, match="block_length=20 must divide gen_length=48"):
+        P.TrajectoriesConfig(block_length=20)
+
+
+def test_prompt_file_without_ids_is_refused(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ann has 3 apples . how many apples now ?"}\n')
+    with pytest.raises(ValueError, match="record 0 lacks 'id' or 'prompt'"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=str(path), n_prompts=5))
