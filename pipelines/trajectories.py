@@ -263,7 +263,7 @@ def run(cfg: TrajectoriesConfig) -> dict:
     pending = [s for s in shards if s["shard"] not in done]
     logger.info("%d prompts in %d shards; %d already complete, %d to decode", len(prompts), len(shards), len(done),
                 len(pending))
-    stats = {"rows": 0, "correct": 0, "tokens": 0, "decode_seconds": 0.0}
+    stats = {"rows": 0, "correct": 0, "tokens": 0}
     if pending:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -278,7 +278,7 @@ def run(cfg: TrajectoriesConfig) -> dict:
         )
         buffers: dict[int, list[pa.Table]] = {}
         bar = tqdm(total=len(pending), desc="trajectory shards", unit="shard")
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for k in sorted(set(batch.column("shard").to_pylist())):
                 part = batch.filter(pc.equal(batch.column("shard"), k))
                 buffers.setdefault(k, []).append(part)
@@ -300,6 +300,7 @@ def run(cfg: TrajectoriesConfig) -> dict:
 
 
 def _finish(cfg: TrajectoriesConfig, k: int, table: pa.Table, stats: dict) -> None:
+    logger.debug("shard %d decoded (%d rows)", k, table.num_rows)
     table = table.drop_columns(["shard", "shard_rows"])
     if cfg.filter_correct:  # keep only rows whose answer the teacher got right (after retries)
         table = table.filter(table.column("is_correct"))

@@ -41,35 +41,37 @@ def trajectory_views(
 
     Args:
         clean: ``(B, P + R)`` prompt (left-padded to ``prompt_len``) and teacher response.
-        unmask_step: ``(B, R)`` the teacher's reveal rank of every response slot; ranks are
-            compared against ``n * k + int((1 - t) * k)`` revealed slots.
+        unmask_step: ``(B, R)`` the teacher's step of every response slot; slots are ranked by
+            (step, position) and compared against ``n * k + int((1 - t) * k)`` revealed slots.
         mask_ratio: ``(B,)`` per-row ``t`` in [0, 1].
     """
-    b, total = clean.shape
-    r = total - prompt_len
-    k = window_size
-    if not 1 <= k <= r:
-        raise ValueError(f"window_size={k}: must lie in [1, response length {r}]")
-    start, end = draw_windows(b, r, k, generator)
-    n = start // k
-    revealed = n * k + ((1 - mask_ratio) * k).long()  # slots the teacher had revealed at that snapshot
-    rank = _reveal_rank(unmask_step)
-    slots = torch.arange(r)[None]
-    in_window = (slots >= start[:, None]) & (slots < end[:, None])
-    after = slots >= end[:, None]
-    hidden = rank >= revealed[:, None]  # still masked in the teacher's snapshot
-    mask_a = (in_window & hidden) | after
-    mask_b = (in_window & ~hidden) | after
-    inputs, inputs_rev = clean.clone(), clean.clone()
-    inputs[:, prompt_len:] = torch.where(mask_a, mask_id, clean[:, prompt_len:])
-    inputs_rev[:, prompt_len:] = torch.where(mask_b, mask_id, clean[:, prompt_len:])
-    pad = torch.zeros(b, prompt_len, dtype=torch.bool)
-    return StudentViews(inputs, torch.cat([pad, in_window & hidden], 1), inputs_rev,
-                        torch.cat([pad, in_window & ~hidden], 1), torch.stack([start, end], 1))
+    b, r = clean.shape[0], clean.shape[1] - prompt_len
+    start, end = draw_windows(b, r, window_size, generator)
+    revealed = start + ((1 - mask_ratio) * window_size).long()  # slots revealed at that snapshot
+    hidden = _reveal_rank(unmask_step) >= revealed[:, None]  # still masked in the teacher's snapshot
+    return _assemble(clean, prompt_len, start, end, hidden, mask_id)
+
+
+def random_views(
+    clean: torch.Tensor,
+    prompt_len: int,
+    window_size: int,
+    mask_ratio: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> StudentViews:
+    """The dParallel-style fallback: the same windows, but masked at random with p = (1 - eps) t + eps."""
+    b, r = clean.shape[0], clean.shape[1] - prompt_len
+    start, end = draw_windows(b, r, window_size, generator)
+    p = (1 - RANDOM_EPS) * mask_ratio + RANDOM_EPS
+    hidden = torch.rand(b, r, generator=generator) < p[:, None]
+    return _assemble(clean, prompt_len, start, end, hidden, mask_id)
 
 
 def draw_windows(batch: int, r: int, k: int, generator: torch.Generator | None = None):
     """Window ``n ~ U{0 .. ceil(r / k) - 1}`` per row: ``[n k, min(n k + k, r))`` in response slots."""
+    if not 1 <= k <= r:
+        raise ValueError(f"window_size={k}: must lie in [1, response length {r}]")
     n = torch.randint(0, -(-r // k), (batch,), generator=generator)
     start = n * k
     return start, torch.clamp(start + k, max=r)
@@ -83,29 +85,16 @@ def _reveal_rank(unmask_step: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def random_views(
-    clean: torch.Tensor,
-    prompt_len: int,
-    window_size: int,
-    mask_ratio: torch.Tensor,
-    mask_id: int,
-    generator: torch.Generator | None = None,
-) -> StudentViews:
-    """The dParallel-style fallback: the same windows, but masked at random with p = (1 - eps) t + eps."""
-    b, total = clean.shape
-    r = total - prompt_len
-    if not 1 <= window_size <= r:
-        raise ValueError(f"window_size={window_size}: must lie in [1, response length {r}]")
-    start, end = draw_windows(b, r, window_size, generator)
-    fake_steps = torch.rand(b, r, generator=generator)
-    p = (1 - RANDOM_EPS) * mask_ratio + RANDOM_EPS
+def _assemble(clean, prompt_len, start, end, hidden, mask_id) -> StudentViews:
+    """View A masks the window's hidden slots, view B the rest of the window; both mask the future."""
+    b, r = clean.shape[0], clean.shape[1] - prompt_len
     slots = torch.arange(r)[None]
     in_window = (slots >= start[:, None]) & (slots < end[:, None])
     after = slots >= end[:, None]
-    hidden = fake_steps < p[:, None]
-    inputs, inputs_rev = clean.clone(), clean.clone()
-    inputs[:, prompt_len:] = torch.where((in_window & hidden) | after, mask_id, clean[:, prompt_len:])
-    inputs_rev[:, prompt_len:] = torch.where((in_window & ~hidden) | after, mask_id, clean[:, prompt_len:])
     pad = torch.zeros(b, prompt_len, dtype=torch.bool)
-    return StudentViews(inputs, torch.cat([pad, in_window & hidden], 1), inputs_rev,
-                        torch.cat([pad, in_window & ~hidden], 1), torch.stack([start, end], 1))
+    views = []
+    for supervised in (in_window & hidden, in_window & ~hidden):
+        inputs = clean.clone()
+        inputs[:, prompt_len:] = torch.where(supervised | after, mask_id, clean[:, prompt_len:])
+        views += [inputs, torch.cat([pad, supervised], 1)]
+    return StudentViews(*views, torch.stack([start, end], 1))

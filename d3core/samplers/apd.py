@@ -21,14 +21,13 @@ the shortest accepted prefix, which is exact because causal keys depend only on 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from d3core.cache import KVCache
-from d3core.samplers.base import GenerationResult, SequenceResult, check_probability, make_batch, validate_prompts
+from d3core.samplers.base import GenerationResult, begin, check_probability, finish
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +73,8 @@ def generate(
     if verifier is None:
         raise ValueError("apd needs verifier=<a small AR model with the same tokenizer>, e.g. the tiny AR baseline")
     cfg = model.config
-    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    batch = make_batch(prompts, params.gen_length, cfg.mask_id, cfg.pad_id, device)
+    batch, t0 = begin(model, prompts, params.gen_length)
+    device = batch.x.device
     x, pos, attn, p0 = batch.x, batch.positions, batch.attention_mask, batch.prompt_len
     b, total = x.shape
     vocab = min(cfg.vocab_size, verifier.config.vocab_size)
@@ -142,10 +139,4 @@ def generate(
         unmask_step = torch.where(fill[:, p0:] & (unmask_step < 0), (nfe - 1)[:, None], unmask_step)
         x = torch.where(fill, eos[0], x)
         done |= hit_eos | (curr >= total)
-    wall = time.perf_counter() - t0
-    sequences = [
-        SequenceResult(list(map(int, prompts[i])), x[i, p0:].tolist(), int(nfe[i]), unmask_step[i].tolist(),
-                       tuple(cfg.eos_ids))
-        for i in range(b)
-    ]
-    return GenerationResult(sequences, wall, {"sampler": "apd", "verifier_forwards": verifier_forwards})
+    return finish("apd", prompts, x[:, p0:], nfe, unmask_step, cfg.eos_ids, t0, verifier_forwards=verifier_forwards)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from d3core.samplers.base import GenerationResult, SequenceResult, choose_tokens, validate_prompts
+from d3core.samplers.base import GenerationResult, choose_tokens, finish, validate_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,5 @@ def generate(
                     past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    wall = time.perf_counter() - t0
-    seqs = [
-        SequenceResult(list(map(int, prompts[i])), tokens[i].tolist(), int(nfe[i]),
-                       list(range(params.gen_length)), eos)
-        for i in range(b)
-    ]
-    return GenerationResult(seqs, wall, {"sampler": "ar"})
+    steps = torch.arange(params.gen_length, device=device).expand(b, -1)
+    return finish("ar", prompts, tokens, nfe, steps, eos, t0)

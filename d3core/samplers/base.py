@@ -11,6 +11,7 @@ with, per sequence, the committed tokens, the number of model forwards it took p
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -150,3 +151,32 @@ def check_blocks(gen_length: int, block_length: int) -> None:
             f"block_length={block_length} does not divide gen_length={gen_length}: "
             "pick a block length that divides the generation length"
         )
+
+
+def begin(model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen_length: int) -> tuple[Batch, float]:
+    """Validate the prompts against the model and lay out the batch; returns it and the start time."""
+    cfg = model.config
+    validate_prompts(prompts, gen_length, cfg.max_seq_len, cfg.vocab_size)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    return make_batch(prompts, gen_length, cfg.mask_id, cfg.pad_id, device), t0
+
+
+def finish(
+    name: str,
+    prompts: Sequence[Sequence[int]],
+    generated: torch.Tensor,
+    nfe: Sequence[int] | torch.Tensor,
+    unmask_step: torch.Tensor,
+    eos_ids: Sequence[int],
+    t0: float,
+    **stats,
+) -> GenerationResult:
+    """Package per-row outputs (``generated``: the generation slots) into a GenerationResult."""
+    nfe = nfe.tolist() if isinstance(nfe, torch.Tensor) else list(nfe)
+    sequences = [
+        SequenceResult(list(map(int, prompts[i])), generated[i].tolist(), int(nfe[i]), unmask_step[i].tolist(),
+                       tuple(eos_ids))
+        for i in range(len(prompts))
+    ]
+    return GenerationResult(sequences, time.perf_counter() - t0, {"sampler": name, **stats})

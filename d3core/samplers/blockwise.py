@@ -17,15 +17,13 @@ uncached path's; later steps read K/V computed before the block's newest tokens 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from d3core.cache import KVCache
-from d3core.samplers.base import GenerationResult, SequenceResult, check_blocks, choose_tokens, make_batch, \
-    validate_prompts
+from d3core.samplers.base import GenerationResult, begin, check_blocks, choose_tokens, finish
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +77,8 @@ def decode(
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
     cfg = model.config
-    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    batch = make_batch(prompts, params.gen_length, cfg.mask_id, cfg.pad_id, device)
+    batch, t0 = begin(model, prompts, params.gen_length)
+    device = batch.x.device
     x, pos, attn, p0 = batch.x, batch.positions, batch.attention_mask, batch.prompt_len
     b, total = x.shape
     eos = torch.tensor(cfg.eos_ids, device=device)
@@ -124,10 +120,4 @@ def decode(
                     x[:, p0:] = torch.where(rest, eos[0], x[:, p0:])
                     unmask_step = torch.where(rest, (nfe - 1)[:, None], unmask_step)
                     finished |= done
-    wall = time.perf_counter() - t0
-    sequences = [
-        SequenceResult(list(map(int, prompts[i])), x[i, p0:].tolist(), int(nfe[i]), unmask_step[i].tolist(),
-                       tuple(cfg.eos_ids))
-        for i in range(b)
-    ]
-    return GenerationResult(sequences, wall, {"sampler": name, "batch_forwards": forwards})
+    return finish(name, prompts, x[:, p0:], nfe, unmask_step, cfg.eos_ids, t0, batch_forwards=forwards)

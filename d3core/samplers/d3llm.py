@@ -25,7 +25,6 @@ Both block thresholds at 1.0 reduce this to single-block entropy-threshold decod
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,8 +32,13 @@ import torch
 
 from d3core.cache import KVCache
 from d3core.samplers.base import (
-    GenerationResult, SequenceResult, check_blocks, check_probability, choose_tokens, entropy, make_batch,
-    validate_prompts,
+    GenerationResult,
+    begin,
+    check_blocks,
+    check_probability,
+    choose_tokens,
+    entropy,
+    finish,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,10 +93,8 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
     cfg = model.config
-    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    batch = make_batch(prompts, params.gen_length, cfg.mask_id, cfg.pad_id, device)
+    batch, t0 = begin(model, prompts, params.gen_length)
+    device = batch.x.device
     x, pos, attn, p0 = batch.x, batch.positions, batch.attention_mask, batch.prompt_len
     b, total = x.shape
     bl, nb = params.block_length, params.gen_length // params.block_length
@@ -147,13 +149,8 @@ def generate(
             for k in range(row.created):
                 if masks_after[r][k] == 0 and row.completed_at[k + 1] is None:
                     row.completed_at[k + 1] = row.nfe
-    wall = time.perf_counter() - t0
-    sequences = [
-        SequenceResult(list(map(int, prompts[i])), x[i, p0:].tolist(), rows[i].nfe, unmask_step[i].tolist(),
-                       tuple(cfg.eos_ids))
-        for i in range(b)
-    ]
-    return GenerationResult(sequences, wall, {"sampler": "d3llm", "batch_forwards": forwards})
+    return finish("d3llm", prompts, x[:, p0:], [row.nfe for row in rows], unmask_step, cfg.eos_ids, t0,
+                  batch_forwards=forwards)
 
 
 def _advance_blocks(row: _Row, masks: list[int], bl: int, nb: int, params: D3LLMParams) -> None:

@@ -10,14 +10,17 @@ ones (``random``). Positions right of the current block are inputs but are never
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from d3core.samplers.base import (
-    GenerationResult, SequenceResult, check_blocks, choose_tokens, make_batch, validate_prompts,
+    GenerationResult,
+    begin,
+    check_blocks,
+    choose_tokens,
+    finish,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,10 +71,8 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
     cfg = model.config
-    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    batch = make_batch(prompts, params.gen_length, cfg.mask_id, cfg.pad_id, device)
+    batch, t0 = begin(model, prompts, params.gen_length)
+    device = batch.x.device
     x, p0 = batch.x, batch.prompt_len
     b = x.shape[0]
     unmask_step = torch.full((b, params.gen_length), -1, dtype=torch.long, device=device)
@@ -93,15 +94,4 @@ def generate(
             x[rows, lo + pick] = tokens[rows, pick]
             unmask_step[rows, lo - p0 + pick] = step
             step += 1
-    wall = time.perf_counter() - t0
-    sequences = [
-        SequenceResult(
-            prompt_ids=list(map(int, prompts[i])),
-            tokens=x[i, p0:].tolist(),
-            nfe=step,
-            unmask_step=unmask_step[i].tolist(),
-            eos_ids=tuple(cfg.eos_ids),
-        )
-        for i in range(b)
-    ]
-    return GenerationResult(sequences, wall, {"sampler": "vanilla"})
+    return finish("vanilla", prompts, x[:, p0:], [step] * b, unmask_step, cfg.eos_ids, t0)

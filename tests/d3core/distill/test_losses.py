@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from d3core.distill.losses import LossWeights, certainty_entropy, distill_loss, mask_ratio_bounds, masked_ce, \
-    window_size
+from d3core.distill.losses import (
+    LossWeights,
+    certainty_entropy,
+    distill_loss,
+    mask_ratio_bounds,
+    masked_ce,
+    window_size,
+)
 
 
 def test_masked_ce_only_counts_supervised_slots():
