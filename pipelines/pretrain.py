@@ -29,7 +29,7 @@ from d3core.eval import synthetic
 from d3core.eval.harness import evaluate_synthetic
 from d3core.models import tiny_tokenizer
 from d3core.models.ar import build_ar_model
-from d3core.models.checkpoint import save_pretrained
+from d3core.models.checkpoint import init_from_causal_lm, load_pretrained, save_pretrained
 from d3core.models.registry import build_model
 from d3core.samplers.ar import ARParams
 from d3core.samplers.vanilla import VanillaParams
@@ -56,6 +56,7 @@ class PretrainConfig:
     block_length: int = 16
     seed: int = 0
     threads: int = 0
+    init_from: str = ""  # dllm only: a dLLM checkpoint to continue, or an HF causal LM (AR-to-diffusion, as Dream)
     ckpt_every: int = 500
     eval_every: int = 1000
     eval_n: int = 128
@@ -71,6 +72,8 @@ class PretrainConfig:
             raise ValueError(f"lr={self.lr}: must lie in (0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
+        if self.init_from and self.kind != "dllm":
+            raise ValueError(f"init_from={self.init_from!r} applies to kind='dllm' only")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must lie in [0, steps={self.steps})")
 
@@ -84,8 +87,26 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 def build(cfg: PretrainConfig) -> torch.nn.Module:
     if cfg.kind == "dllm":
-        return build_model(cfg.arch, "tiny", seed=cfg.seed)
+        model = build_model(cfg.arch, "tiny", seed=cfg.seed)
+        if cfg.init_from:
+            init_weights_from(model, cfg.init_from)
+        return model
     return build_ar_model(seed=cfg.seed)
+
+
+def init_weights_from(model: torch.nn.Module, uri: str) -> None:
+    """Start from a d3core dLLM checkpoint (to train further) or from an HF causal LM (AR-to-diffusion)."""
+    if load_config_type(uri) in ("llada", "dream"):
+        model.load_state_dict(load_pretrained(uri).state_dict())
+    else:
+        init_from_causal_lm(model, uri)
+
+
+def load_config_type(uri: str) -> str:
+    import fsspec
+
+    with fsspec.open(uri.rstrip("/") + "/config.json", "r") as f:
+        return str(json.load(f).get("model_type", "")).lower()
 
 
 def make_batch(cfg: PretrainConfig, tok, stream: synthetic.TrainStream):

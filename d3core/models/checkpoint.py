@@ -187,3 +187,41 @@ def save_pretrained(
             total += t.numel() * t.element_size()
     with fs.open(_join(root, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def init_from_causal_lm(model: DiffusionTransformer, uri: str) -> list[str]:
+    """Copy the weights of an HF Llama/Qwen2-layout causal LM into a dLLM of the same shape.
+
+    This is how Dream was made from Qwen2.5 (AR initialisation, then masked-diffusion
+    training); it works for either d3core architecture because both use the same blocks.
+    Returns the names of dLLM parameters the checkpoint lacks (e.g. QKV biases), which keep
+    their zero initialisation.
+    """
+    from d3core.models import dream
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    tensors = _read_tensors(fs, root, uri)
+    mapping = expand_param_map(dream.PARAM_MAP, model.config.num_layers)
+    ours = dict(model.named_parameters())
+    loaded, unused = set(), []
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            target = mapping.get(name)
+            if target is None or target not in ours:
+                unused.append(name)
+                continue
+            if ours[target].shape != tensor.shape:
+                raise ValueError(
+                    f"{uri}: {name} has shape {tuple(tensor.shape)} but the dLLM's {target} is "
+                    f"{tuple(ours[target].shape)}: build the dLLM with the causal LM's sizes"
+                )
+            ours[target].copy_(tensor)
+            loaded.add(target)
+    missing = sorted(set(ours) - loaded)
+    if unused or [m for m in missing if not m.endswith("bias")]:
+        raise ValueError(f"{uri}: not a Llama/Qwen2-layout causal LM of this shape (unused {unused[:6]}, "
+                         f"missing {missing[:6]})")
+    for name in missing:
+        ours[name].zero_()
+    logger.info("initialised %s from causal LM %s (%d tensors)", model.config.arch, uri, len(loaded))
+    return missing

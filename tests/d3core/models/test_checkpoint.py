@@ -160,3 +160,22 @@ def test_meta_construction_allocates_nothing():
     assert 7.5e9 < n < 8.5e9
     dream = build_model("dream", "dream-7b", device="meta")
     assert 7.0e9 < sum(p.numel() for p in dream.parameters()) < 8.0e9
+
+
+def test_init_from_a_causal_lm_copies_every_block(tmp_path):
+    from d3core.models.ar import build_ar_model
+    from d3core.models.checkpoint import init_from_causal_lm
+
+    ar = build_ar_model(seed=1)
+    ar.save_pretrained(str(tmp_path))
+    dllm = build_model("llada", "tiny", seed=0)
+    assert init_from_causal_lm(dllm, str(tmp_path)) == []
+    assert torch.equal(dllm.layers[2].mlp.down.weight, ar.model.layers[2].mlp.down_proj.weight)
+    assert torch.equal(dllm.head.weight, ar.lm_head.weight)
+    # same weights; causal and bidirectional attention agree on a one-token input
+    ids = torch.tensor([[2]])
+    with torch.no_grad():
+        torch.testing.assert_close(dllm(ids), ar(ids).logits, rtol=1e-5, atol=1e-5)
+    wrong = build_model("llada", "tiny", seed=0, hidden_size=64, num_heads=4, intermediate_size=128)
+    with pytest.raises(ValueError, match="build the dLLM with the causal LM's sizes"):
+        init_from_causal_lm(wrong, str(tmp_path))
