@@ -36,6 +36,7 @@ def trajectory_views(
     mask_ratio: torch.Tensor,
     mask_id: int,
     generator: torch.Generator | None = None,
+    window_u: torch.Tensor | None = None,
 ) -> StudentViews:
     """Vectorised d3LLM masking.
 
@@ -44,9 +45,11 @@ def trajectory_views(
         unmask_step: ``(B, R)`` the teacher's step of every response slot; slots are ranked by
             (step, position) and compared against ``n * k + int((1 - t) * k)`` revealed slots.
         mask_ratio: ``(B,)`` per-row ``t`` in [0, 1].
+        window_u: optional ``(B,)`` uniforms that pick the windows instead of ``generator``
+            (per-row noise makes a row's views independent of which worker sees it).
     """
     b, r = clean.shape[0], clean.shape[1] - prompt_len
-    start, end = draw_windows(b, r, window_size, generator)
+    start, end = draw_windows(b, r, window_size, generator, window_u)
     revealed = start + ((1 - mask_ratio) * window_size).long()  # slots revealed at that snapshot
     hidden = _reveal_rank(unmask_step) >= revealed[:, None]  # still masked in the teacher's snapshot
     return _assemble(clean, prompt_len, start, end, hidden, mask_id)
@@ -59,20 +62,31 @@ def random_views(
     mask_ratio: torch.Tensor,
     mask_id: int,
     generator: torch.Generator | None = None,
+    window_u: torch.Tensor | None = None,
+    mask_u: torch.Tensor | None = None,
 ) -> StudentViews:
     """The dParallel-style fallback: the same windows, but masked at random with p = (1 - eps) t + eps."""
     b, r = clean.shape[0], clean.shape[1] - prompt_len
-    start, end = draw_windows(b, r, window_size, generator)
+    start, end = draw_windows(b, r, window_size, generator, window_u)
     p = (1 - RANDOM_EPS) * mask_ratio + RANDOM_EPS
-    hidden = torch.rand(b, r, generator=generator) < p[:, None]
+    u = torch.rand(b, r, generator=generator) if mask_u is None else mask_u
+    hidden = u < p[:, None]
     return _assemble(clean, prompt_len, start, end, hidden, mask_id)
 
 
-def draw_windows(batch: int, r: int, k: int, generator: torch.Generator | None = None):
-    """Window ``n ~ U{0 .. ceil(r / k) - 1}`` per row: ``[n k, min(n k + k, r))`` in response slots."""
+def draw_windows(batch: int, r: int, k: int, generator: torch.Generator | None = None,
+                 u: torch.Tensor | None = None):
+    """Window ``n ~ U{0 .. ceil(r / k) - 1}`` per row: ``[n k, min(n k + k, r))`` in response slots.
+
+    ``u`` (``(batch,)`` uniforms in [0, 1)) picks ``n = floor(u * ceil(r / k))`` instead of ``generator``.
+    """
     if not 1 <= k <= r:
         raise ValueError(f"window_size={k}: must lie in [1, response length {r}]")
-    n = torch.randint(0, -(-r // k), (batch,), generator=generator)
+    count = -(-r // k)
+    if u is None:
+        n = torch.randint(0, count, (batch,), generator=generator)
+    else:
+        n = torch.clamp((u * count).long(), max=count - 1)
     start = n * k
     return start, torch.clamp(start + k, max=r)
 

@@ -1,0 +1,265 @@
+"""Distil a fast student from teacher trajectories on Ray Train with FSDP2.
+
+    python pipelines/distill.py --trajectories runs/traj --out runs/student
+    python pipelines/distill.py --preset llada-8b --trajectories s3://b/traj --out s3://b/student
+
+The Parquet shards written by ``pipelines/trajectories.py`` are validated, read through Ray
+Data and split over the workers (``get_dataset_shard``). Each worker runs the student under
+FSDP2 (``fully_shard`` per transformer block, then the root; bf16 params with fp32 reduction
+on GPU, gloo on CPU) and optimises d3LLM pseudo-trajectory distillation with dParallel's
+certainty forcing (``d3core.distill``); ``--masking random`` is the plain dParallel fallback.
+Checkpoints go through ``ray.train.report``; rerunning with the same ``--out`` resumes from
+the latest one, and ``FailureConfig`` restarts lost workers from it. The student is exported
+in the official HF layout of its architecture (tokenizer included) to ``--out``, with
+``distill_summary.json`` written last: its presence marks the stage as done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+
+logger = logging.getLogger("d3ray.distill")
+
+SUMMARY = "distill_summary.json"
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_workers=2, use_gpu=False, threads_per_worker=1, batch_size=32, epochs=3, lr=2e-4,
+                 warmup_steps=20, window_sizes=(16, 32), ckpt_every=50),
+    "llada-8b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
+                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200),
+    "dream-7b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
+                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200),
+}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    trajectories: str = "runs/trajectories"
+    out: str = "runs/student"
+    preset: str = "tiny"
+    init: str = ""  # student initialisation (a dLLM checkpoint URI); empty: the trajectories' teacher
+    storage: str = ""  # Ray Train storage (local path or s3:// / gs://); empty: OUT/_train (local OUT only)
+    masking: str = "trajectory"  # or "random" (dParallel fallback)
+    only_correct: bool = True
+    num_workers: int = 0  # 0 / -1 / (): the preset's value
+    use_gpu: bool | None = None
+    threads_per_worker: int = 0
+    batch_size: int = 0
+    epochs: int = 0
+    max_steps: int = 0  # 0: epochs * steps per epoch
+    lr: float = 0.0
+    warmup_steps: int = -1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    window_sizes: tuple[int, ...] = ()
+    mask_ratio_min: float = 0.0
+    mask_ratio_max: float = 0.8
+    entropy_weight: float = 2.0
+    entropy_temperature: float = 0.5
+    ckpt_every: int = 0
+    max_failures: int = 2
+    seed: int = 0
+    fault_at_step: int = -1  # tests: one worker exits hard once at this step
+    fault_marker: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: must be one of {sorted(PRESETS)}")
+        for name, default in PRESETS[self.preset].items():
+            if getattr(self, name) in (0, -1, 0.0, (), None):
+                object.__setattr__(self, name, default)
+        object.__setattr__(self, "window_sizes", tuple(int(k) for k in self.window_sizes))
+        if self.masking not in ("trajectory", "random"):
+            raise ValueError(f"masking={self.masking!r}: must be 'trajectory' or 'random'")
+        for name in ("num_workers", "threads_per_worker", "batch_size", "epochs", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: "
+                             "the global batch is split evenly over the workers")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr={self.lr}: must lie in (0, 1)")
+        if self.max_steps < 0 or self.warmup_steps < 0:
+            raise ValueError(f"max_steps={self.max_steps}, warmup_steps={self.warmup_steps}: must be >= 0")
+        if not self.storage and "://" in self.out and not self.out.startswith("file://"):
+            raise ValueError(f"out={self.out!r} is remote: pass --storage (a local path, s3:// or gs:// URI) for "
+                             "Ray Train's checkpoints")
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage or str(Path(self.out.removeprefix("file://")).resolve() / "_train")
+
+    def worker_cfg(self) -> dict:
+        keys = ("masking", "use_gpu", "threads_per_worker", "batch_size", "lr", "warmup_steps", "weight_decay",
+                "grad_clip", "mask_ratio_min", "mask_ratio_max", "ckpt_every", "seed", "fault_at_step",
+                "fault_marker")
+        out = {k: getattr(self, k) for k in keys}
+        out["window_sizes"] = list(self.window_sizes)
+        out["loss_weights"] = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
+        return out
+
+
+# -- data ---------------------------------------------------------------------------------------
+def load_trajectory_table(cfg: DistillConfig):
+    """Every validated shard as one table (correct rows only unless told otherwise)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from d3core import trajectory as T
+
+    shards = T.list_shards(cfg.trajectories)
+    if not shards:
+        raise FileNotFoundError(f"no trajectory shards under {cfg.trajectories!r}: run pipelines/trajectories.py "
+                                "first, or point --trajectories at its --out")
+    table = pa.concat_tables([T.read_shard(cfg.trajectories, p) for p in shards])
+    if len(set(table.column("id").to_pylist())) != table.num_rows:
+        raise T.TrajectoryFormatError(f"{cfg.trajectories}: row ids repeat across shards")
+    if cfg.only_correct:
+        table = table.filter(pc.field("is_correct"))
+    teachers = sorted(set(table.column("teacher").to_pylist()))
+    if table.num_rows < cfg.batch_size:
+        raise ValueError(f"{table.num_rows} usable trajectory rows < batch_size={cfg.batch_size}: generate more "
+                         "trajectories or lower --batch-size")
+    return table.select(["id", "prompt_ids", "response_ids", "unmask_step"]), teachers
+
+
+def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
+    per_worker = cfg.batch_size // cfg.num_workers
+    steps_per_epoch = (n_rows // cfg.num_workers) // per_worker
+    return (cfg.max_steps or cfg.epochs * steps_per_epoch), steps_per_epoch
+
+
+# -- export ---------------------------------------------------------------------------------------
+def export_student(state_dict: dict, init_uri: str, out: str) -> None:
+    """Write the student in the official layout of its architecture, with the teacher's tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from d3core.models.checkpoint import load_config, save_pretrained
+    from d3core.models.registry import build_model
+
+    model = build_model(load_config(init_uri), device="cpu")
+    model.load_state_dict(state_dict, strict=True)
+    save_pretrained(model, out)
+    fs, root = fsspec.core.url_to_fs(out)
+    with tempfile.TemporaryDirectory() as d:
+        AutoTokenizer.from_pretrained(init_uri).save_pretrained(d)
+        for name in os.listdir(d):
+            with open(os.path.join(d, name), "rb") as src, fs.open(root.rstrip("/") + "/" + name, "wb") as dst:
+                dst.write(src.read())
+
+
+def read_summary(out: str) -> dict | None:
+    fs, root = fsspec.core.url_to_fs(out)
+    path = root.rstrip("/") + "/" + SUMMARY
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def run_distill(cfg: DistillConfig) -> dict:
+    """Train (or resume) and export; returns the summary. A finished ``out`` is returned as is."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.distill_worker import STATE_FILE, train_loop
+
+    done = read_summary(cfg.out)
+    if done is not None:
+        logger.info("student already exported at %s (%s); skipping", cfg.out, SUMMARY)
+        return done
+    table, teachers = load_trajectory_table(cfg)
+    init = cfg.init or _teacher_uri(teachers)
+    max_steps, steps_per_epoch = plan(cfg, table.num_rows)
+    if max_steps < 1:
+        raise ValueError(f"{table.num_rows} rows give 0 steps at batch_size={cfg.batch_size}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ds = ray.data.from_arrow(table)
+    logger.info("distilling %s from %d trajectories (%s masking): %d steps, %d per epoch, %d workers", init,
+                table.num_rows, cfg.masking, max_steps, steps_per_epoch, cfg.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.worker_cfg(), "init": init, "max_steps": max_steps,
+                           "steps_per_epoch": steps_per_epoch},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.threads_per_worker if cfg.use_gpu else 1}),
+        run_config=ray.train.RunConfig(
+            name="distill", storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training under {cfg.storage_path} ended without a checkpoint; see the worker logs")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    export_student(state["model"], init, cfg.out)
+    uses = list(state["uses"].values())
+    summary = {"config": dataclasses.asdict(cfg), "init": init, "rows": table.num_rows, "steps": state["step"],
+               "optimizer_steps": _optimizer_steps(state["optimizer"]),
+               "row_uses": {"rows_used": len(uses), "min": min(uses, default=0), "max": max(uses, default=0)},
+               "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "train_seconds": train_seconds,
+               "final_metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    with fs.open(root.rstrip("/") + "/" + SUMMARY, "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    logger.info("exported the student to %s after %d steps in %.0f s", cfg.out, state["step"], train_seconds)
+    return summary
+
+
+def _optimizer_steps(optim_state: dict) -> int:
+    steps = [int(v["step"]) for v in optim_state.get("state", {}).values() if "step" in v]
+    return max(steps, default=0)
+
+
+def _teacher_uri(teachers: list[str]) -> str:
+    if len(teachers) != 1:
+        raise ValueError(f"trajectories come from teachers {teachers}: pass --init to choose the student's start")
+    return teachers[0]
+
+
+def parse_args(argv: list[str] | None = None) -> DistillConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in ("extra", "fault_at_step", "fault_marker"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "window_sizes":
+            p.add_argument(flag, type=int, nargs="+", default=())
+        elif f.name in ("use_gpu", "only_correct"):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default) if f.default is not None else str, default=f.default)
+    return DistillConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    summary = run_distill(parse_args(argv))
+    print(json.dumps({k: summary[k] for k in ("init", "rows", "steps", "train_seconds")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
