@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -91,7 +91,15 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: D3LLMParams = D3LLMParams(),
     generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationResult:
+    """Decode ``prompts``; ``on_step`` (if given) sees the generation slots after every step.
+
+    ``on_step`` receives a view (do not modify it) of shape ``(B, gen_length)`` in which ``mask_id`` marks
+    undecided slots. A committed token never changes afterwards, so the contiguous committed
+    prefix of a row (up to its first EOS) is final and safe to stream. Clone the tensor to keep
+    it; an exception the hook raises aborts decoding and propagates to the caller.
+    """
     cfg = model.config
     batch, t0 = begin(model, prompts, params.gen_length)
     device = batch.x.device
@@ -149,6 +157,8 @@ def generate(
             for k in range(row.created):
                 if masks_after[r][k] == 0 and row.completed_at[k + 1] is None:
                     row.completed_at[k + 1] = row.nfe
+        if on_step is not None:
+            on_step(x[:, p0:])
     return finish("d3llm", prompts, x[:, p0:], [row.nfe for row in rows], unmask_step, cfg.eos_ids, t0,
                   batch_forwards=forwards)
 

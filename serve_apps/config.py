@@ -1,0 +1,251 @@
+"""``ServeConfig``: one typed, validated description of a d3ray OpenAI deployment, with presets.
+
+A config names the checkpoint (any fsspec URI in the official HF layout), the sampler and its
+default parameters, which of those a request may override and within which limits, and how the
+model deployment is scaled (replicas or autoscaling, CPUs/GPUs per replica, batching,
+backpressure and timeouts). ``ServeConfig.from_args`` builds one from the string ``key=value``
+arguments that ``serve run module:app_builder key=value`` passes (or the typed ``args`` of a
+serve config YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from d3core.models.shipped import TINY_TEACHER_DIR
+from d3core.samplers import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+# Parameters a request may override, with their inclusive [low, high] bounds (None: unbounded).
+DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "temperature": (0.0, 2.0),
+    "threshold": (0.0, 10.0),
+    "block_add_threshold": (0.0, 1.0),
+    "decoded_token_threshold": (0.0, 1.0),
+    "refresh_interval": (1, 64),
+}
+
+# Sampler defaults for serving: d3llm with its delayed prefix cache on.
+DEFAULT_SAMPLER_PARAMS: dict[str, Any] = {"gen_length": 48, "block_length": 16, "threshold": 0.5,
+                                          "cache_delay_iter": 1}
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything that defines a served model; every field is checked on construction."""
+
+    model: str
+    model_name: str
+    preset: str = "custom"
+    tokenizer: str | None = None  # None: the checkpoint directory holds the tokenizer
+    sampler: str = "d3llm"
+    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    max_gen_length: int = 128
+    device: str = "cpu"
+    dtype: str = "float32"
+    torch_threads: int | None = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.0
+    num_replicas: int | None = 1
+    autoscaling: Mapping[str, Any] | None = None
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 256
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    request_timeout_s: float = 60.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, value: Any, rule: str, fix: str) -> None:
+            raise ValueError(f"ServeConfig.{name}={value!r}: {rule}; {fix}")
+
+        if not isinstance(self.model, str) or not self.model:
+            fail("model", self.model, "must be a non-empty checkpoint URI (local path or fsspec URI, HF layout)",
+                 f"pass model=/path/to/checkpoint (preset {self.preset!r} ships no weights)")
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            fail("model_name", self.model_name, "must be a non-empty name", "pass model_name=<served name>")
+        if self.sampler not in SAMPLERS or SAMPLERS[self.sampler].autoregressive or SAMPLERS[self.sampler].needs_verifier:
+            usable = sorted(k for k, s in SAMPLERS.items() if not (s.autoregressive or s.needs_verifier))
+            fail("sampler", self.sampler, "must name a registered dLLM sampler without a verifier",
+                 f"choose one of {usable}")
+        params_cls = SAMPLERS[self.sampler].params_cls
+        known = {f.name for f in dataclasses.fields(params_cls)}
+        unknown = sorted(set(self.sampler_params) - known)
+        if unknown:
+            fail("sampler_params", dict(self.sampler_params), f"has keys {unknown} that {params_cls.__name__} lacks",
+                 f"use only {sorted(known)}")
+        try:
+            defaults = params_cls(**self.sampler_params)
+        except (TypeError, ValueError) as e:
+            fail("sampler_params", dict(self.sampler_params), f"rejected by {params_cls.__name__} ({e})",
+                 "fix the named parameter")
+        for name, bounds in self.limits.items():
+            if name not in known:
+                fail("limits", name, f"is not a {params_cls.__name__} field", f"use only {sorted(known)}")
+            if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+                fail(f"limits[{name!r}]", bounds, "must be a (low, high) pair", "use e.g. [0.0, 1.0]")
+            low, high = bounds
+            if low is not None and high is not None and low > high:
+                fail(f"limits[{name!r}]", bounds, "low exceeds high", "swap the bounds")
+        if not isinstance(self.max_gen_length, int) or self.max_gen_length < defaults.gen_length:
+            fail("max_gen_length", self.max_gen_length,
+                 f"must be an int >= the default gen_length {defaults.gen_length}", "raise it")
+        if self.device not in DEVICES:
+            fail("device", self.device, f"must be one of {DEVICES}", "pick one")
+        if self.dtype not in DTYPES:
+            fail("dtype", self.dtype, f"must be one of {DTYPES}", "pick one")
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            fail("torch_threads", self.torch_threads, "must be a positive int or None", "use e.g. 1")
+        for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
+            if getattr(self, name) < 0:
+                fail(name, getattr(self, name), "must be >= 0", "use 0 or more")
+        if self.device == "cuda" and self.num_gpus <= 0:
+            fail("num_gpus", self.num_gpus, "must be > 0 when device='cuda'", "set num_gpus=1")
+        if (self.num_replicas is None) == (self.autoscaling is None):
+            fail("num_replicas", self.num_replicas, "exactly one of num_replicas and autoscaling must be set",
+                 "set num_replicas=N, or num_replicas=None with an autoscaling dict")
+        if self.num_replicas is not None and (not isinstance(self.num_replicas, int) or self.num_replicas < 1):
+            fail("num_replicas", self.num_replicas, "must be a positive int", "use e.g. 1")
+        if self.autoscaling is not None:
+            lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
+                fail("autoscaling", dict(self.autoscaling), "needs ints 0 <= min_replicas <= max_replicas, max >= 1",
+                     "fix the replica bounds")
+        for name in ("max_ongoing_requests", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(name, value, "must be a positive int", "use e.g. 16")
+        if not isinstance(self.max_queued_requests, int) or (self.max_queued_requests < 1
+                                                              and self.max_queued_requests != -1):
+            fail("max_queued_requests", self.max_queued_requests, "must be a positive int or -1 (unbounded)",
+                 "use e.g. 256")
+        if self.batch_wait_timeout_s < 0:
+            fail("batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0", "use e.g. 0.01")
+        for name in ("request_timeout_s", "health_check_period_s", "health_check_timeout_s"):
+            if getattr(self, name) <= 0:
+                fail(name, getattr(self, name), "must be > 0 seconds", "use a positive number")
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return self.tokenizer or self.model
+
+    def default_params(self):
+        return SAMPLERS[self.sampler].params_cls(**self.sampler_params)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Ray Serve options of the model deployment."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        opts: dict[str, Any] = {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
+        base = dict(PRESETS[preset])
+        if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
+            base["num_replicas"] = None
+        base.update(overrides)
+        return cls(preset=preset, **base)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> "ServeConfig":
+        """Build from builder args: ``preset`` (default ``tiny``) plus field overrides.
+
+        String values (as ``serve run ... key=value`` passes them) are parsed as JSON when they
+        look like JSON (numbers, booleans, null, objects, lists), else kept as strings.
+        """
+        args = dict(args or {})
+        preset = str(args.pop("preset", "tiny"))
+        names = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ValueError(f"unknown serve argument(s) {unknown}: valid keys are preset and {sorted(names)}")
+        return cls.from_preset(preset, **{k: _parse_arg(v) for k, v in args.items()})
+
+
+def _parse_arg(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return value
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": str(TINY_TEACHER_DIR),
+        "model_name": "d3ray-tiny",
+        "device": "cpu",
+        "dtype": "float32",
+        "torch_threads": 1,
+        "num_cpus": 1.0,
+        "num_gpus": 0.0,
+        "num_replicas": 1,
+    },
+    "llada-8b": {
+        "model": "",  # a local/fsspec copy of GSAI-ML/LLaDA-8B-Instruct (or a student)
+        "model_name": "d3ray-llada-8b",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "torch_threads": None,
+        "num_cpus": 4.0,
+        "num_gpus": 1.0,
+        "ingress_num_cpus": 1.0,
+        "num_replicas": None,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+        "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
+                           "refresh_interval": 32},
+        "max_gen_length": 1024,
+        "max_ongoing_requests": 64,
+        "max_batch_size": 32,
+        "request_timeout_s": 300.0,
+    },
+    "dream-7b": {
+        "model": "",  # a local/fsspec copy of Dream-org/Dream-v0-Instruct-7B (or a student)
+        "model_name": "d3ray-dream-7b",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "torch_threads": None,
+        "num_cpus": 4.0,
+        "num_gpus": 1.0,
+        "ingress_num_cpus": 1.0,
+        "num_replicas": None,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+        "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
+                           "refresh_interval": 32},
+        "max_gen_length": 1024,
+        "max_ongoing_requests": 64,
+        "max_batch_size": 32,
+        "request_timeout_s": 300.0,
+    },
+}

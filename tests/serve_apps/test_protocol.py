@@ -1,0 +1,177 @@
+"""ServeConfig, request validation and parameter resolution, text streaming, the serve YAMLs (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d3core.models.shipped import TINY_TEACHER_DIR, load_tiny_tokenizer
+from serve_apps import protocol as P
+from serve_apps.config import ServeConfig
+from serve_apps.openai_app import app_builder
+from serve_apps.text import TextStream, encode_chat, encode_completion_prompt
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "serve_apps" / "config"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return ServeConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tiny_tokenizer()
+
+
+def parse(body: dict, chat: bool = False):
+    return P.parse_request(json.dumps(body).encode(), P.ChatCompletionRequest if chat else P.CompletionRequest)
+
+
+# ---------------------------------------------------------------- config
+
+def test_tiny_preset_is_cpu_one_thread_shipped_teacher(cfg):
+    assert cfg.model == str(TINY_TEACHER_DIR) and cfg.device == "cpu" and cfg.torch_threads == 1
+    opts = cfg.deployment_options()
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0} and opts["num_replicas"] == 1
+
+
+def test_gpu_presets_need_a_model_uri_and_use_gpus():
+    with pytest.raises(ValueError, match="ServeConfig.model=''.*pass model="):
+        ServeConfig.from_preset("llada-8b")
+    cfg = ServeConfig.from_preset("dream-7b", model="/models/dream")
+    opts = cfg.deployment_options()
+    assert opts["ray_actor_options"]["num_gpus"] == 1.0 and cfg.dtype == "bfloat16"
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+
+
+def test_from_args_parses_cli_strings_and_student_uri(tmp_path):
+    cfg = ServeConfig.from_args({"preset": "tiny", "model": str(tmp_path), "num_replicas": "2",
+                                 "batch_wait_timeout_s": "0.5", "sampler_params": '{"threshold": 0.3}'})
+    assert cfg.model == str(tmp_path) and cfg.num_replicas == 2 and cfg.batch_wait_timeout_s == 0.5
+    assert cfg.default_params().threshold == 0.3
+    auto = ServeConfig.from_args({"autoscaling": {"min_replicas": 1, "max_replicas": 2}})
+    assert auto.num_replicas is None and "autoscaling_config" in auto.deployment_options()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"sampler": "nope"}, "ServeConfig.sampler='nope'"),
+    ({"sampler": "apd"}, "without a verifier"),
+    ({"sampler_params": {"gen_length": 50}}, "block_length=16 does not divide"),
+    ({"sampler_params": {"bogus": 1}}, "bogus"),
+    ({"max_batch_size": 0}, "max_batch_size=0"),
+    ({"num_replicas": 2, "autoscaling": {"max_replicas": 2}}, "exactly one of"),
+    ({"request_timeout_s": 0}, "request_timeout_s=0"),
+    ({"limits": {"threshold": (2.0, 1.0)}}, "low exceeds high"),
+])
+def test_bad_config_names_value_rule_and_fix(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ServeConfig.from_preset("tiny", **overrides)
+
+
+def test_unknown_builder_argument_is_rejected():
+    with pytest.raises(ValueError, match="unknown serve argument"):
+        ServeConfig.from_args({"replicas": "2"})
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llada-8b.yaml", "dream-7b.yaml"])
+def test_serve_yaml_builds_a_valid_app(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((CONFIG_DIR / name).read_text())
+    ServeDeploySchema.model_validate(doc)  # what `serve deploy` checks
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    (app,) = doc["applications"]
+    assert app["import_path"] == "serve_apps.openai_app:app_builder"
+    cfg = ServeConfig.from_args(app["args"])
+    assert cfg.preset == app["args"]["preset"]
+    app_builder(app["args"])  # binds the deployments; needs no running Ray
+
+
+# ---------------------------------------------------------------- requests
+
+@pytest.mark.parametrize("raw,code,param", [
+    (b"{not json", "invalid_json", None),
+    (b"[1, 2]", "invalid_json", None),
+    (b'{"prompt": "x"}', "missing", "model"),
+    (b'{"model": "m", "prompt": "x", "temperature": "hot"}', "float_type", "temperature"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": 0}', "greater_than_equal", "max_tokens"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "5"}', "int_type", "max_tokens"),
+    (b'{"model": "m", "prompt": "x", "stream": "yes"}', "bool_type", "stream"),
+    (b'{"model": "m", "prompt": "x", "frobnicate": 1}', "extra_forbidden", "frobnicate"),
+    (b'{"model": "m", "prompt": "x", "n": 2}', "unsupported_value", "n"),
+    (b'{"model": "m", "prompt": "x", "stop": ["\\n"]}', "unsupported_parameter", "stop"),
+])
+def test_malformed_or_mistyped_requests_are_400s(raw, code, param):
+    with pytest.raises(P.APIError) as e:
+        P.parse_request(raw, P.CompletionRequest)
+    assert e.value.status == 400 and e.value.code == code and e.value.param == param
+    body = e.value.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+
+
+def test_chat_messages_are_validated():
+    with pytest.raises(P.APIError) as e:
+        parse({"model": "m", "messages": []}, chat=True)
+    assert e.value.param == "messages"
+    with pytest.raises(P.APIError) as e:
+        parse({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, chat=True)
+    assert e.value.param == "messages.0.role"
+
+
+def test_resolve_params_applies_overrides_within_limits(cfg):
+    params, cap = P.resolve_params(cfg, parse({"model": "m", "prompt": "x", "temperature": 0,
+                                               "sampler_params": {"threshold": 0.2, "refresh_interval": 4}}))
+    assert params.threshold == 0.2 and params.refresh_interval == 4 and params.temperature == 0.0 and cap is None
+    params, cap = P.resolve_params(cfg, parse({"model": "m", "prompt": "x", "max_tokens": 50}))
+    assert params.gen_length == 64 and cap == 50  # rounded up to whole blocks, capped afterwards
+    params, cap = P.resolve_params(cfg, parse({"model": "m", "prompt": "x", "max_tokens": 10}))
+    assert params.gen_length == 48 and cap == 10  # the default canvas: batches with default requests
+
+
+@pytest.mark.parametrize("extra,param,code", [
+    ({"sampler_params": {"threshold": 11.0}}, "sampler_params.threshold", "out_of_range"),
+    ({"sampler_params": {"threshold": "high"}}, "sampler_params.threshold", "invalid_type"),
+    ({"sampler_params": {"refresh_interval": 2.5}}, "sampler_params.refresh_interval", "invalid_type"),
+    ({"sampler_params": {"early_stop": 1}}, "sampler_params.early_stop", "invalid_type"),
+    ({"sampler_params": {"block_length": 8}}, "sampler_params.block_length", "unsupported_parameter"),
+    ({"sampler_params": {"nope": 1}}, "sampler_params.nope", "unknown_parameter"),
+    ({"temperature": 3.0}, "temperature", "out_of_range"),
+    ({"max_tokens": 4096}, "max_tokens", "out_of_range"),
+])
+def test_out_of_range_or_forbidden_overrides_are_400s(cfg, extra, param, code):
+    with pytest.raises(P.APIError) as e:
+        P.resolve_params(cfg, parse({"model": "m", "prompt": "x", **extra}))
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+
+
+def test_check_prompt_rejects_empty_long_and_foreign_ids():
+    for ids, code in [([], "empty_prompt"), ([7] * 100, "context_length_exceeded"), ([7, 999], "invalid_token")]:
+        with pytest.raises(P.APIError) as e:
+            P.check_prompt(ids, 48, 128, 163, "prompt")
+        assert e.value.code == code and e.value.status == 400
+    P.check_prompt([7] * 80, 48, 128, 163, "prompt")
+
+
+# ---------------------------------------------------------------- text
+
+def test_chat_template_and_completion_prompts(tok):
+    msgs = parse({"model": "m", "messages": [{"role": "user", "content": "how many apples"}]}, chat=True).messages
+    ids = encode_chat(tok, msgs)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids).rstrip().endswith("assistant")
+    assert encode_completion_prompt(tok, "we have 9 .") == encode_completion_prompt(tok, ["we have 9 ."])
+    assert encode_completion_prompt(tok, [5, 6]) == [5, 6]
+    with pytest.raises(P.APIError, match="one prompt per request"):
+        encode_completion_prompt(tok, ["a", "b"])
+
+
+def test_text_stream_deltas_concatenate_to_the_final_text(tok):
+    ids = tok("we have 9 . add + 4 = 13 . answer 13", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok)
+    deltas = [stream.push(ids[i:i + 3]) for i in range(0, len(ids), 3)]
+    tail = stream.finish(ids)
+    assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=True)
+    assert sum(bool(d) for d in deltas) >= 3
