@@ -1,13 +1,25 @@
-"""The d3ray main job on the embedded default.
+"""The d3ray main job: trajectories -> distillation -> evaluation (-> serve smoke test), one run directory.
 
-    python pipelines/full.py [--run-dir runs/full] [--n-eval 200]
+    python pipelines/full.py                                   # tiny preset, local Ray, runs/full
+    ray job submit --working-dir . -- python pipelines/full.py --run-dir /abs/or/s3/uri
+    python pipelines/full.py --preset llada-8b --teacher GSAI-ML/LLaDA-8B-Instruct \\
+        --ar-model meta-llama/Llama-3.1-8B-Instruct --prompts s3://b/train.jsonl --run-dir s3://b/run
 
-What it runs today: the shipped tiny teacher (official LLaDA layout) decoded by every
-d3core sampler on held-out synthetic problems, plus the shipped AR baseline, written to
-``RUN_DIR/report.json`` and ``RUN_DIR/report.md`` (accuracy, TPF, tokens/s, NFE, hardware).
-The Ray stages of the full pipeline (trajectories on Ray Data, distillation on Ray Train,
-AUP evaluation with vLLM baselines, the Serve smoke test) are tracked as open issues and
-join this job as they land; this file never pretends to run them.
+Stages (each skippable with ``--skip``, each resumable from its own outputs):
+
+1. ``pretrain`` (``--pretrain``, tiny only): rebuild the embedded teacher and AR model; off by
+   default because both are shipped in the package.
+2. ``trajectories``: Ray Data decodes the prompts with the teacher into ``RUN_DIR/trajectories``
+   (finished shards are never redone).
+3. ``distill``: Ray Train (FSDP2) distils the student into ``RUN_DIR/student`` (resumes from its
+   last checkpoint; a finished export is kept).
+4. ``evaluate``: threshold sweeps of every sampler on teacher and student plus the AR baseline
+   (vLLM where installed) into ``RUN_DIR/eval`` (finished cells are kept).
+5. ``serve`` (``--serve``): deploy the student on Ray Serve on 127.0.0.1 and check one
+   completion over HTTP.
+
+At the end ``RUN_DIR/report.md`` holds the AUP table, the plot, each stage's time and the
+hardware; ``RUN_DIR/stages.json`` records which stages ran and how long they took.
 """
 
 from __future__ import annotations
@@ -18,103 +30,319 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 
-import torch
-
-from d3core.eval import synthetic
-from d3core.eval.harness import evaluate_synthetic
-from d3core.models.shipped import load_tiny_ar, load_tiny_teacher, load_tiny_tokenizer
-from d3core.samplers import get_sampler
+import fsspec
 
 logger = logging.getLogger("d3ray.full")
 
-PRESETS = ("tiny",)
+STAGES = ("pretrain", "trajectories", "distill", "evaluate", "serve")
+PARALLEL_SAMPLERS = ("fast_dllm", "dparallel", "d3llm")
 
-# (sampler, params) decoded on the teacher; the AR baseline runs on the AR model.
-TINY_SWEEP: list[tuple[str, dict]] = [
-    ("vanilla", {}),
-    ("fast_dllm", {"threshold": 0.9, "cache": "prefix"}),
-    ("dparallel", {"threshold": 0.5}),
-    ("d3llm", {"threshold": 0.5, "cache_delay_iter": 1}),
-    ("apd", {"mixture_weight": 0.7, "kv_window": 16}),
-    ("ar", {}),
-]
+PRESETS: dict[str, dict] = {
+    # Sized for about 10 minutes on 2 CPU cores (docs/benchmarks.md has the measured stage times).
+    "tiny": dict(n_prompts=800, n_eval=100, distill_steps=150),
+    "llada-8b": dict(n_prompts=0, n_eval=0, distill_steps=0),
+    "dream-7b": dict(n_prompts=0, n_eval=0, distill_steps=0),
+}
 
 
 @dataclass(frozen=True)
 class FullConfig:
     preset: str = "tiny"
     run_dir: str = "runs/full"
-    n_eval: int = 200
-    batch_size: int = 100
-    threads: int = 0
+    teacher: str = ""  # dLLM checkpoint: path, fsspec URI or HF hub id; tiny: the shipped teacher
+    ar_model: str = ""  # AR baseline (HF causal LM); tiny: the shipped AR model
+    prompts: str = ""  # JSONL/Parquet of id, prompt, answer for trajectories; tiny: synthetic train split
+    skip: tuple[str, ...] = ()
+    pretrain: bool = False
+    serve: bool = False
+    n_prompts: int = 0  # 0: the preset's value (0 there: every prompt)
+    n_eval: int = -1  # problems per task; -1: the preset's value (0: whole test split)
+    distill_steps: int = -1  # -1: the preset's value (0: the preset's epochs)
+    masking: str = "trajectory"
+    sweeps: str = ""  # e.g. "d3llm=0.3,0.5;vanilla=" to replace the preset's evaluation sweep
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}: this job runs {PRESETS} so far (GPU presets are an open issue)")
-        if not 1 <= self.n_eval <= 5000:
-            raise ValueError(f"n_eval={self.n_eval}: must lie in [1, 5000]")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+            raise ValueError(f"preset={self.preset!r}: must be one of {sorted(PRESETS)}")
+        skip = tuple(s for s in self.skip if s)
+        object.__setattr__(self, "skip", skip)
+        unknown = [s for s in skip if s not in STAGES]
+        if unknown:
+            raise ValueError(f"skip={list(skip)}: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        if self.preset != "tiny":
+            if not self.teacher or not self.ar_model:
+                raise ValueError(f"preset={self.preset!r} needs --teacher (e.g. GSAI-ML/LLaDA-8B-Instruct or a "
+                                 "path/URI) and --ar-model (an HF causal LM): no 8B weights ship with d3ray")
+            if not self.prompts and "trajectories" not in skip:
+                raise ValueError(f"preset={self.preset!r} needs --prompts (JSONL/Parquet of id, prompt, answer) "
+                                 "for the teacher's trajectories; d3ray ships test sets only")
+            if self.pretrain:
+                raise ValueError("--pretrain rebuilds the embedded tiny models only; drop it for "
+                                 f"preset={self.preset!r}")
+        for name, default in PRESETS[self.preset].items():
+            if getattr(self, name) in (-1,) or (name == "n_prompts" and self.n_prompts == 0):
+                object.__setattr__(self, name, default)
+        self.sweep_dict()  # parse early so a bad --sweeps fails before any stage runs
+        if self.n_prompts < 0 or self.n_eval < 0 or self.distill_steps < 0:
+            raise ValueError(f"n_prompts={self.n_prompts}, n_eval={self.n_eval}, distill_steps="
+                             f"{self.distill_steps}: must be >= 0")
+
+    def sweep_dict(self) -> dict[str, tuple[float, ...]] | None:
+        if not self.sweeps:
+            return None
+        out = {}
+        for part in self.sweeps.split(";"):
+            name, _, values = part.partition("=")
+            try:
+                out[name.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+            except ValueError as err:
+                raise ValueError(f"sweeps={self.sweeps!r}: {err}; write 'sampler=t1,t2;sampler2=t3'") from err
+        return out
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.run_dir.rstrip("/"), *parts])
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """A path or fsspec URI as is; an ``org/name`` that is not a local path comes from the HF hub."""
+    if "://" in ref or os.path.exists(ref) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref):
+        return ref
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s from the Hugging Face hub", ref)
+    return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
 def hardware() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+
+
+# -- stages -----------------------------------------------------------------------------------------
+def stage_pretrain(cfg: FullConfig) -> dict:
+    """Retrain the embedded models (hours on 2 CPU cores; minutes on a GPU) into RUN_DIR/pretrain (local)."""
+    from pipelines.pretrain import PretrainConfig, train
+
+    if "://" in cfg.run_dir:
+        raise ValueError(f"run_dir={cfg.run_dir!r}: --pretrain writes local checkpoints; use a local run dir")
+    out = {}
+    for kind in ("ar", "dllm"):
+        target = cfg.path("pretrain", kind)
+        if not os.path.exists(os.path.join(target, "pretrain_summary.json")):
+            init = cfg.path("pretrain", "ar") if kind == "dllm" else ""
+            train(PretrainConfig(kind=kind, out=target, init_from=init))
+        out[kind] = target
+    return out
+
+
+def stage_trajectories(cfg: FullConfig, teacher: str) -> dict:
+    from pipelines.trajectories import TrajectoriesConfig
+    from pipelines.trajectories import run as trajectories
+
+    tcfg = TrajectoriesConfig(out=cfg.path("trajectories"), preset=cfg.preset, teacher=teacher, prompts=cfg.prompts,
+                              n_prompts=cfg.n_prompts or 10**9)
+    return trajectories(tcfg)
+
+
+def stage_distill(cfg: FullConfig, teacher: str) -> dict:
+    from pipelines.distill import DistillConfig, run_distill
+
+    dcfg = DistillConfig(trajectories=cfg.path("trajectories"), out=cfg.path("student"), preset=cfg.preset,
+                         init=teacher, masking=cfg.masking, max_steps=cfg.distill_steps,
+                         storage="" if "://" not in cfg.run_dir else cfg.path("_train"))
+    summary = run_distill(dcfg)
+    return {k: summary[k] for k in ("rows", "steps", "train_seconds", "row_uses")}
+
+
+def stage_evaluate(cfg: FullConfig, teacher: str, ar_model: str) -> dict:
+    from pipelines.evaluate import EvaluateConfig, run_evaluation
+
+    models = {"teacher": teacher}
+    if "distill" not in cfg.skip or _exists(cfg.path("student", "config.json")):
+        models["student"] = cfg.path("student")
+    overrides = {"models": models, "ar_model": ar_model, "out": cfg.path("eval")}
+    if cfg.n_eval:
+        overrides["n"] = cfg.n_eval
+    if cfg.sweep_dict() is not None:
+        overrides["sweeps"] = cfg.sweep_dict()
+    report = run_evaluation(EvaluateConfig.from_preset(cfg.preset, **overrides))
+    return {"aup": report["aup"], "wall_seconds": report["wall_seconds"]}
+
+
+def stage_serve(cfg: FullConfig) -> dict:
+    """Deploy the student on 127.0.0.1, send one chat completion, shut the app down."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from serve_apps.openai_app import app_builder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_builder({"preset": cfg.preset, "model": cfg.path("student")}), name="d3ray-smoke",
+                  route_prefix="/")
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
+        name = models["data"][0]["id"]
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": name, "messages": [{"role": "user", "content": _smoke_question(cfg)}], "temperature": 0})
+        reply.raise_for_status()
+        body = reply.json()
+        return {"model": name, "text": body["choices"][0]["message"]["content"], "usage": body["usage"]}
+    finally:
+        serve.delete("d3ray-smoke")
+
+
+def _smoke_question(cfg: FullConfig) -> str:
+    if cfg.preset == "tiny":
+        from d3core.eval import synthetic
+
+        return synthetic.generate("test", 1, seed=0)[0].question
+    return "What is 12 times 7? Answer with a number."
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def _exists(uri: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs.exists(root)
+
+
+def _read_json(uri: str) -> dict:
+    if not _exists(uri):
+        return {}
+    with fsspec.open(uri, "r") as f:
+        return json.load(f)
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(root, "w") as f:
+        f.write(text)
 
 
 def run(cfg: FullConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    teacher, ar_model, tok = load_tiny_teacher(), load_tiny_ar(), load_tiny_tokenizer()
-    problems = synthetic.generate("test", cfg.n_eval, seed=0)
-    rows = []
-    for name, kwargs in TINY_SWEEP:
-        spec = get_sampler(name)
-        params = spec.params_cls(**kwargs)
-        model = ar_model if spec.autoregressive else teacher
-        extra = {"verifier": ar_model} if spec.needs_verifier else {}
-        t0 = time.perf_counter()
-        report = evaluate_synthetic(model, tok, name, params, problems, batch_size=cfg.batch_size, **extra)
-        row = {"sampler": name, "params": dataclasses.asdict(params), **report.summary()}
-        rows.append(row)
-        logger.info("%-9s acc %.3f  TPF %.2f  %.0f tok/s  (%.1fs)", name, report.accuracy, report.tpf,
-                    report.tokens_per_second, time.perf_counter() - t0)
-    result = {"config": dataclasses.asdict(cfg), "hardware": hardware(), "results": rows}
-    with open(os.path.join(cfg.run_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
-        f.write(markdown(result))
-    logger.info("report written to %s", os.path.join(cfg.run_dir, "report.md"))
-    return result
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
+    stages = _read_json(cfg.path("stages.json"))
+    teacher = resolve_checkpoint(cfg.teacher) if cfg.teacher else ""
+    ar_model = resolve_checkpoint(cfg.ar_model) if cfg.ar_model else ""
+    if cfg.preset == "tiny":
+        from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
+
+        if cfg.pretrain and "pretrain" not in cfg.skip:
+            stages["pretrain"] = _timed(lambda: stage_pretrain(cfg))
+            teacher = teacher or cfg.path("pretrain", "dllm")
+            ar_model = ar_model or cfg.path("pretrain", "ar")
+        teacher, ar_model = teacher or str(TINY_TEACHER_DIR), ar_model or str(TINY_AR_DIR)
+    plan = [("trajectories", lambda: stage_trajectories(cfg, teacher)),
+            ("distill", lambda: stage_distill(cfg, teacher)),
+            ("evaluate", lambda: stage_evaluate(cfg, teacher, ar_model))]
+    if cfg.serve:
+        plan.append(("serve", lambda: stage_serve(cfg)))
+    for name, fn in plan:
+        if name in cfg.skip:
+            logger.info("stage %s: skipped (--skip)", name)
+            stages.setdefault(name, {"status": "skipped"})
+            continue
+        logger.info("stage %s: starting", name)
+        previous = stages.get(name, {})
+        result = _timed(fn)
+        if previous.get("status") == "done":  # finished earlier: keep its time, note this cheap re-check
+            result = {**previous, "rechecked_seconds": result["seconds"]}
+        stages[name] = result
+        _write_text(cfg.path("stages.json"), json.dumps(stages, indent=2, default=str))
+        logger.info("stage %s: done in %.0f s", name, result["seconds"])
+    summary = {"config": dataclasses.asdict(cfg), "hardware": hardware(), "teacher": teacher, "ar_model": ar_model,
+               "stages": stages}
+    evaluation = _read_json(cfg.path("eval", "report.json"))
+    summary["student_beats_teacher"] = compare(evaluation)
+    _write_text(cfg.path("report.json"), json.dumps(summary, indent=2, default=str))
+    _write_text(cfg.path("report.md"), markdown(summary, evaluation, cfg))
+    logger.info("report: %s", cfg.path("report.md"))
+    return summary
 
 
-def markdown(result: dict) -> str:
-    hw = result["hardware"]
-    lines = [
-        "# d3ray report (tiny preset)", "",
-        f"{result['config']['n_eval']} held-out synthetic problems; hardware: {hw['cpu']}, {hw['cores']} cores, "
-        f"torch {hw['torch']} ({hw['torch_threads']} threads), GPU: {hw['cuda'] or 'none'}.", "",
-        "| sampler | params | accuracy | TPF | tokens/s | mean NFE |", "|---|---|---|---|---|---|",
-    ]
-    for r in result["results"]:
-        keys = ("threshold", "factor", "cache", "cache_delay_iter", "mixture_weight", "kv_window")
-        shown = ", ".join(f"{k}={r['params'][k]}" for k in keys if r["params"].get(k) not in (None,))
-        lines.append(f"| {r['sampler']} | {shown} | {r['accuracy']:.3f} | {r['tpf']:.2f} | "
-                     f"{r['tokens_per_second']:.0f} | {r['mean_nfe']:.1f} |")
+def _timed(fn) -> dict:
+    t0 = time.perf_counter()
+    out = fn()
+    return {"status": "done", "seconds": round(time.perf_counter() - t0, 1), "result": out}
+
+
+def compare(evaluation: dict) -> dict:
+    """Per task and parallel sampler: student AUP, teacher AUP, and whether the student's is higher."""
+    out: dict = {}
+    for task, systems in evaluation.get("aup", {}).items():
+        for sampler in PARALLEL_SAMPLERS:
+            s, t = systems.get(f"student/{sampler}"), systems.get(f"teacher/{sampler}")
+            if s is not None and t is not None:
+                out.setdefault(task, {})[sampler] = {"student": round(s, 2), "teacher": round(t, 2),
+                                                     "student_higher": s > t}
+    return out
+
+
+def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
+    hw = summary["hardware"]
+    lines = [f"# d3ray run ({cfg.preset})", "",
+             f"Hardware: {hw['cpu']}, {hw['cores']} CPU cores, GPUs: {', '.join(hw['gpus']) or 'none'}; "
+             f"torch {hw['torch']}. Teacher: `{summary['teacher']}`.", "",
+             "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    for name in STAGES:
+        st = summary["stages"].get(name)
+        if st:
+            lines.append(f"| {name} | {st.get('status')} | {st.get('seconds', '')} |")
+    lines += ["", "## Student vs teacher (AUP)", "", "| task | sampler | teacher AUP | student AUP | student higher |",
+              "|---|---|---|---|---|"]
+    for task, samplers in summary["student_beats_teacher"].items():
+        for sampler, row in samplers.items():
+            lines.append(f"| {task} | {sampler} | {row['teacher']:.1f} | {row['student']:.1f} | "
+                         f"{'yes' if row['student_higher'] else 'NO'} |")
+    if evaluation:
+        from d3core.eval.report import to_markdown
+
+        lines += ["", "## Evaluation", "", "![accuracy vs TPF](eval/aup.png)", "", to_markdown(evaluation)]
+    serve = summary["stages"].get("serve", {}).get("result")
+    if serve:
+        lines += ["", "## Serve smoke test", "", f"`{serve['model']}` answered: {serve['text']!r} "
+                  f"(usage {serve['usage']})"]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> FullConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--run-dir", default="runs/full", help="fsspec URI of the run directory")
+    for name in ("teacher", "ar_model", "prompts"):
+        p.add_argument("--" + name.replace("_", "-"), default="")
+    p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {','.join(STAGES)}")
+    p.add_argument("--pretrain", action="store_true", help="tiny only: retrain the embedded models first")
+    p.add_argument("--serve", action="store_true", help="deploy the student on Ray Serve and query it once")
+    p.add_argument("--n-prompts", type=int, default=0)
+    p.add_argument("--n-eval", type=int, default=-1)
+    p.add_argument("--distill-steps", type=int, default=-1)
+    p.add_argument("--masking", default="trajectory", choices=("trajectory", "random"))
+    p.add_argument("--sweeps", default="", help="replace the evaluation sweep, e.g. 'd3llm=0.3,0.5;vanilla='")
+    args = vars(p.parse_args(argv))
+    args["skip"] = tuple(s.strip() for s in args["skip"].split(",") if s.strip())
+    return FullConfig(**args)
+
+
+def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(FullConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    run(FullConfig(**vars(parser.parse_args(argv))))
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

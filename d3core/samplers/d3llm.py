@@ -113,6 +113,10 @@ def generate(
     cache = KVCache.for_model(model, b, total) if use_cache else None
     unit_end = [p0] + [p0 + (k + 1) * bl for k in range(nb)]
     forwards = 0
+    # Finished rows leave the batch (their outputs are kept in these full-batch buffers), so a
+    # batch costs forwards over the rows still decoding, not over the slowest row's lifetime.
+    out_gen, out_steps, out_nfe = x[:, p0:].clone(), unmask_step.clone(), [0] * b
+    index = list(range(b))  # batch row -> original prompt index
     while True:
         gen = x[:, p0:]
         if params.early_stop:
@@ -125,9 +129,20 @@ def generate(
                 _advance_blocks(row, masks[r], bl, nb, params)
                 row.done = sum(masks[r]) == 0 and (row.created == nb or row.eos_stop)
             active_end.append(p0 + row.created * bl)
-        live = torch.tensor([not row.done for row in rows], device=device)
-        if not bool(live.any()):
-            break
+        if any(row.done for row in rows):
+            keep = [r for r, row in enumerate(rows) if not row.done]
+            for r, row in enumerate(rows):
+                if row.done:
+                    out_gen[index[r]], out_steps[index[r]], out_nfe[index[r]] = x[r, p0:], unmask_step[r], row.nfe
+            if not keep:
+                break
+            sel = torch.tensor(keep, device=device)
+            x, pos, attn, unmask_step = x[sel], pos[sel], attn[sel], unmask_step[sel]
+            rows, index = [rows[r] for r in keep], [index[r] for r in keep]
+            active_end, masks = [active_end[r] for r in keep], [masks[r] for r in keep]
+            cache = cache.select(sel) if cache is not None else None
+            b, gen = len(keep), x[:, p0:]
+        live = torch.ones(b, dtype=torch.bool, device=device)
         if cache is not None:
             targets = _plan_cache(rows, masks, params, unit_end, cache, device)
             start = cache.length
@@ -158,9 +173,9 @@ def generate(
                 if masks_after[r][k] == 0 and row.completed_at[k + 1] is None:
                     row.completed_at[k + 1] = row.nfe
         if on_step is not None:
-            on_step(x[:, p0:])
-    return finish("d3llm", prompts, x[:, p0:], [row.nfe for row in rows], unmask_step, cfg.eos_ids, t0,
-                  batch_forwards=forwards)
+            out_gen[index] = x[:, p0:]
+            on_step(out_gen)
+    return finish("d3llm", prompts, out_gen, out_nfe, out_steps, cfg.eos_ids, t0, batch_forwards=forwards)
 
 
 def _advance_blocks(row: _Row, masks: list[int], bl: int, nb: int, params: D3LLMParams) -> None:
