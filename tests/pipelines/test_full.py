@@ -14,9 +14,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
+# The head inherits PATH, so the job's `python` is this interpreter's environment.
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-       "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265"}
-ARGS = ["--n-prompts", "40", "--distill-steps", "2", "--n-eval", "8", "--sweeps", "d3llm=0.5"]
+       "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+ARGS = ["--n-prompts", "64", "--distill-steps", "2", "--n-eval", "8", "--sweeps", "d3llm=0.5"]
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
