@@ -10,6 +10,7 @@ serve config YAML).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -165,7 +166,7 @@ class ServeConfig:
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
         if preset not in PRESETS:
             raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
-        base = dict(PRESETS[preset])
+        base = copy.deepcopy(PRESETS[preset])
         if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
             base["num_replicas"] = None
         base.update(overrides)
@@ -201,6 +202,26 @@ def _parse_arg(value: Any) -> Any:
         return value
 
 
+# GPU presets: one GPU per replica, bfloat16, d3LLM's 256-token canvas; `model` must name a local or
+# fsspec checkpoint (the official one or a distilled student).
+_GPU_PRESET: dict = {
+    "model": "",
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "torch_threads": None,
+    "num_cpus": 4.0,
+    "num_gpus": 1.0,
+    "ingress_num_cpus": 1.0,
+    "num_replicas": None,
+    "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
+                       "refresh_interval": 32},
+    "max_gen_length": 1024,
+    "max_ongoing_requests": 64,
+    "max_batch_size": 32,
+    "request_timeout_s": 300.0,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": str(TINY_TEACHER_DIR),
@@ -212,40 +233,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_gpus": 0.0,
         "num_replicas": 1,
     },
-    "llada-8b": {
-        "model": "",  # a local/fsspec copy of GSAI-ML/LLaDA-8B-Instruct (or a student)
-        "model_name": "d3ray-llada-8b",
-        "device": "cuda",
-        "dtype": "bfloat16",
-        "torch_threads": None,
-        "num_cpus": 4.0,
-        "num_gpus": 1.0,
-        "ingress_num_cpus": 1.0,
-        "num_replicas": None,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-        "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
-                           "refresh_interval": 32},
-        "max_gen_length": 1024,
-        "max_ongoing_requests": 64,
-        "max_batch_size": 32,
-        "request_timeout_s": 300.0,
-    },
-    "dream-7b": {
-        "model": "",  # a local/fsspec copy of Dream-org/Dream-v0-Instruct-7B (or a student)
-        "model_name": "d3ray-dream-7b",
-        "device": "cuda",
-        "dtype": "bfloat16",
-        "torch_threads": None,
-        "num_cpus": 4.0,
-        "num_gpus": 1.0,
-        "ingress_num_cpus": 1.0,
-        "num_replicas": None,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-        "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
-                           "refresh_interval": 32},
-        "max_gen_length": 1024,
-        "max_ongoing_requests": 64,
-        "max_batch_size": 32,
-        "request_timeout_s": 300.0,
-    },
+    "llada-8b": {**_GPU_PRESET, "model_name": "d3ray-llada-8b"},  # model: a copy of GSAI-ML/LLaDA-8B-Instruct
+    "dream-7b": {**_GPU_PRESET, "model_name": "d3ray-dream-7b"},  # model: a copy of Dream-org/Dream-v0-Instruct-7B
 }

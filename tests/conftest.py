@@ -16,6 +16,29 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two threads can run >5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from d3core.models.shipped import load_tiny_teacher
+
+    return load_tiny_teacher()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from d3core.models.shipped import load_tiny_tokenizer
+
+    return load_tiny_tokenizer()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -6,10 +6,9 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from d3core.eval import synthetic
-from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
+from d3core.models.shipped import load_tiny_tokenizer
 from d3core.samplers import get_sampler
 from d3core.sft import encode_prompt
 from serve_apps.engine import BatchingEngine, EngineTimeout, GenerationOutput, GenerationRequest
@@ -17,19 +16,7 @@ from serve_apps.engine import BatchingEngine, EngineTimeout, GenerationOutput, G
 D3LLM = get_sampler("d3llm")
 PARAMS = D3LLM.params_cls(cache_delay_iter=1)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as a serving replica uses (two oversubscribe a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_tiny_teacher()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +110,14 @@ def test_max_tokens_truncates_stream_and_result(teacher, prompts):
 
 
 def test_timeout_fails_the_request_and_abandons_its_batch(teacher, prompts):
-    slow = D3LLM.params_cls(gen_length=96, block_length=16, threshold=0.0)  # one token per forward
+    # one token per forward over all 96 slots (no EOS stop): ~100 forwards, far beyond the 0.05 s deadline
+    slow = D3LLM.params_cls(gen_length=96, block_length=16, threshold=0.0, early_stop=False)
 
     async def main():
         engine = BatchingEngine(teacher, max_batch_size=4)
         started = time.monotonic()
         with pytest.raises(EngineTimeout):
-            await engine.generate(GenerationRequest(prompts[0], slow, timeout_s=0.2))
+            await engine.generate(GenerationRequest(prompts[0], slow, timeout_s=0.05))
         waited = time.monotonic() - started
         # the engine stays usable: the abandoned batch stops at its next step
         ok = await engine.generate(GenerationRequest(prompts[1], PARAMS, timeout_s=30))

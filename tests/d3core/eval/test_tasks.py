@@ -12,29 +12,11 @@ import torch
 from d3core.eval import benchmarks, synthetic
 from d3core.eval.harness import evaluate_synthetic, evaluate_task
 from d3core.eval.tasks import TASK_NAMES, get_task, resolve_style
-from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
 from d3core.samplers import get_sampler
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads can run >10x slower (spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_tiny_teacher()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="the project's shared/data is not beside this checkout")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from d3core.eval import synthetic
-from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
+from d3core.models.shipped import load_tiny_tokenizer
 from d3core.samplers import get_sampler
 from d3core.sft import encode_prompt
 
@@ -16,19 +16,7 @@ SETTINGS = [
     dict(threshold=1.0, cache_delay_iter=2, refresh_interval=4, block_add_threshold=0.5),
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two oversubscribe a shared 2-core machine and slow this 5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_tiny_teacher()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
