@@ -68,6 +68,9 @@ class DistillConfig:
     entropy_weight: float = -1.0  # -1: the preset's value
     entropy_temperature: float = 0.5
     ckpt_every: int = 0
+    lora_rank: int = 0  # 0: full fine-tuning; > 0: peft LoRA on lora_targets, merged on export
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     max_failures: int = 2
     seed: int = 0
     fault_at_step: int = -1  # tests: one worker exits hard once at this step
@@ -96,6 +99,12 @@ class DistillConfig:
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: "
                              "the global batch is split evenly over the workers")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no LoRA)")
+        if self.lora_rank:
+            from d3core.distill.lora import LoraSettings
+
+            LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
         if self.entropy_weight < 0:
             raise ValueError(f"entropy_weight={self.entropy_weight}: must be >= 0 (0 turns certainty forcing off)")
         if not 0 < self.lr < 1:
@@ -105,6 +114,11 @@ class DistillConfig:
         if not self.storage and "://" in self.out and not self.out.startswith("file://"):
             raise ValueError(f"out={self.out!r} is remote: pass --storage (a local path, s3:// or gs:// URI) for "
                              "Ray Train's checkpoints")
+
+    def lora(self):
+        from d3core.distill.lora import LoraSettings
+
+        return LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
 
     @property
     def storage_path(self) -> str:
@@ -116,6 +130,7 @@ class DistillConfig:
                 "fault_marker")
         out = {k: getattr(self, k) for k in keys}
         out["window_sizes"] = list(self.window_sizes)
+        out["lora"] = self.lora() and dataclasses.asdict(self.lora())
         out["loss_weights"] = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
         return out
 
@@ -151,8 +166,11 @@ def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def export_student(state_dict: dict, init_uri: str, out: str) -> None:
-    """Write the student in the official layout of its architecture, with the teacher's tokenizer."""
+def export_student(state_dict: dict, init_uri: str, out: str, lora=None) -> None:
+    """Write the student in the official layout of its architecture, with the teacher's tokenizer.
+
+    With ``lora`` (the run's LoraSettings) the adapters are merged into the base weights first.
+    """
     import tempfile
 
     from transformers import AutoTokenizer
@@ -161,7 +179,14 @@ def export_student(state_dict: dict, init_uri: str, out: str) -> None:
     from d3core.models.registry import build_model
 
     model = build_model(load_config(init_uri), device="cpu")
-    model.load_state_dict(state_dict, strict=True)
+    if lora is not None:
+        from d3core.distill.lora import apply_lora, merge_lora
+
+        model = apply_lora(model, lora)
+        model.load_state_dict(state_dict, strict=True)
+        model = merge_lora(model)
+    else:
+        model.load_state_dict(state_dict, strict=True)
     save_pretrained(model, out)
     fs, root = fsspec.core.url_to_fs(out)
     with tempfile.TemporaryDirectory() as d:
@@ -225,7 +250,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise RuntimeError(f"training under {cfg.storage_path} ended without a checkpoint; see the worker logs")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    export_student(state["model"], init, cfg.out)
+    export_student(state["model"], init, cfg.out, cfg.lora())
     uses = list(state["uses"].values())
     summary = {"config": dataclasses.asdict(cfg), "init": init, "rows": table.num_rows, "steps": state["step"],
                "optimizer_steps": _optimizer_steps(state["optimizer"]),
@@ -256,8 +281,8 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
         if f.name in ("extra", "fault_at_step", "fault_marker"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "window_sizes":
-            p.add_argument(flag, type=int, nargs="+", default=())
+        if f.name in ("window_sizes", "lora_targets"):
+            p.add_argument(flag, type=int if f.name == "window_sizes" else str, nargs="+", default=f.default)
         elif f.name in ("use_gpu", "only_correct"):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
         else:

@@ -156,9 +156,14 @@ def train_loop(config: dict) -> None:
                                  mask_ratio_min=cfg["mask_ratio_min"], mask_ratio_max=cfg["mask_ratio_max"],
                                  weights=LossWeights(**cfg["loss_weights"]))
     model = load_pretrained(config["init"], device=device).train()
+    if cfg["lora"]:
+        from d3core.distill.lora import LoraSettings, apply_lora
+
+        lora = dict(cfg["lora"], targets=tuple(cfg["lora"]["targets"]))
+        model = apply_lora(model, LoraSettings(**lora))
     model = shard_model(model, use_gpu)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95),
-                                  weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                                  betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
     step, epoch, consumed = 0, 0, set()
     uses: dict[str, int] = {}  # every row's uses up to the last checkpoint (the audit of the data semantics)
     new_uses: dict[str, int] = {}  # this worker's uses since then

@@ -121,3 +121,21 @@ def test_config_errors_name_the_value(tmp_path):
         DistillConfig(masking="foo")
     with pytest.raises(FileNotFoundError, match="no trajectory shards"):
         load_trajectory_table(DistillConfig(trajectories=str(tmp_path / "none")))
+
+
+def test_lora_run_exports_merged_official_weights(ray_local, teacher_dir, tmp_path):
+    pytest.importorskip("peft")
+    from pipelines.distill import DistillConfig, run_distill
+    from pipelines.trajectories import TrajectoriesConfig, write_shard
+
+    vocab = load_pretrained(teacher_dir).config.vocab_size
+    traj = tmp_path / "traj"
+    write_shard(TrajectoriesConfig(out=str(traj)), 0, T.to_table(make_rows(16, teacher_dir, vocab, seed=2)))
+    out = tmp_path / "student"
+    cfg = DistillConfig(trajectories=str(traj), out=str(out), num_workers=2, batch_size=8, max_steps=3, lr=1e-2,
+                        warmup_steps=1, window_sizes=(8,), ckpt_every=3, lora_rank=4, lora_targets=("q", "v"))
+    assert run_distill(cfg)["steps"] == 3
+    student, teacher = load_pretrained(str(out)), load_pretrained(teacher_dir)  # official layout, adapters merged
+    changed = {name for (name, a), b in zip(student.state_dict().items(), teacher.state_dict().values())
+               if not torch.equal(a, b)}
+    assert changed == {f"layers.{i}.attn.{m}.weight" for i in range(2) for m in ("q", "v")}
