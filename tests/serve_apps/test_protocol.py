@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d3core.models.shipped import TINY_TEACHER_DIR, load_tiny_tokenizer
+from d3core.models.shipped import TINY_TEACHER_DIR
 from serve_apps import protocol as P
 from serve_apps.config import ServeConfig
 from serve_apps.openai_app import app_builder
@@ -20,11 +20,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "serve_apps" / "config"
 @pytest.fixture(scope="module")
 def cfg():
     return ServeConfig.from_preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 def parse(body: dict, chat: bool = False):

@@ -7,7 +7,7 @@ import torch
 
 from d3core.eval import synthetic
 from d3core.eval.harness import evaluate_synthetic
-from d3core.models.shipped import load_tiny_ar, load_tiny_teacher, load_tiny_tokenizer
+from d3core.models.shipped import load_tiny_ar
 from d3core.samplers import get_sampler
 from d3core.samplers.base import entropy
 from d3core.sft import encode_prompt
@@ -30,18 +30,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return load_tiny_teacher()
-
-
-@pytest.fixture(scope="module")
 def verifier():
     return load_tiny_ar()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
