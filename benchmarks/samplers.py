@@ -57,9 +57,11 @@ def main() -> None:
     parser.add_argument("--n-speed", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    teacher, ar_model, tok = load_tiny_teacher(), load_tiny_ar(), load_tiny_tokenizer()
+    teacher, ar_model = load_tiny_teacher(device=args.device), load_tiny_ar(device=args.device)
+    tok = load_tiny_tokenizer()
     problems = synthetic.generate("test", args.n_acc, seed=0)
     speed_prompts = [encode_prompt(tok, p.question) for p in problems[: args.n_speed]]
     only = set(filter(None, args.only.split(",")))
@@ -79,7 +81,8 @@ def main() -> None:
         logger.info("%-9s %-40s acc %.3f TPF %.2f tok/s b1 %.0f b8 %.0f", name, json.dumps(kwargs), row["accuracy"],
                     row["tpf"], row["batch1"]["tokens_per_second"], row["batch8"]["tokens_per_second"])
     out = {"hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"},
            "n_acc": args.n_acc, "n_speed": args.n_speed, "gen_length": 48, "results": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -43,7 +43,7 @@ PARALLEL_SAMPLERS = ("fast_dllm", "dparallel", "d3llm")
 
 PRESETS: dict[str, dict] = {
     # Sized for about 10 minutes on 2 CPU cores (docs/benchmarks.md has the measured stage times).
-    "tiny": dict(n_prompts=800, n_eval=100, distill_steps=150),
+    "tiny": dict(n_prompts=3000, n_eval=100, distill_steps=350),
     "llada-8b": dict(n_prompts=0, n_eval=0, distill_steps=0),
     "dream-7b": dict(n_prompts=0, n_eval=0, distill_steps=0),
 }
