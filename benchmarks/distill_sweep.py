@@ -193,6 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.trajectories and not args.students:
         p.error("--trajectories DIR is required to train (or pass --students NAME=DIR,... to score checkpoints)")
+    for name in ("n_eval", "jobs", "threads", "eval_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+    except ValueError:
+        p.error(f"--thresholds={args.thresholds!r}: give comma-separated numbers, e.g. 0.3,0.5")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     init = args.init or str(TINY_TEACHER_DIR)
-    opts = dict(init=init, device=device, thresholds=[float(t) for t in args.thresholds.split(",")],
+    opts = dict(init=init, device=device, thresholds=thresholds,
                 n_eval=args.n_eval, cache_delay=None if args.cache_delay < 0 else args.cache_delay,
                 eval_batch=args.eval_batch, threads=args.threads)
     out = Path(args.out)

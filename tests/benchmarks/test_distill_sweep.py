@@ -42,3 +42,9 @@ def test_bad_grid_names_the_problem(spec, match):
 def test_needs_trajectories_or_students():
     with pytest.raises(SystemExit):
         sweep.main(["--out", "/dev/null"])  # neither --trajectories nor --students
+
+
+@pytest.mark.parametrize("argv", [["--students", "a=b", "--n-eval", "0"], ["--students", "a=b", "--thresholds", "x"]])
+def test_bad_flags_are_refused_before_any_work(argv):
+    with pytest.raises(SystemExit):
+        sweep.main(argv + ["--out", "/dev/null"])
