@@ -1,0 +1,39 @@
+"""The decode engine reproduces the golden fixture recorded before its rewrite (see golden.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+import golden
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    with gzip.open(golden.FIXTURE, "rt") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from d3core.models.shipped import load_tiny_ar, load_tiny_teacher
+
+    return {"teacher": load_tiny_teacher(), "ar": load_tiny_ar(), "dream": golden.sharp_dream()}
+
+
+@pytest.mark.parametrize("name,kwargs", golden.CONFIGS, ids=[golden.config_key(n, k) for n, k in golden.CONFIGS])
+def test_engine_reproduces_the_golden_fixture(name, kwargs, fixture, models, tok):
+    prompts = fixture["prompts"]
+    assert prompts == golden.held_out_prompts(tok)
+    key = golden.config_key(name, kwargs)
+    model = models["ar"] if name == "ar" else models["teacher"]
+    want = fixture["teacher"][key]
+    assert golden.decode(name, kwargs, model, models["ar"], prompts, 8) == want["batch8"]
+    assert golden.decode(name, kwargs, model, models["ar"], prompts, 1) == want["batch1"]
+    if name != "ar":
+        dream = golden.decode(name, kwargs, models["dream"], models["ar"], prompts[:golden.N_DREAM], 8)
+        assert dream == fixture["dream"][key]["batch8"]
