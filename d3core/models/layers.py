@@ -3,8 +3,14 @@
 Both architectures are pre-norm LLaMA-style stacks (RMSNorm, rotary embeddings, SwiGLU,
 untied head) without a causal mask; they differ in parameter names, QKV biases, grouped
 KV heads and the logit shift, all of which live in :class:`ModelConfig` and in each
-architecture's checkpoint mapping. One forward serves both: token ids, absolute positions,
-an optional key-padding mask and an optional :class:`~d3core.cache.KVCache`.
+architecture's checkpoint mapping. Two entry points share the layers:
+
+* :meth:`DiffusionTransformer.forward` — the whole padded sequence ``(B, T)`` at once, for
+  training and for scoring (no cache);
+* :meth:`DiffusionTransformer.forward_windows` — the decode path: per-row windows packed into
+  one flat token list, K/V written in place into a :class:`~d3core.cache.KVCache`, logits only
+  for the slots the engine asks for. It makes no device-to-host synchronisation: every shape
+  comes from the host-built :class:`~d3core.cache.Windows`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3core.cache import KVCache
+from d3core.cache import KVCache, Windows
 from d3core.models.config import ModelConfig
 
 
@@ -31,10 +37,10 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, 1, T, head_dim) for the rotate-half RoPE convention."""
+    """cos/sin of shape ``positions.shape + (head_dim,)`` for the rotate-half RoPE convention."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
@@ -42,6 +48,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA for ``q (B, H, T, D)`` against ``k, v (B, H_kv, S, D)``; returns ``(B, H, T, D)``.
+
+    Grouped-query attention folds each KV group's query heads into the query length instead of
+    broadcasting K/V (``enable_gqa``): the fused SDPA kernels accept that shape with a padding
+    mask, where ``enable_gqa`` plus a mask falls back to the math kernel, and K/V are never
+    repeated. Query head ``h`` uses KV head ``h // (H / H_kv)``, as in the official models.
+    """
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+    if h_kv == h:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    group = h // h_kv
+    folded = q.reshape(b, h_kv, group * t, d)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    return out.view(b, h, t, d)
 
 
 class Attention(nn.Module):
@@ -56,31 +80,32 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        key_mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        store: bool,
-        start: int | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Whole sequences: ``x (B, T, hidden)``, ``rope`` tables ``(B, 1, T, D)``, ``key_mask (B, 1, 1, T)``."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            if start is None:
-                k, v = cache.prefix_and_window(layer, k, v, store)
-            else:
-                k, v = cache.around(layer, start, k, v)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        out = attend(q, k, v, key_mask)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_windows(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: Windows,
+                        cache: KVCache, layer: int) -> torch.Tensor:
+        """Packed windows: ``x (N, hidden)``, ``rope`` tables ``(N, 1, D)``; K/V go into the cache first."""
+        n_tok = x.shape[0]
+        q = self.q(x).view(n_tok, self.num_heads, self.head_dim)
+        k = self.k(x).view(n_tok, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(n_tok, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        keys, values = cache.layer(layer)
+        keys[w.rows, w.slots] = k
+        values[w.rows, w.slots] = v
+        queries = q[w.q_index].transpose(1, 2)  # (n, H, T, D)
+        out = attend(queries, keys[: w.n, : w.S].transpose(1, 2), values[: w.n, : w.S].transpose(1, 2), w.key_mask)
+        out = out.transpose(1, 2).reshape(w.n * w.T, -1)[w.q_flat]
+        return self.o(out)
 
 
 class SwiGLU(nn.Module):
@@ -102,13 +127,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, rope, key_mask, cache, layer, store, start):
-        x = x + self.attn(self.attn_norm(x), rope, key_mask, cache, layer, store, start)
+    def forward(self, x, rope, key_mask):
+        x = x + self.attn(self.attn_norm(x), rope, key_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_windows(self, x, rope, w: Windows, cache: KVCache, layer: int):
+        x = x + self.attn.forward_windows(self.attn_norm(x), rope, w, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class DiffusionTransformer(nn.Module):
-    """A bidirectional dLLM: ``forward(ids, positions, ...) -> logits for those positions``.
+    """A bidirectional dLLM: ``forward(ids, positions, mask) -> logits`` and the packed decode forward.
 
     Subclasses (one per architecture) only add the official checkpoint layout.
     """
@@ -138,78 +167,53 @@ class DiffusionTransformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        commit: int | torch.Tensor = 0,
-        start: int | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, T, V)`` predicting the tokens at the given slots.
+        """Logits ``(B, T, V)`` predicting the token at every slot of a left-padded batch.
 
         Args:
-            input_ids: ``(B, T)`` tokens of the window ``[cache.length, cache.length + T)``
-                (or ``[0, T)`` without a cache).
-            positions: ``(B, T)`` absolute positions for RoPE; default ``arange`` from the window start.
+            input_ids: ``(B, T)`` tokens.
+            positions: ``(B, T)`` absolute positions for RoPE; default ``arange(T)``.
             attention_mask: ``(B, T)`` bool, False for left padding that no one may attend to.
-            cache: per-row prefix K/V to attend to (see :mod:`d3core.cache`).
-            commit: grow the cached prefixes with this window's K/V: an int ``n`` commits the
-                window's first ``n`` slots for every row, a ``(B,)`` tensor gives each row's new
-                absolute prefix length.
-            start: slot of the first token when it lies *inside* the cached range (dual cache):
-                the tokens stand in for cached slots ``[start, start + T)`` for this forward only.
         """
         b, t = input_ids.shape
         device = input_ids.device
-        dual = cache is not None and start is not None and start != cache.length
-        if cache is None and (start not in (None, 0) or (isinstance(commit, int) and commit)):
-            raise ValueError(f"start={start}, commit={commit} need a cache; pass cache=KVCache.for_model(...)")
-        if dual:
-            if not cache.uniform or not 0 <= start < cache.length:
-                raise ValueError(f"start={start}: a dual-cache window must start inside [0, {cache.length}) "
-                                 "with every row cached to the same length")
-            if not (isinstance(commit, int) and commit == 0):
-                raise ValueError(f"commit={commit} with start={start}: a dual-cache window cannot commit")
-        window_start = 0 if cache is None else (start if dual else cache.length)
-        targets = None
-        if cache is not None and not dual:
-            if isinstance(commit, int):
-                if not 0 <= commit <= t:
-                    raise ValueError(f"commit={commit}: must lie in [0, {t}] (the number of slots in this call)")
-                targets = torch.full((b,), window_start + commit, device=device) if commit else None
-            else:
-                targets = commit.to(device)
-            cache.begin_window(t)
         if positions is None:
-            positions = torch.arange(window_start, window_start + t, device=device).expand(b, t)
+            positions = torch.arange(t, device=device).expand(b, t)
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.bool, device=device)
-        if cache is None:
-            key_mask = attention_mask
-        elif dual:
-            key_mask = cache.mask_around(start, attention_mask)
-        else:
-            key_mask = torch.cat([cache.key_mask[:, :window_start], attention_mask], dim=1)
-        if bool(key_mask.all()):
-            key_mask = None
-        rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        # Whole-sequence path (training, scoring): one check per call keeps unpadded batches on the
+        # mask-free fused kernels. The decode path (forward_windows) never asks the device.
+        key_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        rope = (cos[:, None], sin[:, None])
         x = self.embed(input_ids)
-        for i, block in enumerate(self.layers):
-            x = block(x, rope, key_mask, cache, i, targets is not None, start if dual else None)
+        for block in self.layers:
+            x = block(x, rope, key_mask)
         h = self.norm(x)
-        if cache is not None and not dual:
-            h = cache.window_hidden(h)
         if self.config.shift_logits:
             # Slot i is predicted from slot i-1; a row's first real slot (nothing real before
             # it, as after left padding) keeps its own output, Dream's convention for slot 0.
-            if cache is not None and window_start > 0:
-                first = cache.hidden_before(window_start)[:, None]
-                prev_real = cache.key_mask[:, window_start - 1: window_start]
-            else:
-                first = h[:, :1]
-                prev_real = torch.zeros(b, 1, dtype=torch.bool, device=device)
-            shifted = torch.cat([first, h[:, :-1]], dim=1)
-            prev_real = torch.cat([prev_real, attention_mask[:, :-1]], dim=1)
-            shifted = torch.where(prev_real[..., None], shifted, h)
+            prev_real = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), attention_mask[:, :-1]], 1)
+            shifted = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            h = torch.where(prev_real[..., None], shifted, h)
+        return self.head(h)
+
+    def forward_windows(self, w: Windows, cache: KVCache) -> torch.Tensor:
+        """Logits ``(NL, V)`` at ``w.head_slots`` after recomputing every window slot of ``w`` in place.
+
+        Shifted-logit models (Dream) read slot ``s``'s prediction from the final hidden state of
+        slot ``s - 1``, taken from this forward where that slot is in the window and from the
+        cache otherwise.
+        """
+        cos, sin = rotary_tables(w.slots, self.config.head_dim, self.config.rope_theta)
+        rope = (cos[:, None], sin[:, None])
+        x = self.embed(w.ids)
+        for i, block in enumerate(self.layers):
+            x = block.forward_windows(x, rope, w, cache, i)
+        h = self.norm(x)
+        if self.config.shift_logits:
+            cache.hidden[w.rows, w.slots] = h
+            h = cache.hidden[w.head_rows, w.head_slots - 1]
         else:
-            shifted = h
-        if cache is not None and not dual:
-            cache.end_window(h, attention_mask, targets)
-        return self.head(shifted)
+            h = h[w.head_index]
+        return self.head(h)

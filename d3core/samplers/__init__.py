@@ -1,4 +1,14 @@
-"""Decoding algorithms by name: ``get_sampler("vanilla")`` -> (params class, generate function)."""
+"""Decoding algorithms by name: ``get_sampler("vanilla")`` -> (params class, generate function).
+
+Every sampler has one contract::
+
+    generate(model, prompts, params, generator=None, on_step=None, verifier=None) -> GenerationResult
+
+``generator`` seeds sampling (per-row seeds are drawn from it), ``on_step`` receives a
+:class:`~d3core.samplers.engine.Snapshot` after every step (streaming), ``verifier`` is the
+small AR model of samplers with ``needs_verifier`` (others ignore it). The dLLM samplers are
+programs on :mod:`d3core.samplers.engine`; ``ar`` drives a Hugging Face causal LM.
+"""
 
 from __future__ import annotations
 

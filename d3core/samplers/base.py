@@ -1,17 +1,15 @@
-"""What every sampler shares: the batch layout, the result record and the token choice.
+"""What every sampler shares: parameters, prompt validation and the result record.
 
-A batch of prompts of different lengths is left-padded into one tensor of slots
-``[pad | prompt | generation]``; padding is excluded from attention by a key mask and
-positions start at 0 on each row's first real token, so a row decodes the same tokens
-alone or in a batch (at temperature 0). Every sampler returns a :class:`GenerationResult`
-with, per sequence, the committed tokens, the number of model forwards it took part in
-(NFE) and the step at which each generated position was unmasked.
+Every sampler returns a :class:`GenerationResult` with, per sequence, the committed tokens,
+the number of model forwards it took part in (NFE), the step at which each generated position
+was unmasked and the log-probability it had then. :func:`make_batch` is the left-padded
+``[pad | prompt | generation]`` layout of whole-sequence forwards (training, scoring);
+decoding lays each row out on its own (see :mod:`d3core.samplers.engine`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,6 +27,7 @@ class SequenceResult:
     nfe: int
     unmask_step: list[int]
     eos_ids: tuple[int, ...] = ()
+    logprobs: list[float] | None = None  # per slot: log-probability of the token when it was committed
 
     @property
     def response_ids(self) -> list[int]:
@@ -113,31 +112,6 @@ def make_batch(
     return Batch(x.to(device), positions.to(device), attention_mask.to(device), width, gen_length)
 
 
-def choose_tokens(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token choice and the probability of the chosen token under ``softmax(logits)``.
-
-    Temperature 0 is argmax; otherwise Gumbel-max sampling in float64 (LLaDA's numerics),
-    drawing noise from ``generator`` so runs are reproducible.
-    """
-    probs = torch.softmax(logits.float(), dim=-1)
-    if temperature <= 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        tokens = (logits.double() / temperature + gumbel).argmax(dim=-1)
-    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Predictive entropy in nats (float32; 0 * log 0 counts as 0)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-
-
 def check_probability(name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
     if not low <= value <= high:
         raise ValueError(f"{name}={value}: must lie in [{low}, {high}]")
@@ -153,30 +127,30 @@ def check_blocks(gen_length: int, block_length: int) -> None:
         )
 
 
-def begin(model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen_length: int) -> tuple[Batch, float]:
-    """Validate the prompts against the model and lay out the batch; returns it and the start time."""
-    cfg = model.config
-    validate_prompts(prompts, gen_length, cfg.max_seq_len, cfg.vocab_size)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    return make_batch(prompts, gen_length, cfg.mask_id, cfg.pad_id, device), t0
+@dataclass(frozen=True)
+class DecodeParams:
+    """Fields every sampler takes: generation slots and sampling temperature (0 is argmax)."""
+
+    gen_length: int = 48
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gen_length, int) or self.gen_length <= 0:
+            raise ValueError(f"gen_length={self.gen_length!r}: must be a positive int")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is argmax)")
 
 
-def finish(
-    name: str,
-    prompts: Sequence[Sequence[int]],
-    generated: torch.Tensor,
-    nfe: Sequence[int] | torch.Tensor,
-    unmask_step: torch.Tensor,
-    eos_ids: Sequence[int],
-    t0: float,
-    **stats,
-) -> GenerationResult:
-    """Package per-row outputs (``generated``: the generation slots) into a GenerationResult."""
-    nfe = nfe.tolist() if isinstance(nfe, torch.Tensor) else list(nfe)
-    sequences = [
-        SequenceResult(list(map(int, prompts[i])), generated[i].tolist(), int(nfe[i]), unmask_step[i].tolist(),
-                       tuple(eos_ids))
-        for i in range(len(prompts))
-    ]
-    return GenerationResult(sequences, time.perf_counter() - t0, {"sampler": name, **stats})
+@dataclass(frozen=True)
+class BlockParams(DecodeParams):
+    """Block-decoding samplers: the generation slots split into blocks of ``block_length``."""
+
+    block_length: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_blocks(self.gen_length, self.block_length)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length

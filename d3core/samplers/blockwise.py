@@ -1,50 +1,46 @@
 """Single-block threshold decoding with an optional approximate KV cache.
 
-The engine behind ``fast_dllm`` (confidence threshold or factor rule) and ``dparallel``
-(entropy threshold): blocks are decoded left to right; within the current block each step
-commits every masked position that passes the sampler's rule, and always at least one.
+The engine program behind ``fast_dllm`` (confidence threshold or factor rule) and
+``dparallel`` (entropy threshold): blocks are decoded left to right; within the current block
+each step commits every masked position that passes the sampler's rule, and always at least one.
 
-Cache modes (Fast-dLLM):
-  * ``none``   every step runs the whole sequence;
-  * ``prefix`` the first step of a block runs the whole sequence and caches the K/V of
-    everything left of the block; later steps run the block and the masked suffix only;
-  * ``dual``   the first step caches every slot; later steps run the block alone, attending
-    to the cached prefix and the cached (still masked) suffix.
+Cache modes (Fast-dLLM), as windows of the slot cache (:mod:`d3core.cache`):
+  * ``none``   every step recomputes the whole sequence;
+  * ``prefix`` the first step of a block recomputes the whole sequence; later steps recompute
+    the block and the masked suffix, reading the prefix from the cache;
+  * ``dual``   the first step recomputes everything; later steps recompute the block alone,
+    reading the prefix and the (still masked) suffix from the cache.
 The first step of a block is a full forward in both cached modes, so its tokens equal the
 uncached path's; later steps read K/V computed before the block's newest tokens existed.
+
+With ``early_stop`` a row finishes once it has committed an EOS with nothing masked before
+it; every slot still masked then becomes EOS.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from d3core.cache import KVCache
-from d3core.samplers.base import GenerationResult, begin, check_blocks, choose_tokens, finish
+from d3core.samplers.base import BlockParams
+from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.packing import Cells, RowPlan
 
 logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "prefix", "dual")
 
-# select(logits, tokens, confidence, masked) -> bool (B, block) of positions to commit
-SelectFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass(frozen=True)
-class BlockwiseParams:
-    gen_length: int = 48
-    block_length: int = 16
-    temperature: float = 0.0
+class BlockwiseParams(BlockParams):
     cache: str = "none"
     early_stop: bool = True
 
     def __post_init__(self) -> None:
-        check_blocks(self.gen_length, self.block_length)
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is argmax)")
+        super().__post_init__()
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache={self.cache!r}: must be one of {CACHE_MODES}")
 
@@ -56,68 +52,70 @@ def with_best(take: torch.Tensor, score: torch.Tensor, masked: torch.Tensor) -> 
     return (take & masked) | forced
 
 
-def finish_rows(x: torch.Tensor, p0: int, eos_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Rows whose generation holds a committed EOS with every slot before it committed."""
-    gen = x[:, p0:]
-    is_eos = torch.isin(gen, eos_ids)
-    masked = gen == mask_id
-    first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(gen[:, 0], gen.shape[1]))
-    slots = torch.arange(gen.shape[1], device=x.device)
-    masked_before = (masked & (slots[None] < first_eos[:, None])).any(-1)
-    return is_eos.any(-1) & ~masked_before
+@dataclass
+class _State:
+    block: int = 0
+    first_step: bool = True
 
 
-@torch.no_grad()
-def decode(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    params: BlockwiseParams,
-    select: SelectFn,
-    name: str,
-    generator: torch.Generator | None = None,
-) -> GenerationResult:
-    cfg = model.config
-    batch, t0 = begin(model, prompts, params.gen_length)
-    device = batch.x.device
-    x, pos, attn, p0 = batch.x, batch.positions, batch.attention_mask, batch.prompt_len
-    b, total = x.shape
-    eos = torch.tensor(cfg.eos_ids, device=device)
-    unmask_step = torch.full((b, params.gen_length), -1, dtype=torch.long, device=device)
-    nfe = torch.zeros(b, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = KVCache.for_model(model, b, total) if params.cache != "none" else None
-    forwards = 0
-    for blk in range(params.gen_length // params.block_length):
-        lo, hi = p0 + blk * params.block_length, p0 + (blk + 1) * params.block_length
-        first_step = True
-        while True:
-            masked = (x[:, lo:hi] == cfg.mask_id) & ~finished[:, None]
-            active = masked.any(-1)
-            if not bool(active.any()):
-                break
-            if cache is None:
-                logits = model(x, pos, attn)[:, lo:hi]
-            elif first_step:
-                cache.truncate(0)
-                commit = lo if params.cache == "prefix" else total
-                logits = model(x, pos, attn, cache=cache, commit=commit)[:, lo:hi]
-            elif params.cache == "prefix":
-                logits = model(x[:, lo:], pos[:, lo:], attn[:, lo:], cache=cache)[:, : hi - lo]
-            else:
-                logits = model(x[:, lo:hi], pos[:, lo:hi], attn[:, lo:hi], cache=cache, start=lo)
-            first_step = False
-            forwards += 1
-            nfe += active.long()
-            tokens, conf = choose_tokens(logits, params.temperature, generator)
-            take = select(logits, tokens, conf, masked)
-            x[:, lo:hi] = torch.where(take, tokens, x[:, lo:hi])
-            steps = unmask_step[:, lo - p0: hi - p0]
-            unmask_step[:, lo - p0: hi - p0] = torch.where(take, (nfe - 1)[:, None], steps)
-            if params.early_stop:
-                done = finish_rows(x, p0, eos, cfg.mask_id) & ~finished
-                if bool(done.any()):
-                    rest = (x[:, p0:] == cfg.mask_id) & done[:, None]
-                    x[:, p0:] = torch.where(rest, eos[0], x[:, p0:])
-                    unmask_step = torch.where(rest, (nfe - 1)[:, None], unmask_step)
-                    finished |= done
-    return finish(name, prompts, x[:, p0:], nfe, unmask_step, cfg.eos_ids, t0, batch_forwards=forwards)
+class BlockwiseProgram(Program):
+    """Host side shared by fast_dllm and dparallel; subclasses give the device ``select``."""
+
+    def init_row(self, row: Row, d: Decoder) -> None:
+        row.state = _State()
+
+    def plan(self, row: Row, d: Decoder) -> RowPlan | None:
+        st, p = row.state, row.params
+        gen, _ = d.gen(row)
+        while not (gen[st.block * p.block_length: (st.block + 1) * p.block_length] == d.mask_id).any():
+            st.block, st.first_step = st.block + 1, True
+            if st.block == p.num_blocks:
+                return None
+        lo = row.prompt_len + st.block * p.block_length
+        if p.cache == "none" or st.first_step:
+            start, end = 0, row.length
+        else:
+            start, end = lo, (row.length if p.cache == "prefix" else lo + p.block_length)
+        return RowPlan(start, end, row.length, [lo], ints=self.rule_ints(p), floats=self.rule_floats(p),
+                       temperature=p.temperature)
+
+    def rule_floats(self, params) -> tuple[float, ...]:
+        """Per-row float parameters handed to :meth:`select` (``floats[:, i]``)."""
+        return ()
+
+    def rule_ints(self, params) -> tuple[int, ...]:
+        """Per-row int parameters; :meth:`select` sees the host-known column maxima."""
+        return ()
+
+    def rule(self, cells: Cells) -> torch.Tensor:
+        n, ns, seg = cells.cand.shape  # one segment per row: the current block
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.view(n * ns, seg)
+
+        take = self.select(flat(cells.conf), flat(cells.entropy), flat(cells.cand), cells.floats, cells.int_max)
+        return take.view(n, ns, seg)
+
+    def select(self, conf: torch.Tensor, ent: torch.Tensor | None, masked: torch.Tensor,
+               floats: torch.Tensor, int_max: tuple[int, ...]) -> torch.Tensor:
+        """Device: bool ``(rows, block)`` of the masked positions to commit."""
+        raise NotImplementedError
+
+    def after(self, row: Row, d: Decoder, committed: np.ndarray) -> None:
+        row.state.first_step = False
+        if row.params.early_stop:
+            finish_at_eos(row, d)
+
+
+def finish_at_eos(row: Row, d: Decoder) -> None:
+    """A committed EOS with nothing masked before it ends the row; slots still masked become EOS."""
+    gen, unmask = d.gen(row)
+    eos_at = np.nonzero(np.isin(gen, d.eos_ids))[0]
+    if len(eos_at) == 0:
+        return
+    masked = gen == d.mask_id
+    if masked[: eos_at[0]].any():
+        return
+    gen[masked] = d.eos_ids[0]
+    unmask[masked] = row.nfe - 1
+    row.finished = True

@@ -2,7 +2,8 @@
 
 Each step commits every masked position of the current block whose predictive entropy is
 ``<= threshold`` (nats), and always the lowest-entropy one. dParallel reports its numbers
-without a cache; the Fast-dLLM prefix and dual caches are available here too.
+without a cache; the Fast-dLLM prefix and dual caches are available here too. The threshold
+is a per-row parameter.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Sequence
 
 import torch
 
-from d3core.samplers.base import GenerationResult, entropy
-from d3core.samplers.blockwise import BlockwiseParams, decode, with_best
+from d3core.samplers.base import GenerationResult
+from d3core.samplers.blockwise import BlockwiseParams, BlockwiseProgram, with_best
+from d3core.samplers.engine import OnStep, run
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +31,15 @@ class DParallelParams(BlockwiseParams):
             raise ValueError(f"threshold={self.threshold}: an entropy threshold must be >= 0 nats")
 
 
-def entropy_rule(threshold: float):
-    def select(logits, tokens, conf, masked):
-        h = entropy(logits)
-        return with_best(masked & (h <= threshold), -h, masked)
+class DParallelProgram(BlockwiseProgram):
+    name = "dparallel"
+    needs_entropy = True
 
-    return select
+    def rule_floats(self, params: DParallelParams) -> tuple[float, ...]:
+        return (params.threshold,)
+
+    def select(self, conf, ent, masked, floats, int_max):
+        return with_best(masked & (ent <= floats[:, :1].to(ent.dtype)), -ent, masked)
 
 
 def generate(
@@ -42,5 +47,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: DParallelParams = DParallelParams(),
     generator: torch.Generator | None = None,
+    on_step: OnStep | None = None,
+    verifier: torch.nn.Module | None = None,
 ) -> GenerationResult:
-    return decode(model, prompts, params, entropy_rule(params.threshold), "dparallel", generator)
+    return run(DParallelProgram(), model, prompts, params, generator, on_step)

@@ -5,6 +5,7 @@ Within the current block, commit every masked position whose chosen token has pr
 has; its vectorised rewrite lost the guarantee). With ``factor`` set, the factor rule
 replaces the threshold: commit the ``n`` most confident positions for the largest ``n``
 with ``c_(k) >= 1 - factor / (k + 1)`` for every ``k <= n`` (``k = 1`` always accepted).
+The threshold (or factor) is a per-row parameter: rows with different values share a step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Sequence
 import torch
 
 from d3core.samplers.base import GenerationResult, check_probability
-from d3core.samplers.blockwise import BlockwiseParams, decode, with_best
+from d3core.samplers.blockwise import BlockwiseParams, BlockwiseProgram, with_best
+from d3core.samplers.engine import OnStep, run
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +35,41 @@ class FastDLLMParams(BlockwiseParams):
             raise ValueError(f"factor={self.factor}: must be > 0 (Fast-dLLM uses 1.0), or None for the threshold")
 
 
-def threshold_rule(threshold: float):
-    def select(logits, tokens, conf, masked):
-        return with_best(masked & (conf >= threshold), conf, masked)
-
-    return select
+def threshold_select(conf: torch.Tensor, masked: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return with_best(masked & (conf >= threshold[:, None]), conf, masked)
 
 
-def factor_rule(factor: float):
-    def select(logits, tokens, conf, masked):
-        scores = torch.where(masked, conf, torch.full_like(conf, -1.0))
-        ordered, order = scores.sort(-1, descending=True)
-        k = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
-        ok = ordered >= 1 - factor / (k + 1)
-        ok[:, 0] = True
-        ok &= ordered >= 0  # only masked positions
-        n = ok.long().cumprod(-1).sum(-1, keepdim=True)
-        ranks = torch.arange(conf.shape[-1], device=conf.device)[None].expand_as(conf)
-        take_sorted = ranks < n
-        take = torch.zeros_like(masked).scatter(-1, order, take_sorted)
-        return take & masked
+def factor_select(conf: torch.Tensor, masked: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    scores = torch.where(masked, conf, torch.full_like(conf, -1.0))
+    ordered, order = scores.sort(-1, descending=True)
+    k = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
+    ok = ordered >= 1 - factor[:, None].to(conf.dtype) / (k + 1)
+    ok[:, 0] = True
+    ok &= ordered >= 0  # only masked positions
+    n = ok.long().cumprod(-1).sum(-1, keepdim=True)
+    ranks = torch.arange(conf.shape[-1], device=conf.device)[None].expand_as(conf)
+    take = torch.zeros_like(masked).scatter(-1, order, ranks < n)
+    return take & masked
 
-    return select
+
+class FastDLLMProgram(BlockwiseProgram):
+    name = "fast_dllm"
+
+    def rule_floats(self, params: FastDLLMParams) -> tuple[float, ...]:
+        return (params.threshold, -1.0 if params.factor is None else params.factor)
+
+    def rule_ints(self, params: FastDLLMParams) -> tuple[int, ...]:
+        return (int(params.factor is not None), int(params.factor is None))  # host knows which rules run
+
+    def select(self, conf, ent, masked, floats, int_max):
+        any_factor, any_threshold = int_max
+        threshold, factor = floats[:, 0].to(conf.dtype), floats[:, 1]
+        if not any_factor:
+            return threshold_select(conf, masked, threshold)
+        if not any_threshold:
+            return factor_select(conf, masked, factor)
+        return torch.where((factor > 0)[:, None], factor_select(conf, masked, factor),
+                           threshold_select(conf, masked, threshold))
 
 
 def generate(
@@ -62,6 +77,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: FastDLLMParams = FastDLLMParams(),
     generator: torch.Generator | None = None,
+    on_step: OnStep | None = None,
+    verifier: torch.nn.Module | None = None,
 ) -> GenerationResult:
-    rule = factor_rule(params.factor) if params.factor is not None else threshold_rule(params.threshold)
-    return decode(model, prompts, params, rule, "fast_dllm", generator)
+    return run(FastDLLMProgram(), model, prompts, params, generator, on_step)

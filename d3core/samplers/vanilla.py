@@ -13,15 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from d3core.samplers.base import (
-    GenerationResult,
-    begin,
-    check_blocks,
-    choose_tokens,
-    finish,
-)
+from d3core.samplers.base import BlockParams, GenerationResult
+from d3core.samplers.engine import Decoder, OnStep, Program, Row, run
+from d3core.samplers.packing import Cells, RowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -29,26 +26,20 @@ REMASKING = ("low_confidence", "random")
 
 
 @dataclass(frozen=True)
-class VanillaParams:
-    gen_length: int = 48
-    block_length: int = 16
+class VanillaParams(BlockParams):
     steps: int | None = None  # default: gen_length, one token per step
-    temperature: float = 0.0
     remasking: str = "low_confidence"
 
     def __post_init__(self) -> None:
-        check_blocks(self.gen_length, self.block_length)
+        super().__post_init__()
         steps = self.total_steps
-        blocks = self.gen_length // self.block_length
-        if steps <= 0 or steps % blocks:
+        if steps <= 0 or steps % self.num_blocks:
             raise ValueError(
-                f"steps={steps} must be a positive multiple of the number of blocks ({blocks} = "
+                f"steps={steps} must be a positive multiple of the number of blocks ({self.num_blocks} = "
                 f"gen_length {self.gen_length} / block_length {self.block_length})"
             )
         if steps > self.gen_length:
             raise ValueError(f"steps={steps} > gen_length={self.gen_length}: a step must commit at least one token")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is argmax)")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r}: must be one of {REMASKING}")
 
@@ -63,35 +54,59 @@ def transfer_schedule(n: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-@torch.no_grad()
+@dataclass
+class _State:
+    schedule: list[int]
+    block: int = 0
+    step_in_block: int = 0
+
+
+class VanillaProgram(Program):
+    name = "vanilla"
+
+    def init_row(self, row: Row, d: Decoder) -> None:
+        p = row.params
+        row.state = _State(transfer_schedule(p.block_length, p.total_steps // p.num_blocks))
+
+    def wants_uniform(self, params: VanillaParams) -> bool:
+        return params.remasking == "random"
+
+    def plan(self, row: Row, d: Decoder) -> RowPlan | None:
+        st, p = row.state, row.params
+        if st.block == p.num_blocks:
+            return None
+        lo = row.prompt_len + st.block * p.block_length
+        return RowPlan(0, row.length, row.length, [lo], ints=(st.schedule[st.step_in_block],),
+                       floats=(float(p.remasking == "random"),), temperature=p.temperature)
+
+    def rule(self, cells: Cells) -> torch.Tensor:
+        n, ns, seg = cells.cand.shape
+        score = cells.conf
+        if cells.uniform is not None:
+            score = torch.where(cells.floats[:, 0, None, None] > 0, cells.uniform.to(score.dtype), score)
+        score = torch.where(cells.cand, score, torch.full_like(score, -float("inf"))).view(n, ns * seg)
+        top = score.topk(cells.int_max[0], dim=-1).indices  # k_max is a host int: no sync
+        ranks = torch.arange(top.shape[1], device=top.device)[None]
+        take = torch.zeros_like(cells.cand.view(n, ns * seg))
+        take.scatter_(1, top, ranks < cells.ints[:, :1])
+        return take.view(n, ns, seg)
+
+    def after(self, row: Row, d: Decoder, committed: np.ndarray) -> None:
+        st = row.state
+        st.step_in_block += 1
+        if st.step_in_block == len(st.schedule):
+            st.block, st.step_in_block = st.block + 1, 0
+
+
+PROGRAM = VanillaProgram()
+
+
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     params: VanillaParams = VanillaParams(),
     generator: torch.Generator | None = None,
+    on_step: OnStep | None = None,
+    verifier: torch.nn.Module | None = None,
 ) -> GenerationResult:
-    cfg = model.config
-    batch, t0 = begin(model, prompts, params.gen_length)
-    device = batch.x.device
-    x, p0 = batch.x, batch.prompt_len
-    b = x.shape[0]
-    unmask_step = torch.full((b, params.gen_length), -1, dtype=torch.long, device=device)
-    blocks = params.gen_length // params.block_length
-    steps_per_block = params.total_steps // blocks
-    schedule = transfer_schedule(params.block_length, steps_per_block)
-    step = 0
-    for blk in range(blocks):
-        lo, hi = p0 + blk * params.block_length, p0 + (blk + 1) * params.block_length
-        for k in schedule:
-            logits = model(x, batch.positions, batch.attention_mask)
-            tokens, conf = choose_tokens(logits[:, lo:hi], params.temperature, generator)
-            if params.remasking == "random":
-                conf = torch.rand(conf.shape, device=device, generator=generator)
-            masked = x[:, lo:hi] == cfg.mask_id
-            conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
-            pick = conf.topk(k, dim=-1).indices
-            rows = torch.arange(b, device=device)[:, None]
-            x[rows, lo + pick] = tokens[rows, pick]
-            unmask_step[rows, lo - p0 + pick] = step
-            step += 1
-    return finish("vanilla", prompts, x[:, p0:], [step] * b, unmask_step, cfg.eos_ids, t0)
+    return run(VanillaProgram(), model, prompts, params, generator, on_step)

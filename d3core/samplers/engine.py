@@ -1,0 +1,321 @@
+"""The decode engine under every dLLM sampler: host-side row state, one batched device step.
+
+A :class:`Decoder` holds up to ``rows`` sequences in a :class:`~d3core.cache.KVCache` and a host
+copy of their slots (tokens, the step at which each was committed, its log-probability). Each
+:meth:`Decoder.step`:
+
+1. asks the sampler's :class:`Program` for every row's :class:`~d3core.samplers.packing.RowPlan`
+   (which slots to recompute, which to attend to, which blocks need logits; ``None`` when the
+   row is finished), using only host state;
+2. packs the plans into one host-to-device transfer and runs the device part: the packed-window
+   forward, token statistics on the requested cells only, and the program's commit rule;
+3. brings the decisions back in one device-to-host transfer (the step's only synchronisation)
+   and applies them to the host state.
+
+Rows are independent: a row's tokens depend only on its own prompt, parameters and seed,
+never on which other rows share the step. They may join (:meth:`Decoder.add`) and leave
+(finished or :meth:`Decoder.cancel`) between steps; a leaving row's cache slot is refilled by
+moving the last row into it (one row copied, never the whole cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from d3core.cache import KVCache
+from d3core.samplers.base import GenerationResult, SequenceResult, validate_prompts
+from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
+from d3core.samplers.packing import Cells, HostLayout, Packer, RowPlan, StepMeta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in a decoder. ``state`` belongs to the sampler's program."""
+
+    prompt: tuple[int, ...]
+    params: Any
+    seed: int
+    tag: Any = None
+    cache_row: int = -1
+    nfe: int = 0
+    state: Any = None
+    finished: bool = False
+    result: SequenceResult | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + self.params.gen_length
+
+
+class Program:
+    """A sampler's commit rule on the engine. Subclasses override the hooks they need."""
+
+    name = ""
+    needs_entropy = False
+
+    def segment_length(self, params) -> int:
+        return params.block_length
+
+    def wants_uniform(self, params) -> bool:
+        """Whether this row's rule needs one uniform per logit cell (random remasking)."""
+        return False
+
+    def init_row(self, row: Row, d: "Decoder") -> None:
+        """Set up ``row.state``; ``d.tokens[row.cache_row]`` holds the prompt, then masks."""
+
+    def plan(self, row: Row, d: "Decoder") -> RowPlan | None:
+        """The row's request for the next step, or None when it is finished."""
+        raise NotImplementedError
+
+    def plan_all(self, d: "Decoder") -> list[RowPlan | None]:
+        return [self.plan(row, d) for row in d.rows]
+
+    def rule(self, cells: Cells) -> torch.Tensor:
+        """Device: bool ``(n, NS, seg)`` of the cells to commit this step."""
+        raise NotImplementedError
+
+    def run_step(self, d: "Decoder", rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
+        """Pack, run the device part, fetch and apply one step; returns each row's committed slots.
+
+        The default is the segment step (:meth:`rule` on ``(n, NS, seg)`` cells); a program with
+        another device part (APD's verifier) overrides this.
+        """
+        return d.segment_step(rows, plans, steps)
+
+    def after(self, row: Row, d: "Decoder", committed: np.ndarray) -> None:
+        """Host: update ``row.state`` after this step's commits (``committed`` holds their slots);
+        set ``row.finished`` to end the row now."""
+
+
+@dataclass
+class StepReport:
+    finished: list[Row] = field(default_factory=list)
+    forwarded: bool = False
+
+
+class Decoder:
+    """Up to ``rows`` sequences of at most ``capacity`` slots each, decoded by one program."""
+
+    def __init__(self, model: torch.nn.Module, program: Program, rows: int, capacity: int,
+                 verifier: torch.nn.Module | None = None) -> None:
+        cfg = model.config
+        self.model, self.program, self.verifier = model, program, verifier
+        self.device = next(model.parameters()).device
+        self.cache = KVCache.for_model(model, rows, capacity)
+        self.capacity, self.max_rows = capacity, rows
+        self.mask_id, self.pad_id, self.eos_ids = cfg.mask_id, cfg.pad_id, tuple(cfg.eos_ids)
+        self.tokens = np.full((rows, capacity), cfg.pad_id, dtype=np.int64)
+        self.unmask = np.full((rows, capacity), -1, dtype=np.int64)
+        self.logprob = np.zeros((rows, capacity), dtype=np.float32)
+        self.rows: list[Row] = []  # active rows; rows[i].cache_row == i
+        self.forwards = 0
+        self.packer = Packer(self.device)
+        self._seg: int | None = None
+
+    # ------------------------------------------------------------------ membership
+    def add(self, prompt: Sequence[int], params, seed: int = 0, tag: Any = None) -> Row:
+        """Start decoding ``prompt``; raises ValueError (nothing changed) if it cannot be decoded here."""
+        cfg = self.model.config
+        validate_prompts([prompt], params.gen_length, cfg.max_seq_len, cfg.vocab_size)
+        length = len(prompt) + params.gen_length
+        if length > self.capacity:
+            raise ValueError(f"prompt of {len(prompt)} tokens + gen_length {params.gen_length} = {length} slots "
+                             f"exceeds this decoder's capacity {self.capacity}: build it with a larger capacity")
+        if len(self.rows) >= self.max_rows:
+            raise ValueError(f"decoder is full ({self.max_rows} rows): wait for a row to finish or build a larger one")
+        seg = self.program.segment_length(params)
+        if self._seg is not None and self.rows and seg != self._seg:
+            raise ValueError(f"segment length {seg} differs from the running rows' {self._seg}: rows of one decoder "
+                             "share block_length")
+        self._seg = seg
+        row = Row(tuple(int(t) for t in prompt), params, int(seed), tag, cache_row=len(self.rows))
+        r = row.cache_row
+        self.tokens[r] = self.pad_id
+        self.tokens[r, : len(prompt)] = row.prompt
+        self.tokens[r, len(prompt): length] = self.mask_id
+        self.unmask[r] = -1
+        self.logprob[r] = 0.0
+        self.program.init_row(row, self)
+        self.rows.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Remove a row now (its partial result is kept in ``row.result``)."""
+        if row in self.rows:
+            self._leave(row)
+
+    def _leave(self, row: Row) -> None:
+        r, last = row.cache_row, self.rows[-1]
+        row.result = self._result(row)
+        row.finished = True
+        if last is not row:
+            self.cache.move_row(last.cache_row, r)
+            for buf in (self.tokens, self.unmask, self.logprob):
+                buf[r] = buf[last.cache_row]
+            last.cache_row = r
+            self.rows[r] = last
+        self.rows.pop()
+        row.cache_row = -1
+
+    def gen(self, row: Row) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the row's generation slots: tokens and unmask steps (host state, writable)."""
+        r = row.cache_row
+        return self.tokens[r, row.prompt_len: row.length], self.unmask[r, row.prompt_len: row.length]
+
+    def _result(self, row: Row) -> SequenceResult:
+        r, p, end = row.cache_row, row.prompt_len, row.length
+        return SequenceResult(list(row.prompt), self.tokens[r, p:end].tolist(), row.nfe,
+                              self.unmask[r, p:end].tolist(), self.eos_ids, self.logprob[r, p:end].tolist())
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> StepReport:
+        report = StepReport()
+        plans = self.program.plan_all(self)
+        live = [(row, plan) for row, plan in zip(self.rows, plans) if plan is not None]
+        report.finished = [row for row, plan in zip(self.rows, plans) if plan is None]
+        for row in report.finished:
+            self._leave(row)
+        if not live:
+            return report
+        live.sort(key=lambda rp: rp[0].cache_row)
+        rows, plans = [rp[0] for rp in live], [rp[1] for rp in live]
+        steps = [row.nfe for row in rows]
+        for row, plan in zip(rows, plans):
+            row.nfe += 0 if plan.sits_out else 1
+        committed = self.program.run_step(self, rows, plans, steps)
+        self.forwards += 1
+        report.forwarded = True
+        for row, plan, slots in zip(rows, plans, committed):
+            if not plan.sits_out:
+                self.program.after(row, self, slots)
+        done = [row for row in rows if row.finished]
+        for row in done:
+            row.finished = False
+            self._leave(row)
+        report.finished += done
+        return report
+
+    def segment_step(self, rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
+        meta, layout = self.packer.pack(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
+                                        any(self.program.wants_uniform(r.params) for r in rows))
+        return self.apply(self.fetch(self._segment_device(meta)), layout, rows)
+
+    def _segment_device(self, meta: StepMeta) -> torch.Tensor:
+        logits = self.model.forward_windows(meta.windows, self.cache)
+        keys = None
+        if meta.seeds is not None:
+            keys = cell_keys(meta.seeds, meta.steps, meta.windows.head_slots)
+        stats = token_stats(logits, meta.temperature, keys, self.program.needs_entropy)
+        n, ns, seg = meta.layout
+
+        def spread(values: torch.Tensor | None, fill) -> torch.Tensor | None:
+            if values is None:
+                return None
+            if meta.pad_pos is None:
+                return values.view(n, ns, seg)
+            full = values.new_full((n * ns * seg,), fill)
+            full[meta.pad_pos] = values
+            return full.view(n, ns, seg)
+
+        uniform = spread(uniform_per_cell(keys), 0.0) if meta.uniform else None
+        cells = Cells(spread(stats.tokens, 0), spread(stats.conf, -1.0), spread(stats.logprob, 0.0),
+                      spread(stats.entropy, float("inf")), meta.cand, meta.flags, meta.ints, meta.floats, uniform,
+                      meta.int_max)
+        take = self.program.rule(cells)
+        return pack_decisions(take, cells.tokens, cells.logprob)
+
+    def fetch(self, out: torch.Tensor) -> np.ndarray:
+        """The step's one device-to-host transfer (non-blocking into pinned memory on CUDA)."""
+        if out.device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            event.synchronize()
+            return host.numpy()
+        return out.cpu().numpy()
+
+    def apply(self, decisions: np.ndarray, layout: HostLayout, rows: list[Row]) -> list[np.ndarray]:
+        """Write a segment step's decisions into the host state (unmask step: the row's nfe - 1)."""
+        tok, lp = decisions[0], decisions[1].view(np.float32)
+        cells = np.nonzero(tok >= 0)[0]
+        per_seg = layout.ns * layout.seg
+        r, k, c = cells // per_seg, (cells // layout.seg) % layout.ns, cells % layout.seg
+        slots = layout.seg_start[r, k] + c
+        nfe = np.array([row.nfe for row in rows], dtype=np.int64)
+        self.tokens[r, slots] = tok[cells]
+        self.unmask[r, slots] = nfe[r] - 1
+        self.logprob[r, slots] = lp[cells]
+        return [slots[r == i] for i in range(len(rows))]
+
+
+def pack_decisions(take: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
+    chosen = torch.where(take, tokens, torch.full_like(tokens, -1)).to(torch.int32).reshape(-1)
+    return torch.stack([chosen, logprob.float().reshape(-1).view(torch.int32)])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What an ``on_step`` hook sees after each step of :func:`run`."""
+
+    tokens: torch.Tensor  # (B, gen_length) generation slots in prompt order; `undecided` where not committed
+    undecided: int
+    committed: list[int]  # per prompt: length of its final prefix (before the first undecided slot or EOS)
+    done: list[bool]
+
+
+OnStep = Callable[[Snapshot], None]
+
+
+def committed_length(gen: np.ndarray, undecided: int, eos_ids: Sequence[int]) -> int:
+    stop = (gen == undecided) | np.isin(gen, eos_ids)
+    hits = np.nonzero(stop)[0]
+    return int(hits[0]) if len(hits) else len(gen)
+
+
+def row_seeds(n: int, generator: torch.Generator | None) -> list[int]:
+    """Per-row noise seeds drawn from ``generator`` (the default CPU generator when None)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (n,), generator=generator, device=device).tolist()
+
+
+@torch.no_grad()
+def run(program: Program, model: torch.nn.Module, prompts: Sequence[Sequence[int]], params,
+        generator: torch.Generator | None = None, on_step: OnStep | None = None,
+        verifier: torch.nn.Module | None = None, **stats) -> GenerationResult:
+    """Decode a batch to the end on a fresh :class:`Decoder`: the ``generate()`` of every dLLM sampler."""
+    cfg = model.config
+    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
+    t0 = time.perf_counter()
+    decoder = Decoder(model, program, len(prompts), max(len(p) for p in prompts) + params.gen_length, verifier)
+    rows = [decoder.add(p, params, seed) for p, seed in zip(prompts, row_seeds(len(prompts), generator))]
+    while decoder.rows:
+        report = decoder.step()
+        if on_step is not None and report.forwarded:
+            on_step(_snapshot(decoder, rows, params.gen_length))
+    result = GenerationResult([row.result for row in rows], time.perf_counter() - t0,
+                              {"sampler": program.name, "batch_forwards": decoder.forwards, **stats})
+    return result
+
+
+def _snapshot(decoder: Decoder, rows: list[Row], gen_length: int) -> Snapshot:
+    gen = np.empty((len(rows), gen_length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        if row.result is not None:
+            gen[i] = row.result.tokens
+        else:
+            gen[i] = decoder.tokens[row.cache_row, row.prompt_len: row.length]
+    committed = [committed_length(g, decoder.mask_id, decoder.eos_ids) for g in gen]
+    return Snapshot(torch.from_numpy(gen), decoder.mask_id, committed, [row.result is not None for row in rows])
