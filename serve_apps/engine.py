@@ -16,7 +16,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -123,7 +122,6 @@ class BatchingEngine:
         cfg = model.config
         self._mask_id = cfg.mask_id
         self._eos = torch.tensor(cfg.eos_ids)
-        self._hookable = "on_step" in inspect.signature(self.spec.generate).parameters
         self._pending: collections.deque[_Item] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -267,9 +265,8 @@ class BatchingEngine:
             generator = torch.Generator(device=next(self.model.parameters()).device)
             seed = group[0].req.seed
             generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        extra = {"on_step": self._make_hook(group)} if self._hookable else {}
         try:
-            result = self.spec.generate(self.model, prompts, params, generator=generator, **extra)
+            result = self.spec.generate(self.model, prompts, params, generator=generator, on_step=self._make_hook(group))
         except _Abandoned:
             self.stats["abandoned"] += 1
             logger.info("abandoned a batch of %d: every request timed out or was cancelled", len(group))
@@ -302,12 +299,12 @@ class BatchingEngine:
     def _make_hook(self, group: list[_Item]):
         streaming = any(it.stream for it in group)
 
-        def on_step(slots: torch.Tensor) -> None:
+        def on_step(snapshot) -> None:
             if all(it.cancelled for it in group):
                 raise _Abandoned
             if not streaming:
                 return
-            lengths = committed_prefix_lengths(slots, self._mask_id, self._eos.to(slots.device))
+            slots, lengths = snapshot.tokens, snapshot.committed
             for r, it in enumerate(group):
                 if not it.stream or it.cancelled:
                     continue

@@ -203,7 +203,7 @@ class DiffusionTransformer(nn.Module):
 
         Shifted-logit models (Dream) read slot ``s``'s prediction from the final hidden state of
         slot ``s - 1``, taken from this forward where that slot is in the window and from the
-        cache otherwise.
+        cache otherwise (slot 0 keeps its own output, as in :meth:`forward`).
         """
         cos, sin = rotary_tables(w.slots, self.config.head_dim, self.config.rope_theta)
         rope = (cos[:, None], sin[:, None])
@@ -213,7 +213,7 @@ class DiffusionTransformer(nn.Module):
         h = self.norm(x)
         if self.config.shift_logits:
             cache.hidden[w.rows, w.slots] = h
-            h = cache.hidden[w.head_rows, w.head_slots - 1]
+            h = cache.hidden[w.head_rows, (w.head_slots - 1).clamp_min(0)]  # slot 0 keeps its own output
         else:
             h = h[w.head_index]
         return self.head(h)

@@ -2,9 +2,10 @@
 
 Only the slots that can commit this step reach here (the engine asks the model for their
 logits alone), as an ``(NL, V)`` matrix. Softmax runs once in float32; the chosen token's
-probability is read from it, the entropy comes from the log-sum-exp identity
-``H = logsumexp(z) - sum(softmax(z) * z)`` (no ``log p`` buffer), and the log-probability of the
-chosen token is ``log p``. Sampling is Gumbel-max in float64 (LLaDA's numerics) with
+probability is read from it, the entropy comes from the log-sum-exp identity on the
+max-shifted logits ``c = z - max(z)``: ``H = logsumexp(c) - <softmax(c), c>`` — two non-negative
+terms, so no cancellation and no ``log p`` buffer — and the log-probability of the chosen
+token is ``log p``. Sampling is Gumbel-max in float64 (LLaDA's numerics) with
 *counter-based* noise: each uniform is a hash of (row seed, row step, slot, vocabulary id), so
 a row's samples depend on its own seed only, never on which other rows share the batch.
 """
@@ -82,7 +83,8 @@ def token_stats(
     ``(NL,)`` float64 tensor, 0 meaning argmax for that slot, and ``keys`` the slots' noise keys.
     """
     z = logits.float()
-    probs = torch.softmax(z, dim=-1)
+    shifted = z - z.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(shifted, dim=-1)  # bitwise softmax(z): the kernel subtracts the same max
     if temperature is None:
         tokens = logits.argmax(dim=-1)
     else:
@@ -92,19 +94,20 @@ def token_stats(
         scaled = logits.double() / temperature.clamp_min(1e-12)[:, None] + noise
         tokens = torch.where(temperature > 0, scaled.argmax(dim=-1), logits.argmax(dim=-1))
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
-    ent = _entropy(z, probs) if want_entropy else None
+    ent = _entropy(shifted, probs) if want_entropy else None
     return TokenStats(tokens, conf, torch.log(conf), ent)
 
 
-def _entropy(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``logsumexp(z) - <softmax(z), z>`` per row, the dot product as a batched GEMV (no product buffer)."""
-    shape, v = z.shape[:-1], z.shape[-1]
-    z2, p2 = z.reshape(-1, v), probs.reshape(-1, v)
-    dot = torch.bmm(p2[:, None, :], z2[:, :, None]).view(shape)
-    return (torch.logsumexp(z, dim=-1) - dot).clamp_min(0.0)
+def _entropy(shifted: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(c) - <softmax(c), c>`` for max-shifted logits ``c`` (both terms >= 0), the dot
+    product as a batched GEMV (no product buffer)."""
+    shape, v = shifted.shape[:-1], shifted.shape[-1]
+    dot = torch.bmm(probs.reshape(-1, 1, v), shifted.reshape(-1, v, 1)).view(shape)
+    return torch.logsumexp(shifted, dim=-1) - dot
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Predictive entropy in nats of ``logits (..., V)``, as :func:`token_stats` computes it."""
     z = logits.float()
-    return _entropy(z, torch.softmax(z, dim=-1))
+    shifted = z - z.amax(dim=-1, keepdim=True)
+    return _entropy(shifted, torch.softmax(shifted, dim=-1))

@@ -1,52 +1,80 @@
-"""The block KV cache against the full forward, and left-padded batches against rows alone."""
+"""The slot KV cache and the packed-window forward against the whole-sequence forward."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from d3core.cache import KVCache
 from d3core.models.registry import build_model, preset
 from d3core.samplers.base import make_batch
+from d3core.samplers.packing import Packer, RowPlan
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+ATOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def model_for(arch):
     return build_model(arch, "tiny", seed=0, num_kv_heads=4 if arch == "llada" else 2, **SMALL).eval()
 
 
+def window_logits(model, cache, tokens: np.ndarray, windows: list[tuple[int, int, int]],
+                  heads: list[list[int]]) -> list[torch.Tensor]:
+    """One packed forward: row r recomputes [start, end), attends to [0, keys), logits at heads[r]."""
+    plans = [RowPlan(s, e, k) for s, e, k in windows]
+    rows = np.concatenate([[r] * len(h) for r, h in enumerate(heads)]).astype(np.int64)
+    slots = np.concatenate([h for h in heads]).astype(np.int64)
+    w, _ = Packer(torch.device("cpu")).windows(tokens, plans, rows, slots)
+    with torch.no_grad():
+        logits = model.forward_windows(w, cache)
+    out, at = [], 0
+    for h in heads:
+        out.append(logits[at: at + len(h)])
+        at += len(h)
+    return out
+
+
+def random_tokens(model, rows, length, seed):
+    return torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("prefix", [1, 7, 15])
-def test_suffix_with_prefix_cache_equals_full_forward(arch, prefix):
+def test_window_after_the_prefix_reads_the_cache_and_equals_the_full_forward(arch, prefix):
     model = model_for(arch)
-    ids = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(model, 3, 20, 0)
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache.for_model(model, 3, 20)
-        again = model(ids, cache=cache, commit=prefix)
-        suffix = model(ids[:, prefix:], cache=cache)
-    assert torch.equal(again, full)  # committing does not change the forward itself
-    assert cache.length == prefix
-    torch.testing.assert_close(suffix, full[:, prefix:], rtol=1e-5, atol=1e-5)
+    cache = KVCache.for_model(model, 3, 20)
+    tokens = ids.numpy()
+    everything = window_logits(model, cache, tokens, [(0, 20, 20)] * 3, [list(range(20))] * 3)
+    suffix = window_logits(model, cache, tokens, [(prefix, 20, 20)] * 3, [list(range(prefix, 20))] * 3)
+    for r in range(3):
+        torch.testing.assert_close(everything[r], full[r], **ATOL)
+        torch.testing.assert_close(suffix[r], full[r, prefix:], **ATOL)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-def test_cache_exactness_on_a_padded_batch(arch):
+def test_rows_of_different_lengths_in_one_forward_equal_each_row_alone(arch):
     model = model_for(arch)
     prompts = [[3, 9, 11, 20, 21], [40, 41], [7, 8, 9, 10, 11, 12, 13]]
-    batch = make_batch(prompts, 6, model.config.mask_id, model.config.pad_id)
-    p = batch.prompt_len
-    with torch.no_grad():
-        full = model(batch.x, batch.positions, batch.attention_mask)
-        cache = KVCache.for_model(model, 3, batch.x.shape[1])
-        model(batch.x, batch.positions, batch.attention_mask, cache=cache, commit=p)
-        suffix = model(batch.x[:, p:], batch.positions[:, p:], batch.attention_mask[:, p:], cache=cache)
-    torch.testing.assert_close(suffix, full[:, p:], rtol=1e-5, atol=1e-5)
+    lengths = [len(p) + 6 for p in prompts]
+    tokens = np.full((3, max(lengths)), model.config.mask_id, dtype=np.int64)
+    for r, p in enumerate(prompts):
+        tokens[r, : len(p)] = p
+    cache = KVCache.for_model(model, 3, max(lengths))
+    together = window_logits(model, cache, tokens, [(0, n, n) for n in lengths], [list(range(n)) for n in lengths])
+    for r, p in enumerate(prompts):
+        alone = make_batch([p], 6, model.config.mask_id, model.config.pad_id)
+        with torch.no_grad():
+            ref = model(alone.x, alone.positions, alone.attention_mask)[0]
+        torch.testing.assert_close(together[r], ref, **ATOL)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-def test_padded_rows_equal_rows_alone(arch):
+def test_left_padded_whole_sequence_rows_equal_rows_alone(arch):
     model = model_for(arch)
     prompts = [[3, 9, 11, 20, 21], [40, 41], [7, 8, 9, 10, 11, 12, 13]]
     batch = make_batch(prompts, 4, model.config.mask_id, model.config.pad_id)
@@ -55,7 +83,7 @@ def test_padded_rows_equal_rows_alone(arch):
         for i, p in enumerate(prompts):
             alone = make_batch([p], 4, model.config.mask_id, model.config.pad_id)
             logits = model(alone.x, alone.positions, alone.attention_mask)
-            torch.testing.assert_close(together[i, -logits.shape[1]:], logits[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(together[i, -logits.shape[1]:], logits[0], **ATOL)
 
 
 def test_dream_logits_are_shifted_by_one_slot():
@@ -64,26 +92,102 @@ def test_dream_logits_are_shifted_by_one_slot():
     dream = model_for("dream")
     unshifted = build_model(dataclasses.replace(dream.config, shift_logits=False)).eval()
     unshifted.load_state_dict(dream.state_dict())
-    ids = torch.randint(0, dream.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    ids = random_tokens(dream, 2, 10, 3)
     with torch.no_grad():
         shifted, plain = dream(ids), unshifted(ids)
     assert torch.equal(shifted[:, 1:], plain[:, :-1])
     assert torch.equal(shifted[:, 0], plain[:, 0])
 
 
-def test_commit_validation_and_overflow():
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_dual_window_reads_prefix_and_suffix_from_the_cache(arch):
+    model = model_for(arch)
+    ids = random_tokens(model, 2, 18, 5)
+    with torch.no_grad():
+        full = model(ids)
+    cache = KVCache.for_model(model, 2, 18)
+    tokens = ids.numpy()
+    window_logits(model, cache, tokens, [(0, 18, 18)] * 2, [[17]] * 2)
+    s, e = 9, 13
+    block = window_logits(model, cache, tokens, [(s, e, 18)] * 2, [list(range(s, e))] * 2)
+    for r in range(2):
+        torch.testing.assert_close(block[r], full[r, s:e], **ATOL)
+
+
+def test_a_stale_cache_is_an_approximation_and_a_full_window_refreshes_it():
     model = model_for("llada")
-    ids = torch.zeros(1, 5, dtype=torch.long)
-    with pytest.raises(ValueError, match="commit=2 need a cache"):
-        model(ids, commit=2)
-    cache = KVCache.for_model(model, 1, 6)
-    with pytest.raises(ValueError, match="commit=9"):
-        model(ids, cache=cache, commit=9)
-    model(ids, cache=cache, commit=5)
-    with pytest.raises(ValueError, match="KVCache overflow"):
-        model(ids[:, :2], cache=cache, commit=2)
-    with pytest.raises(ValueError, match=r"truncate\(-1\)"):
-        cache.truncate(-1)
+    ids = random_tokens(model, 1, 16, 4)
+    changed = ids.clone()
+    changed[:, 2] = (ids[:, 2] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        fresh = model(changed)
+    cache = KVCache.for_model(model, 1, 16)
+    window_logits(model, cache, ids.numpy(), [(0, 16, 16)], [[0]])  # K/V of the old tokens
+    stale = window_logits(model, cache, changed.numpy(), [(10, 16, 16)], [list(range(10, 16))])[0]
+    assert not torch.allclose(stale, fresh[0, 10:], atol=1e-4)
+    window_logits(model, cache, changed.numpy(), [(0, 16, 16)], [[0]])  # refresh
+    after = window_logits(model, cache, changed.numpy(), [(10, 16, 16)], [list(range(10, 16))])[0]
+    torch.testing.assert_close(after, fresh[0, 10:], **ATOL)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_rows_with_different_windows_see_what_they_would_alone(arch):
+    """Row 0 reads its cache up to slot 5, row 1 up to slot 9, row 2 refreshes everything: one forward."""
+    model = model_for(arch)
+    ids = random_tokens(model, 3, 16, 7)
+    stale = ids.clone()
+    stale[:, 1] = (ids[:, 1] + 3) % model.config.vocab_size  # the cached K/V saw another token here
+    cache = KVCache.for_model(model, 3, 16)
+    window_logits(model, cache, stale.numpy(), [(0, 16, 16)] * 3, [[0]] * 3)
+    starts = (5, 9, 0)
+    batched = window_logits(model, cache, ids.numpy(), [(s, 16, 16) for s in starts],
+                            [list(range(s, 16)) for s in starts])
+    for row, cut in enumerate(starts):
+        alone = KVCache.for_model(model, 1, 16)
+        window_logits(model, alone, stale[row: row + 1].numpy(), [(0, 16, 16)], [[0]])
+        ref = window_logits(model, alone, ids[row: row + 1].numpy(), [(cut, 16, 16)], [list(range(cut, 16))])[0]
+        torch.testing.assert_close(batched[row], ref, **ATOL)
+
+
+def test_moving_a_row_moves_its_whole_cache():
+    model = model_for("dream")
+    cache = KVCache.for_model(model, 3, 8)
+    cache.keys[:, 2].normal_()
+    cache.hidden[2].normal_()
+    keys, hidden = cache.keys[:, 2].clone(), cache.hidden[2].clone()
+    cache.move_row(2, 0)
+    assert torch.equal(cache.keys[:, 0], keys) and torch.equal(cache.hidden[0], hidden)
+
+
+class _SyncSpy(TorchDispatchMode):
+    """Records aten ops that read device data on the host (they synchronise on a GPU)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_the_window_forward_never_reads_device_data_on_the_host(arch):
+    model = model_for(arch)
+    tokens = random_tokens(model, 2, 12, 1).numpy()
+    plans = [RowPlan(0, 12, 12), RowPlan(4, 10, 10)]
+    w, _ = Packer(torch.device("cpu")).windows(tokens, plans, np.array([0, 1]), np.array([11, 6]))
+    cache = KVCache.for_model(model, 2, 12)
+    with torch.no_grad(), _SyncSpy() as spy:
+        model.forward_windows(w, cache)
+    assert spy.seen == []
+    with torch.no_grad(), _SyncSpy() as spy:  # the spy does see syncs
+        model(torch.as_tensor(tokens), attention_mask=torch.ones(2, 12, dtype=torch.bool))
+    assert "_local_scalar_dense" in spy.seen or "is_nonzero" in spy.seen
 
 
 def test_config_validation_names_the_value():
@@ -95,55 +199,5 @@ def test_config_validation_names_the_value():
         preset("llada", "huge")
     with pytest.raises(ValueError, match="unknown architecture 'gpt'"):
         preset("gpt", "tiny")
-
-
-@pytest.mark.parametrize("arch", ["llada", "dream"])
-def test_dual_cache_block_equals_full_forward(arch):
-    model = model_for(arch)
-    prompts = [[3, 9, 11, 20, 21], [40, 41]]
-    batch = make_batch(prompts, 12, model.config.mask_id, model.config.pad_id)
-    total = batch.x.shape[1]
-    s, e = batch.prompt_len + 4, batch.prompt_len + 8
-    with torch.no_grad():
-        cache = KVCache.for_model(model, 2, total)
-        full = model(batch.x, batch.positions, batch.attention_mask, cache=cache, commit=total)
-        block = model(batch.x[:, s:e], batch.positions[:, s:e], batch.attention_mask[:, s:e], cache=cache, start=s)
-    torch.testing.assert_close(block, full[:, s:e], rtol=1e-5, atol=1e-5)
-    assert cache.length == total  # a dual-cache read leaves the cache as it was
-
-
-def test_refresh_by_truncating_and_recommitting():
-    model = model_for("llada")
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        cache = KVCache.for_model(model, 2, 16)
-        model(ids, cache=cache, commit=6)
-        stale = model(ids[:, 6:], cache=cache)
-        changed = ids.clone()
-        changed[:, 2] = (ids[:, 2] + 1) % model.config.vocab_size
-        cache.truncate(0)
-        full = model(changed, cache=cache, commit=10)
-        after = model(changed[:, 10:], cache=cache)
-    assert cache.length == 10
-    torch.testing.assert_close(after, full[:, 10:], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(stale[:, 4:], after)
-
-
-@pytest.mark.parametrize("arch", ["llada", "dream"])
-def test_rows_with_different_prefix_lengths_see_what_they_would_alone(arch):
-    """Row 0 cached to slot 5, row 1 to slot 9: one batched window forward equals each row alone."""
-    model = model_for(arch)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
-    stale = ids.clone()
-    stale[:, 1] = (ids[:, 1] + 3) % model.config.vocab_size  # the cached K/V saw another token here
-    with torch.no_grad():
-        cache = KVCache.for_model(model, 2, 16)
-        model(stale, cache=cache, commit=torch.tensor([5, 9]))
-        assert cache.row_length.tolist() == [5, 9] and cache.length == 5
-        batched = model(ids[:, 5:], cache=cache, commit=torch.tensor([7, 12]))
-        assert cache.row_length.tolist() == [7, 12]
-        for row, cut in ((0, 5), (1, 9)):
-            alone = KVCache.for_model(model, 1, 16)
-            model(stale[row:row + 1], cache=alone, commit=cut)
-            logits = model(ids[row:row + 1, cut:], cache=alone)
-            torch.testing.assert_close(batched[row, cut - 5:], logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="capacity=0"):
+        KVCache(1, 1, 1, 2, 0)

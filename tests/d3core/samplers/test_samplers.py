@@ -9,7 +9,7 @@ from d3core.eval import synthetic
 from d3core.eval.harness import evaluate_synthetic
 from d3core.models.shipped import load_tiny_ar
 from d3core.samplers import get_sampler
-from d3core.samplers.base import entropy
+from d3core.samplers.logits import entropy
 from d3core.sft import encode_prompt
 
 CASES = [
