@@ -31,7 +31,7 @@ SWEEP: list[tuple[str, dict]] = (
     [("vanilla", {})]
     + [("fast_dllm", {"threshold": t, "cache": c}) for c in ("none", "prefix", "dual") for t in (0.9, 0.7, 0.5)]
     + [("dparallel", {"threshold": t}) for t in (0.3, 0.5, 1.0)]
-    + [("d3llm", {"threshold": t, "cache_delay_iter": d}) for d in (None, 1) for t in (0.3, 0.5, 1.0)]
+    + [("d3llm", {"threshold": t, "cache_delay_iter": d}) for d in (None, 2) for t in (0.3, 0.5, 1.0)]
     + [("apd", {"mixture_weight": r, "kv_window": 16}) for r in (0.5, 0.7)]
     + [("ar", {})]
 )

@@ -41,7 +41,7 @@ PRESETS: dict[str, dict] = {
         tasks=("synthetic",),
         sweeps={"vanilla": (), "fast_dllm": (0.95, 0.9, 0.7, 0.5), "dparallel": (0.1, 0.3, 0.5, 1.0),
                 "d3llm": (0.1, 0.3, 0.5, 1.0)},
-        sampler_params={"d3llm": {"cache_delay_iter": 1}, "fast_dllm": {"cache": "dual"}},
+        sampler_params={"d3llm": {"cache_delay_iter": 2}, "fast_dllm": {"cache": "dual"}},
         n=100, batch_size=50, gen_length=48, block_length=16, num_cpus_per_cell=1.0, num_gpus_per_cell=0.0),
     # d3LLM's settings (research digest 2.6 / 5): 256 new tokens, block 32, the five leaderboard tasks
     "llada-8b": dict(

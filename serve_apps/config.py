@@ -31,9 +31,9 @@ DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
     "refresh_interval": (1, 64),
 }
 
-# Sampler defaults for serving: d3llm with its delayed prefix cache on.
+# Sampler defaults for serving: d3llm with its delayed prefix cache on (d3LLM's chat demo uses delay 2).
 DEFAULT_SAMPLER_PARAMS: dict[str, Any] = {"gen_length": 48, "block_length": 16, "threshold": 0.5,
-                                          "cache_delay_iter": 1}
+                                          "cache_delay_iter": 2}
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -214,7 +214,7 @@ _GPU_PRESET: dict = {
     "ingress_num_cpus": 1.0,
     "num_replicas": None,
     "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 1,
+    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
                        "refresh_interval": 32},
     "max_gen_length": 1024,
     "max_ongoing_requests": 64,

@@ -28,6 +28,39 @@ EOS, no new block is created, and the row stops once nothing before it is masked
 
 Both block thresholds at 1.0 reduce this to single-block entropy-threshold decoding.
 The threshold is a per-row parameter: rows with different values share a step.
+
+Commit rule per architecture, as the official code has it (``commit_rule``; None picks it
+from the model family):
+
+* ``llada`` (``generate_multi_block*`` in d3llm_llada_generate_util.py): commit every in-flight
+  masked token with ``H <= threshold`` and always the single lowest-entropy in-flight one, even
+  above the threshold and in a block that is not fully activated;
+* ``dream`` (``_sample_multi_block*`` in d3llm_dream_generate_util.py): ``H < threshold``, no
+  unconditional token.
+Both then force the lowest-entropy token of the first fully-activated block with masks when
+nothing in it committed.
+
+Cache timing follows the reference: a unit's delay counts forwards from the first forward that
+starts with it complete (the prompt counts from 0), and the periodic refresh fires on forwards
+whose number is a multiple of ``refresh_interval``. ``benchmarks/d3llm_fidelity.py`` runs the
+official LLaDA code beside this one: on 50 held-out prompts the LLaDA rule gives the reference's
+tokens on 49-50 and its NFE on 47-50 (docs/benchmarks.md).
+
+Deliberate differences from the reference code:
+
+* batches: rows keep their own block states and cache lengths (the reference is batch 1);
+* the cache keeps one authoritative length per row; the reference can append a block's K/V
+  twice after a refresh that truncates past its manual cache length (research/d3llm.md §2.4);
+* NFE counts forwards; the reference counts one more when the EOS fill completes the answer
+  (it increments before its early-stop check and then leaves without a forward);
+* on the step whose EOS fill is new, the reference's candidates still include the slots just
+  filled (its mask is taken before the fill), so its unconditional token can land on one of
+  them and be overwritten; here candidates are taken after the fill;
+* every id in the model's ``eos_ids`` ends the answer (the reference takes one id);
+* entropy is float32 ``logsumexp - <p, z>`` on max-shifted logits, where the reference uses
+  float64 ``-sum p log(p + 1e-12)``; ties and values within ~1e-6 of the threshold may differ;
+* Dream sampling is Gumbel-max (the reference's Dream path uses ``multinomial``), with
+  per-row counter-based noise.
 """
 
 from __future__ import annotations
@@ -54,6 +87,7 @@ class D3LLMParams(BlockParams):
     cache_delay_iter: int | None = None  # None: no KV cache
     refresh_interval: int | None = None  # None: no periodic refresh
     early_stop: bool = True
+    commit_rule: str | None = None  # "llada" | "dream"; None: the model family's rule
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +101,9 @@ class D3LLMParams(BlockParams):
             raise ValueError(f"refresh_interval={self.refresh_interval}: must be > 0, or None for no periodic refresh")
         if self.refresh_interval is not None and self.cache_delay_iter is None:
             raise ValueError("refresh_interval needs the cache: set cache_delay_iter too")
+        if self.commit_rule is not None and self.commit_rule not in COMMIT_RULES:
+            raise ValueError(f"commit_rule={self.commit_rule!r}: must be one of {COMMIT_RULES}, or None for the "
+                             "model family's rule")
 
 
 @dataclass
@@ -88,6 +125,14 @@ class _Blocks:
 
 
 FORCED = 1  # segment flag: the row's first fully-activated block with masks
+COMMIT_RULES = ("llada", "dream")
+LLADA, DREAM = 1, 0  # per-row rule codes on the device
+
+
+def commit_rule(params: "D3LLMParams", arch: str) -> int:
+    """The rule code for ``params`` on a model of family ``arch`` (Dream's rule for Dream, LLaDA's otherwise)."""
+    name = params.commit_rule or ("dream" if arch == "dream" else "llada")
+    return LLADA if name == "llada" else DREAM
 
 
 class D3LLMProgram(Program):
@@ -108,18 +153,33 @@ class D3LLMProgram(Program):
             return None
         start = 0
         if p.cache_delay_iter is not None:
-            start = _plan_cache(st, masks, p, row.prompt_len, row.nfe)
+            start = _plan_cache(st, masks, p, row.prompt_len, row.nfe + 1)
         live = [k for k in range(st.created) if masks[k] > 0]
         forced = next((k for k in live if st.fully[k]), None)
+        rule = commit_rule(p, d.model.config.arch)
         return RowPlan(start, row.length, row.length, [row.prompt_len + k * p.block_length for k in live],
-                       flags=[FORCED if k == forced else 0 for k in live], floats=(p.threshold,),
-                       temperature=p.temperature)
+                       flags=[FORCED if k == forced else 0 for k in live], ints=(rule, 1 - rule),
+                       floats=(p.threshold,), temperature=p.temperature)
 
     def rule(self, cells: Cells) -> torch.Tensor:
         h, cand = cells.entropy, cells.cand
-        take = cand & (h < cells.floats[:, 0, None, None].to(h.dtype))
+        n, ns, seg = cand.shape
+        threshold = cells.floats[:, 0, None, None].to(h.dtype)
+        any_llada, any_dream = cells.int_max
+        llada = cells.ints[:, 0, None, None] == LLADA
+        if not any_dream:
+            take = cand & (h <= threshold)
+        elif not any_llada:
+            take = cand & (h < threshold)
+        else:
+            take = cand & torch.where(llada, h <= threshold, h < threshold)
+        scores = torch.where(cand, h, torch.full_like(h, float("inf")))
+        if any_llada:  # the lowest-entropy in-flight candidate of each LLaDA row, unconditionally
+            lowest = scores.view(n, ns * seg).argmin(-1, keepdim=True)
+            keep = torch.zeros_like(take).view(n, ns * seg).scatter_(-1, lowest, True).view(n, ns, seg)
+            take |= keep & cand & llada
         need = (cells.flags == FORCED) & ~take.any(-1)
-        best = torch.where(cand, h, torch.full_like(h, float("inf"))).argmin(-1, keepdim=True)
+        best = scores.argmin(-1, keepdim=True)
         forced = torch.zeros_like(take).scatter_(-1, best, True) & cand & need[..., None]
         return take | forced
 
@@ -130,7 +190,7 @@ class D3LLMProgram(Program):
         masks_after = (gen == d.mask_id).reshape(p.num_blocks, p.block_length).sum(1)
         for k in range(st.created):
             if masks_after[k] == 0 and st.completed_at[k + 1] is None:
-                st.completed_at[k + 1] = row.nfe
+                st.completed_at[k + 1] = row.nfe + 1  # the first forward that starts with it complete
 
 
 def _advance_blocks(st: _Blocks, masks: list[int], p: D3LLMParams) -> None:
@@ -158,23 +218,27 @@ def _handle_eos(st: _Blocks, nfe: int, gen: np.ndarray, unmask: np.ndarray, d: D
     gen[first + 1:] = d.eos_ids[0]
     for k in range(st.num_blocks):
         if k * bl > first and st.completed_at[k + 1] is None:
-            st.completed_at[k + 1] = nfe
+            st.completed_at[k + 1] = nfe + 1
     st.created = max(st.created, first // bl + 1)
 
 
-def _plan_cache(st: _Blocks, masks: list[int], p: D3LLMParams, prompt_len: int, nfe: int) -> int:
-    """Commit newly stable units, refresh while units stabilize, or read; returns the window start."""
+def _plan_cache(st: _Blocks, masks: list[int], p: D3LLMParams, prompt_len: int, forward: int) -> int:
+    """Commit newly stable units, refresh while units stabilize, or read; returns the window start.
+
+    ``forward`` is the number (from 1) of the forward being planned; ``completed_at`` holds, per
+    unit, the first forward that started with it complete (the prompt: 0), as in the reference.
+    """
     unit_end = [prompt_len] + [prompt_len + (k + 1) * p.block_length for k in range(p.num_blocks)]
     units = len(unit_end)
     complete = [u == 0 or (u <= st.created and masks[u - 1] == 0) for u in range(units)]
     to_cache = st.cached_units
     while (to_cache < units and complete[to_cache] and st.completed_at[to_cache] is not None
-           and nfe - st.completed_at[to_cache] >= p.cache_delay_iter):
+           and forward - st.completed_at[to_cache] >= p.cache_delay_iter):
         to_cache += 1
     stabilizing = []  # complete units right after the cached ones, still waiting out the delay
     while to_cache + len(stabilizing) < units and complete[to_cache + len(stabilizing)]:
         stabilizing.append(to_cache + len(stabilizing))
-    periodic = p.refresh_interval is not None and nfe > 0 and nfe % p.refresh_interval == 0
+    periodic = p.refresh_interval is not None and forward % p.refresh_interval == 0
     start, st.target = st.cache_len, st.cache_len
     if to_cache > st.cached_units:
         st.cached_units = to_cache

@@ -72,7 +72,7 @@ def test_tiny_preset_and_cli(tmp_path):
     assert cli.models == {"teacher": "A", "student": "B"} and cli.ar_model is None and cli.n == 5
     assert cli.sweeps == {"d3llm": (0.3, 0.5), "vanilla": ()}
     assert cli.sampler_params["d3llm"] == {"cache_delay_iter": 2}
-    assert ev.PRESETS["tiny"]["sampler_params"]["d3llm"] == {"cache_delay_iter": 1}  # preset untouched
+    assert ev.PRESETS["tiny"]["sampler_params"]["d3llm"] == {"cache_delay_iter": 2}  # preset untouched
     assert ev.config_from_json(ev.config_to_json(cfg)) == cfg
 
 
