@@ -121,3 +121,85 @@ def test_fsdp2_bf16_step_tracks_fp32(teacher, prompts):
     cosine = float(torch.nn.functional.cosine_similarity(update, ref_update, dim=0))
     assert cosine > 0.95, cosine
     assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0], losses
+
+
+# ---------------------------------------------------------------- decode engine on the GPU
+def _decode_rows(model, prompts, params, graphs: bool):
+    from d3core.samplers.d3llm import D3LLMProgram
+    from d3core.samplers.engine import Decoder
+
+    d = Decoder(model, D3LLMProgram(), rows=len(prompts), capacity=128, graphs=graphs)
+    rows = [d.add(p, params) for p in prompts]
+    while d.rows:
+        d.step()
+    return [r.result.tokens for r in rows], d
+
+
+@pytest.mark.parametrize("cache", [None, 2])
+def test_cuda_graph_steps_give_the_eager_tokens(teacher, prompts, cache):
+    from d3core.samplers.d3llm import D3LLMParams
+
+    gpu = copy.deepcopy(teacher).to("cuda")
+    params = D3LLMParams(threshold=0.5, cache_delay_iter=cache)
+    eager, _ = _decode_rows(gpu, prompts[:16], params, graphs=False)
+    graphed, d = _decode_rows(gpu, prompts[:16], params, graphs=True)
+    assert d.graphs.captures > 0 and d.graphs.replays > 0
+    assert graphed == eager
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_steady_state_steps_make_no_device_to_host_sync(teacher, prompts, graphs):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call during the steps."""
+    from d3core.samplers.d3llm import D3LLMParams, D3LLMProgram
+    from d3core.samplers.engine import Decoder
+
+    gpu = copy.deepcopy(teacher).to("cuda")
+    params = D3LLMParams(threshold=0.5, cache_delay_iter=2)
+    d = Decoder(gpu, D3LLMProgram(), rows=8, capacity=128, graphs=graphs)
+    for p in prompts[:8]:  # a first decode captures every shape the second one needs
+        d.add(p, params)
+    while d.rows:
+        d.step()
+    rows = [d.add(p, params) for p in prompts[:8]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while d.rows:
+            d.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.result is not None for r in rows)
+
+
+def test_bf16_decoding_on_gpu_keeps_the_accuracy(teacher, tok):
+    from d3core.eval.harness import evaluate_synthetic
+    from d3core.samplers.d3llm import D3LLMParams
+
+    problems = synthetic.generate("test", 128, 0)
+    params = D3LLMParams(threshold=0.5, cache_delay_iter=2)
+    fp32 = evaluate_synthetic(copy.deepcopy(teacher).to("cuda"), tok, "d3llm", params, problems, batch_size=64)
+    bf16 = evaluate_synthetic(copy.deepcopy(teacher).to("cuda", torch.bfloat16), tok, "d3llm", params, problems,
+                              batch_size=64)
+    assert bf16.accuracy >= fp32.accuracy - 0.08, (bf16.accuracy, fp32.accuracy)
+    assert bf16.tpf > 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dream_gqa_with_a_padding_mask_runs_on_fused_sdpa_kernels(dtype):
+    import numpy as np
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from d3core.cache import KVCache
+    from d3core.models.registry import build_model
+    from d3core.samplers.packing import Packer, RowPlan
+
+    model = build_model("dream", "tiny", seed=0, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                        intermediate_size=512).to("cuda", dtype).eval()
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 96))
+    plans = [RowPlan(0, 96, 96), RowPlan(0, 40, 40), RowPlan(10, 70, 70)]  # three key spans: a padding mask
+    w, _ = Packer(torch.device("cuda")).windows(tokens, plans, np.array([0, 1, 2]), np.array([95, 39, 69]))
+    assert w.key_mask is not None
+    cache = KVCache.for_model(model, 3, 96)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        logits = model.forward_windows(w, cache)
+    assert torch.isfinite(logits).all()

@@ -32,7 +32,7 @@ import torch
 
 from d3core.samplers.base import DecodeParams, GenerationResult, check_probability
 from d3core.samplers.engine import Decoder, OnStep, Program, Row, run
-from d3core.samplers.logits import cell_keys, gumbel_noise
+from d3core.samplers.logits import cell_keys, choose, gumbel_noise
 from d3core.samplers.packing import RowPlan
 
 logger = logging.getLogger(__name__)
@@ -148,9 +148,9 @@ class APDProgram(Program):
         if p.temperature > 0:
             keys = cell_keys(dev["seeds"], dev["steps"], w.head_slots)
             noise = gumbel_noise(keys, vocab)
-            draft = (logits / p.temperature + noise).argmax(-1)
+            draft = choose(logits / p.temperature + noise, d.mask_id)
         else:
-            draft = logits.argmax(-1)
+            draft = choose(logits, d.mask_id)
         ids = dev["v_ids"].view(batch, span).clone()
         ids[dev["cell_rows"], dev["v_col"]] = draft
         if self.v_cache is not None and self.v_cache.get_seq_length() > c0:

@@ -31,7 +31,7 @@ import torch
 from d3core.cache import KVCache
 from d3core.samplers.base import GenerationResult, SequenceResult, validate_prompts
 from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
-from d3core.samplers.packing import Cells, HostLayout, Packer, RowPlan, StepMeta
+from d3core.samplers.packing import Cells, HostLayout, Packer, RowPlan, StepMeta, build_segment_step, segment_meta
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Row:
     state: Any = None
     finished: bool = False
     result: SequenceResult | None = None
+    error: str | None = None  # why the engine ended the row early, if it did
 
     @property
     def prompt_len(self) -> int:
@@ -106,10 +107,15 @@ class StepReport:
 
 
 class Decoder:
-    """Up to ``rows`` sequences of at most ``capacity`` slots each, decoded by one program."""
+    """Up to ``rows`` sequences of at most ``capacity`` slots each, decoded by one program.
+
+    ``graphs`` (default: on for CUDA) replays segment steps as CUDA graphs, one per bucketed step
+    shape; ``buckets`` (default: as ``graphs``) rounds step sizes up even when running eagerly.
+    """
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: int, capacity: int,
-                 verifier: torch.nn.Module | None = None) -> None:
+                 verifier: torch.nn.Module | None = None, graphs: bool | None = None,
+                 buckets: bool | None = None) -> None:
         cfg = model.config
         self.model, self.program, self.verifier = model, program, verifier
         self.device = next(model.parameters()).device
@@ -123,6 +129,12 @@ class Decoder:
         self.forwards = 0
         self.packer = Packer(self.device)
         self._seg: int | None = None
+        self.graphs = None
+        if graphs if graphs is not None else self.device.type == "cuda":
+            from d3core.samplers.graphs import GraphRunner
+
+            self.graphs = GraphRunner(self.packer, self._segment_device)
+        self.buckets = self.graphs is not None if buckets is None else buckets
 
     # ------------------------------------------------------------------ membership
     def add(self, prompt: Sequence[int], params, seed: int = 0, tag: Any = None) -> Row:
@@ -194,6 +206,10 @@ class Decoder:
         steps = [row.nfe for row in rows]
         for row, plan in zip(rows, plans):
             row.nfe += 0 if plan.sits_out else 1
+            if row.nfe > 2 * row.params.gen_length + 8:  # every step commits >= 1 slot: a bug, not a long decode
+                row.error = (f"{self.program.name} took {row.nfe} forwards for {row.params.gen_length} slots without "
+                             "finishing; the sampler failed to make progress (please report this)")
+                row.finished = True
         committed = self.program.run_step(self, rows, plans, steps)
         self.forwards += 1
         report.forwarded = True
@@ -208,16 +224,24 @@ class Decoder:
         return report
 
     def segment_step(self, rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
-        meta, layout = self.packer.pack(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
-                                        any(self.program.wants_uniform(r.params) for r in rows))
-        return self.apply(self.fetch(self._segment_device(meta)), layout, rows)
+        sizes = None
+        if self.buckets:
+            sizes = {"rows": self.max_rows, "capacity": self.capacity, "scratch_row": self.cache.scratch_row,
+                     "pad_id": self.pad_id, "max_segments": max(r.params.gen_length // self._seg for r in rows)}
+        step = build_segment_step(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
+                                  any(self.program.wants_uniform(r.params) for r in rows), sizes)
+        if self.graphs is not None:
+            out = self.graphs.run(step)
+        else:
+            out = self._segment_device(segment_meta(self.packer.upload(step.parts), step.shape, self.device))
+        return self.apply(self.fetch(out), step.layout, rows)
 
     def _segment_device(self, meta: StepMeta) -> torch.Tensor:
         logits = self.model.forward_windows(meta.windows, self.cache)
         keys = None
         if meta.seeds is not None:
             keys = cell_keys(meta.seeds, meta.steps, meta.windows.head_slots)
-        stats = token_stats(logits, meta.temperature, keys, self.program.needs_entropy)
+        stats = token_stats(logits, meta.temperature, keys, self.program.needs_entropy, forbid=self.mask_id)
         n, ns, seg = meta.layout
 
         def spread(values: torch.Tensor | None, fill) -> torch.Tensor | None:
@@ -250,8 +274,8 @@ class Decoder:
     def apply(self, decisions: np.ndarray, layout: HostLayout, rows: list[Row]) -> list[np.ndarray]:
         """Write a segment step's decisions into the host state (unmask step: the row's nfe - 1)."""
         tok, lp = decisions[0], decisions[1].view(np.float32)
-        cells = np.nonzero(tok >= 0)[0]
         per_seg = layout.ns * layout.seg
+        cells = np.nonzero(tok[: len(rows) * per_seg] >= 0)[0]  # bucketed steps append padding rows
         r, k, c = cells // per_seg, (cells // layout.seg) % layout.ns, cells % layout.seg
         slots = layout.seg_start[r, k] + c
         nfe = np.array([row.nfe for row in rows], dtype=np.int64)
@@ -305,6 +329,9 @@ def run(program: Program, model: torch.nn.Module, prompts: Sequence[Sequence[int
         report = decoder.step()
         if on_step is not None and report.forwarded:
             on_step(_snapshot(decoder, rows, params.gen_length))
+    failed = [row.error for row in rows if row.error]
+    if failed:
+        raise RuntimeError(failed[0])
     result = GenerationResult([row.result for row in rows], time.perf_counter() - t0,
                               {"sampler": program.name, "batch_forwards": decoder.forwards, **stats})
     return result

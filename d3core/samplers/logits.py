@@ -76,26 +76,38 @@ def token_stats(
     temperature: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     want_entropy: bool = False,
+    forbid: int | None = None,
 ) -> TokenStats:
     """Choose a token per row of ``logits (NL, V)``.
 
     ``temperature`` is ``None`` when every slot decodes greedily (argmax); otherwise a
     ``(NL,)`` float64 tensor, 0 meaning argmax for that slot, and ``keys`` the slots' noise keys.
+    ``forbid`` (the mask id) is never chosen: where it wins, the runner-up is taken instead, while
+    probabilities and entropy stay those of the model's full distribution.
     """
     z = logits.float()
     shifted = z - z.amax(dim=-1, keepdim=True)
     probs = torch.softmax(shifted, dim=-1)  # bitwise softmax(z): the kernel subtracts the same max
     if temperature is None:
-        tokens = logits.argmax(dim=-1)
+        tokens = choose(logits, forbid)
     else:
         if keys is None:
             raise ValueError("token_stats: sampling (temperature given) needs the slots' noise keys")
         noise = gumbel_noise(keys, logits.shape[-1])
         scaled = logits.double() / temperature.clamp_min(1e-12)[:, None] + noise
-        tokens = torch.where(temperature > 0, scaled.argmax(dim=-1), logits.argmax(dim=-1))
+        tokens = torch.where(temperature > 0, choose(scaled, forbid), choose(logits, forbid))
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
     ent = _entropy(shifted, probs) if want_entropy else None
     return TokenStats(tokens, conf, torch.log(conf), ent)
+
+
+def choose(scores: torch.Tensor, forbid: int | None) -> torch.Tensor:
+    """Argmax over the last dim, except that ``forbid`` loses to the runner-up."""
+    best = scores.argmax(dim=-1)
+    if forbid is None:
+        return best
+    runner_up = scores.topk(2, dim=-1).indices[:, 1]
+    return torch.where(best == forbid, runner_up, best)
 
 
 def _entropy(shifted: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

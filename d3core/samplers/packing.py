@@ -8,6 +8,11 @@ slices it into views. Nothing here reads device memory.
 The logit cells of a step are laid out ``(n, NS, seg)``: row, segment (a block of ``seg``
 consecutive slots whose logits are wanted), cell. Rows with fewer segments are padded; padded
 cells are never candidates. A plan with an empty window (``start == end``) sits the step out.
+
+With ``buckets`` every size is rounded up (rows, tokens, query width, key span, segments), so
+a step's :class:`Shape` — everything the device part's shapes and code paths depend on —
+takes few distinct values and each can be captured once as a CUDA graph. Padding tokens write
+to the cache's scratch row; padding rows attend to one slot and commit nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class RowPlan:
         return self.end <= self.start
 
 
+SIT_OUT = RowPlan(0, 0, 1)
+
+
 @dataclass(frozen=True)
 class Cells:
     """The device view of one step's logit cells, ``(n, NS, seg)``, handed to a commit rule."""
@@ -55,6 +63,25 @@ class Cells:
     floats: torch.Tensor  # (n, k) float64
     uniform: torch.Tensor | None  # (n, NS, seg) float64 per-cell uniforms, when the program asks
     int_max: tuple[int, ...]  # host copy of each ``ints`` column's maximum (e.g. a top-k size)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes and code paths of a segment step's device part (the key of its CUDA graph)."""
+
+    n: int  # cache rows [0, n) in the step
+    tokens: int  # window tokens N
+    T: int  # padded query width
+    S: int  # key span
+    ns: int  # segments per row
+    seg: int  # cells per segment
+    n_int: int
+    n_float: int
+    int_max: tuple[int, ...]
+    sampling: bool  # some row samples (temperature > 0)
+    uniform: bool  # the program wants per-cell uniforms
+    masked_keys: bool  # some row attends to fewer than S slots
+    padded_cells: bool  # logit slots are scattered into the (n, NS, seg) layout
 
 
 @dataclass(frozen=True)
@@ -85,88 +112,124 @@ class HostLayout:
     seg: int
 
 
+@dataclass(frozen=True)
+class HostStep:
+    parts: dict[str, np.ndarray]  # int64 arrays in transfer order
+    shape: Shape
+    layout: HostLayout
+
+
+def bucket(x: int, cap: int | None = None) -> int:
+    """Round ``x`` up to a coarse size (<= 25% padding, O(log x) distinct values), at most ``cap``."""
+    x = max(int(x), 1)
+    quantum = max(8, (1 << (x.bit_length() - 1)) // 4)
+    out = -(-x // quantum) * quantum
+    return min(out, cap) if cap is not None else out
+
+
+def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
+                   pad_to: tuple[int, int, int] | None, scratch: tuple[int, int] = (0, 0)):
+    """Window index arrays; ``pad_to`` = (tokens, T, S) bucket sizes; ``scratch`` = (row, token id) for padding."""
+    lens = np.array([max(p.end - p.start, 0) for p in plans], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    n_tok = int(offsets[-1])
+    width = max(int(lens.max()), 1)
+    rows = np.repeat(np.arange(len(plans), dtype=np.int64), lens)
+    within = np.arange(n_tok, dtype=np.int64) - offsets[rows]
+    starts = np.array([p.start for p in plans], dtype=np.int64)
+    slots = starts[rows] + within
+    ids = tokens[rows, slots]
+    key_len = np.array([max(p.keys, 1) for p in plans], dtype=np.int64)
+    span = int(key_len.max())
+    q_flat = rows * width
+    if pad_to is not None:
+        size, width, span = pad_to
+        extra = size - n_tok
+        rows = np.concatenate([rows, np.full(extra, scratch[0], dtype=np.int64)])
+        slots = np.concatenate([slots, np.zeros(extra, dtype=np.int64)])
+        ids = np.concatenate([ids, np.full(extra, scratch[1], dtype=np.int64)])
+        within = np.concatenate([within, np.zeros(extra, dtype=np.int64)])
+        q_flat = np.concatenate([rows[:n_tok] * width, np.zeros(extra, dtype=np.int64)])
+    t_idx = np.arange(width, dtype=np.int64)
+    q_index = np.minimum(offsets[:-1, None] + np.minimum(t_idx[None], np.maximum(lens[:, None] - 1, 0)),
+                         max(n_tok - 1, 0))
+    head_index = offsets[head_rows] + np.maximum(head_slots - starts[head_rows], 0)
+    parts = {"ids": ids, "rows": rows, "slots": slots, "q_index": q_index.reshape(-1), "q_flat": q_flat + within,
+             "key_len": key_len, "head_rows": head_rows, "head_slots": head_slots, "head_index": head_index}
+    return parts, len(ids), width, span, bool((key_len < span).any()) or pad_to is not None
+
+
+def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
+                       steps: list[int], uniform: bool, buckets: dict | None = None) -> HostStep:
+    """A segment step's host arrays; ``plans[r]`` is cache row ``r``; a cell is a candidate while it holds ``mask_id``.
+
+    ``buckets`` (``rows``, ``capacity``, ``scratch_row``, ``pad_id``, ``max_segments``) rounds every size up.
+    """
+    n_real = len(plans)
+    if buckets is not None:
+        n = min(bucket(n_real), buckets["rows"])
+        plans = plans + [SIT_OUT] * (n - n_real)
+        seeds, steps = list(seeds) + [0] * (n - n_real), list(steps) + [0] * (n - n_real)
+    n = len(plans)
+    ns = max(max((len(p.segments) for p in plans), default=0), 1)
+    if buckets is not None:
+        ns = min(1 << (ns - 1).bit_length(), max(buckets["max_segments"], ns))
+    seg_start = np.full((n, ns), -1, dtype=np.int64)
+    flags = np.zeros((n, ns), dtype=np.int64)
+    for r, p in enumerate(plans):
+        seg_start[r, : len(p.segments)] = p.segments
+        flags[r, : len(p.flags)] = p.flags
+    if buckets is None:
+        seg_rows, seg_k = np.nonzero(seg_start >= 0)
+    else:  # every cell of the padded layout is a logit slot (padding reads row 0, slot 0)
+        seg_rows, seg_k = np.divmod(np.arange(n * ns, dtype=np.int64), ns)
+    starts = np.maximum(seg_start[seg_rows, seg_k], 0)
+    cell_rows = np.where(seg_start[seg_rows, seg_k] >= 0, seg_rows, 0).repeat(seg)
+    cell_slots = (starts[:, None] + np.arange(seg)[None]).reshape(-1)
+    cell_slots = np.where(np.repeat(seg_start[seg_rows, seg_k] >= 0, seg), cell_slots, 0)
+    pad_pos = ((seg_rows * ns + seg_k)[:, None] * seg + np.arange(seg)[None]).reshape(-1)
+    real = np.repeat(seg_start[seg_rows, seg_k] >= 0, seg)
+    cand = np.zeros(n * ns * seg, dtype=np.int64)
+    cand[pad_pos[real]] = tokens[cell_rows[real], cell_slots[real]] == mask_id
+    n_int = max((len(p.ints) for p in plans), default=0)
+    n_float = max((len(p.floats) for p in plans), default=0)
+    ints = np.array([list(p.ints) + [0] * (n_int - len(p.ints)) for p in plans], dtype=np.int64).reshape(n, n_int)
+    floats = np.array([list(p.floats) + [0.0] * (n_float - len(p.floats)) for p in plans],
+                      dtype=np.float64).reshape(n, n_float)
+    temps = np.array([p.temperature for p in plans], dtype=np.float64)
+    sampling = bool((temps > 0).any())
+    pad_to = None
+    if buckets is not None:
+        n_tok = sum(max(p.end - p.start, 0) for p in plans)
+        width = max((max(p.end - p.start, 0) for p in plans), default=1)
+        span = max(max(p.keys, 1) for p in plans)
+        pad_to = (bucket(n_tok), min(bucket(width), buckets["capacity"]), min(bucket(span), buckets["capacity"]))
+    scratch = (buckets["scratch_row"], buckets["pad_id"]) if buckets is not None else (0, 0)
+    parts, n_tok, width, span, masked = _windows_parts(tokens, plans, cell_rows, cell_slots, pad_to, scratch)
+    padded = len(pad_pos) != n * ns * seg
+    if padded:
+        parts["pad_pos"] = pad_pos
+    parts.update({"cand": cand, "flags": flags.reshape(-1), "ints": ints.reshape(-1),
+                  "floats": floats.reshape(-1).view(np.int64)})
+    if sampling or uniform:
+        parts["seeds"] = np.asarray(seeds, dtype=np.int64)[cell_rows]
+        parts["steps"] = np.asarray(steps, dtype=np.int64)[cell_rows]
+    if sampling:
+        parts["temperature"] = np.where(real, temps[cell_rows], 0.0).view(np.int64)
+    int_max = tuple(int(v) for v in ints.max(axis=0)) if n_int else ()
+    shape = Shape(n, n_tok, width, span, ns, seg, n_int, n_float, int_max, sampling, uniform, masked, padded)
+    return HostStep(parts, shape, HostLayout(seg_start, n, ns, seg))
+
+
 class Packer:
-    """Builds the device tensors of a step on one device, reusing a pinned staging buffer on CUDA."""
+    """Uploads host arrays in one transfer (pinned and non-blocking on CUDA) and slices them into views."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._staging: torch.Tensor | None = None
 
-    def windows(self, tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
-                extra: dict[str, np.ndarray] | None = None) -> tuple[Windows, dict[str, torch.Tensor]]:
-        """Windows of cache rows ``0..len(plans)-1`` with logits at ``(head_rows, head_slots)``.
-
-        ``extra`` arrays (int64, or float64 viewed as int64) travel in the same transfer and come
-        back as device views under their names.
-        """
-        n = len(plans)
-        lens = np.array([max(p.end - p.start, 0) for p in plans], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lens)])
-        n_tok = int(offsets[-1])
-        width = max(int(lens.max()), 1)
-        rows = np.repeat(np.arange(n, dtype=np.int64), lens)
-        within = np.arange(n_tok, dtype=np.int64) - offsets[rows]
-        starts = np.array([p.start for p in plans], dtype=np.int64)
-        slots = starts[rows] + within
-        t_idx = np.arange(width, dtype=np.int64)
-        q_index = np.minimum(offsets[:-1, None] + np.minimum(t_idx[None], np.maximum(lens[:, None] - 1, 0)),
-                             max(n_tok - 1, 0))
-        key_len = np.array([max(p.keys, 1) for p in plans], dtype=np.int64)
-        span = int(key_len.max())
-        head_index = offsets[head_rows] + (head_slots - starts[head_rows])
-        parts = {"ids": tokens[rows, slots], "rows": rows, "slots": slots, "q_index": q_index.reshape(-1),
-                 "q_flat": rows * width + within, "key_len": key_len, "head_rows": head_rows,
-                 "head_slots": head_slots, "head_index": head_index, **(extra or {})}
-        dev = self._upload(parts)
-        key_mask = None
-        if (key_len < span).any():
-            key_mask = (torch.arange(span, device=self.device)[None] < dev["key_len"][:, None])[:, None, None, :]
-        w = Windows(ids=dev["ids"], rows=dev["rows"], slots=dev["slots"], q_index=dev["q_index"].view(n, width),
-                    q_flat=dev["q_flat"], key_mask=key_mask, head_rows=dev["head_rows"], head_slots=dev["head_slots"],
-                    head_index=dev["head_index"], n=n, T=width, S=span)
-        return w, {name: dev[name] for name in (extra or {})}
-
-    def pack(self, tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
-             steps: list[int], uniform: bool) -> tuple[StepMeta, HostLayout]:
-        """A segment step: ``plans[r]`` is cache row ``r``; a cell is a candidate while its slot holds ``mask_id``."""
-        n = len(plans)
-        ns = max(max((len(p.segments) for p in plans), default=0), 1)
-        seg_start = np.full((n, ns), -1, dtype=np.int64)
-        flags = np.zeros((n, ns), dtype=np.int64)
-        for r, p in enumerate(plans):
-            seg_start[r, : len(p.segments)] = p.segments
-            flags[r, : len(p.flags)] = p.flags
-        seg_rows, seg_k = np.nonzero(seg_start >= 0)
-        cell_rows = np.repeat(seg_rows, seg)
-        cell_slots = (seg_start[seg_rows, seg_k][:, None] + np.arange(seg)[None]).reshape(-1)
-        pad_pos = ((seg_rows * ns + seg_k)[:, None] * seg + np.arange(seg)[None]).reshape(-1)
-        cand = np.zeros(n * ns * seg, dtype=np.int64)
-        cand[pad_pos] = tokens[cell_rows, cell_slots] == mask_id
-        n_int = max((len(p.ints) for p in plans), default=0)
-        n_float = max((len(p.floats) for p in plans), default=0)
-        ints = np.array([list(p.ints) + [0] * (n_int - len(p.ints)) for p in plans], dtype=np.int64).reshape(n, n_int)
-        floats = np.array([list(p.floats) + [0.0] * (n_float - len(p.floats)) for p in plans],
-                          dtype=np.float64).reshape(n, n_float)
-        temps = np.array([p.temperature for p in plans], dtype=np.float64)
-        sampling = bool((temps > 0).any())
-        extra = {"pad_pos": pad_pos, "cand": cand, "flags": flags.reshape(-1), "ints": ints.reshape(-1),
-                 "floats": floats.reshape(-1).view(np.int64)}
-        if sampling or uniform:
-            extra["seeds"] = np.asarray(seeds, dtype=np.int64)[cell_rows]
-            extra["steps"] = np.asarray(steps, dtype=np.int64)[cell_rows]
-        if sampling:
-            extra["temperature"] = temps[cell_rows].view(np.int64)
-        windows, dev = self.windows(tokens, plans, cell_rows, cell_slots, extra)
-        meta = StepMeta(
-            windows=windows, pad_pos=None if len(pad_pos) == n * ns * seg else dev["pad_pos"],
-            cand=dev["cand"].view(n, ns, seg).bool(), flags=dev["flags"].view(n, ns), ints=dev["ints"].view(n, n_int),
-            floats=dev["floats"].view(torch.float64).view(n, n_float),
-            int_max=tuple(int(v) for v in ints.max(axis=0)) if n_int else (), uniform=uniform,
-            temperature=dev["temperature"].view(torch.float64) if sampling else None,
-            seeds=dev.get("seeds"), steps=dev.get("steps"), layout=(n, ns, seg))
-        return meta, HostLayout(seg_start, n, ns, seg)
-
-    def _upload(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def upload(self, parts: dict[str, np.ndarray], into: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One host-to-device copy of every part; ``into`` is a preallocated device buffer to fill (graphs)."""
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in parts.values()])
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
@@ -174,12 +237,51 @@ class Packer:
                 self._staging = torch.empty(max(flat.size, 1 << 16), dtype=torch.long, pin_memory=True)
             staged = self._staging[: flat.size]
             staged.copy_(host)
-            host = staged.to(self.device, non_blocking=True)
+            host = staged
+        if into is not None:
+            into[: flat.size].copy_(host, non_blocking=True)
+            dev = into
         elif self.device.type != "cpu":
-            host = host.to(self.device)
+            dev = host.to(self.device, non_blocking=True)
+        else:
+            dev = host
         out, at = {}, 0
         for name, a in parts.items():
             size = np.asarray(a).size
-            out[name] = host[at: at + size]
+            out[name] = dev[at: at + size]
             at += size
         return out
+
+    def windows(self, tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
+                extra: dict[str, np.ndarray] | None = None) -> tuple[Windows, dict[str, torch.Tensor]]:
+        """Windows of cache rows ``0..len(plans)-1`` with logits at ``(head_rows, head_slots)``, uploaded now.
+
+        ``extra`` arrays (int64, or float64 viewed as int64) travel in the same transfer and come
+        back as device views under their names.
+        """
+        parts, n_tok, width, span, masked = _windows_parts(tokens, plans, head_rows, head_slots, None)
+        dev = self.upload({**parts, **(extra or {})})
+        return windows_view(dev, len(plans), width, span, masked, self.device), \
+            {name: dev[name] for name in (extra or {})}
+
+
+def windows_view(dev: dict[str, torch.Tensor], n: int, width: int, span: int, masked: bool,
+                 device: torch.device) -> Windows:
+    key_mask = None
+    if masked:
+        key_mask = (torch.arange(span, device=device)[None] < dev["key_len"][:, None])[:, None, None, :]
+    return Windows(ids=dev["ids"], rows=dev["rows"], slots=dev["slots"], q_index=dev["q_index"].view(n, width),
+                   q_flat=dev["q_flat"], key_mask=key_mask, head_rows=dev["head_rows"], head_slots=dev["head_slots"],
+                   head_index=dev["head_index"], n=n, T=width, S=span)
+
+
+def segment_meta(dev: dict[str, torch.Tensor], shape: Shape, device: torch.device) -> StepMeta:
+    """The device views of an uploaded segment step (see :func:`build_segment_step`)."""
+    n, ns, seg = shape.n, shape.ns, shape.seg
+    return StepMeta(
+        windows=windows_view(dev, n, shape.T, shape.S, shape.masked_keys, device),
+        pad_pos=dev["pad_pos"] if shape.padded_cells else None, cand=dev["cand"].view(n, ns, seg).bool(),
+        flags=dev["flags"].view(n, ns), ints=dev["ints"].view(n, shape.n_int),
+        floats=dev["floats"].view(torch.float64).view(n, shape.n_float), int_max=shape.int_max,
+        uniform=shape.uniform, temperature=dev["temperature"].view(torch.float64) if shape.sampling else None,
+        seeds=dev.get("seeds"), steps=dev.get("steps"), layout=(n, ns, seg))
