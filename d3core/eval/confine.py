@@ -151,6 +151,17 @@ def _interpreter_files() -> list[str]:
     return files
 
 
+def _reachable_by_others(paths: list[str]) -> bool:
+    """Whether a user without any privilege could traverse to (and read) each of ``paths``."""
+    for path in paths:
+        for parent in Path(path).parents:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+        if not os.stat(path).st_mode & 0o004:
+            return False
+    return True
+
+
 def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
@@ -253,6 +264,7 @@ class CgroupV1:
             CgroupV1._counter += 1
             name = f"d3ray-sandbox-{os.getpid()}-{CgroupV1._counter}"
         self.dirs = {c: os.path.join(bases[c], name) for c in self.CONTROLLERS}
+        self.max_processes = limits.max_processes
         try:
             for d in self.dirs.values():
                 os.mkdir(d)
@@ -294,12 +306,15 @@ class CgroupV1:
                      int(self._read("memory", "memory.max_usage_in_bytes")), len(self.pids()))
 
     def limit_hit(self) -> str | None:
-        """``memory`` if the OOM killer or the limit acted, ``processes`` if a fork was refused."""
+        """``memory`` if the OOM killer acted, ``processes`` if the process count reached its cap."""
         oom = dict(line.split() for line in self._read("memory", "memory.oom_control").splitlines() if line)
         if int(oom.get("oom_kill", 0)) > 0:
             return "memory"
         events = dict(line.split() for line in self._read("pids", "pids.events").splitlines() if line)
-        return "processes" if int(events.get("max", 0)) > 0 else None
+        # RLIMIT_NPROC (per sandbox uid) usually refuses the fork first; pids.peak shows it got there
+        peak_file = os.path.join(self.dirs["pids"], "pids.peak")
+        peak = int(self._read("pids", "pids.peak")) if os.path.exists(peak_file) else 0
+        return "processes" if int(events.get("max", 0)) > 0 or peak >= self.max_processes else None
 
     def close(self) -> None:
         deadline = time.monotonic() + KILL_WAIT_S
@@ -347,9 +362,9 @@ class PidNamespace:
                     fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/statm") as f:
                     rss += int(f.read().split()[1]) * _PAGE
-            except (OSError, IndexError):
+                cpu += sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
+            except (OSError, IndexError, ValueError):  # exited while being read
                 continue
-            cpu += sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
         self.peak_processes = max(self.peak_processes, len(pids))
         return Usage(cpu, rss, len(pids))
 
@@ -402,8 +417,10 @@ class Confined:
         except (OSError, ValueError):
             return None
         # pid 1 and the server are in the namespace too; RLIMIT_NPROC refused forks at the cap
-        if self.namespace is not None and self.namespace.peak_processes >= limits.max_processes:
-            return "processes"
+        if self.namespace is not None:
+            self.usage()
+            if self.namespace.peak_processes >= limits.max_processes:
+                return "processes"
         return None
 
     def kill(self) -> None:
@@ -485,9 +502,12 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     workdir = None
     if mode == "unsandboxed":
         workdir = tempfile.mkdtemp(prefix="d3ray-unsandboxed-")
-        if os.getuid() == 0:
-            os.chown(workdir, limits.uid, limits.uid)
         payload = dict(payload, filename=os.path.join(workdir, "candidate.py"))
+        if os.getuid() == 0 and _reachable_by_others(_interpreter_files()):
+            os.chown(workdir, limits.uid, limits.uid)
+        elif os.getuid() == 0:
+            logger.warning("unsandboxed code runs as root: uid %d cannot reach the interpreter's files", limits.uid)
+            payload.update(uid=None, gid=None)
     stdin.write(json.dumps(payload).encode())
     stdin.seek(0)
     cgroup = CgroupV1(cgroups, limits) if cgroups else None

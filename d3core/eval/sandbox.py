@@ -100,9 +100,9 @@ class CallsResult:
 
 
 class _Fired(Exception):
-    def __init__(self, limit: str) -> None:
+    def __init__(self, limit: str, use: confine.Usage | None) -> None:
         super().__init__(limit)
-        self.limit = limit
+        self.limit, self.use = limit, use
 
 
 def _payload(source: str, setup: str, limits: SandboxLimits) -> dict:
@@ -110,15 +110,18 @@ def _payload(source: str, setup: str, limits: SandboxLimits) -> dict:
             "limits": limits.server_limits(), "max_message": limits.max_message_mb * MIB}
 
 
-def _watch(done: Callable[[float], bool], box: confine.Confined, limits: SandboxLimits, t0: float) -> str | None:
-    """Poll until ``done(timeout)``; the limit that fired first (and the sandbox then killed), or None."""
+def _watch(done: Callable[[float], bool], box: confine.Confined, limits: SandboxLimits,
+           t0: float) -> tuple[str | None, confine.Usage | None]:
+    """Poll until ``done(timeout)``. Returns the limit that fired first (the sandbox is then killed),
+    or None, and the sandbox's totals at that moment."""
     deadline = t0 + limits.wall_limit_s
     while not done(limits.poll_s):
         fired = box.over(limits) or ("wall" if time.monotonic() > deadline else None)
         if fired:
+            use = box.usage()
             box.kill()
-            return fired
-    return None
+            return fired, use
+    return None, box.usage()
 
 
 def _infer_limit(box: confine.Confined, limits: SandboxLimits, error: str, cpu_s: float | None) -> str | None:
@@ -163,7 +166,9 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
         judge = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(confine.WIRE), "judge", str(from_box_r),
                                   str(to_box_w)], stdin=spec, stdout=verdict_file, stderr=judge_err,
                                  pass_fds=(from_box_r, to_box_w), env=confine.CLEAN_ENV)
-        _release(held)
+        # keep our copy of the sandbox's input open: when the judge exits the server must not see EOF
+        # and exit before its totals are read (a /proc scan cannot see processes that are gone)
+        _release(held, to_box_r, from_box_r, from_box_w)
 
         def judged(timeout: float) -> bool:
             try:
@@ -172,8 +177,7 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
             except subprocess.TimeoutExpired:
                 return False
 
-        fired = _watch(judged, box, limits, t0)
-        use = box.usage()
+        fired, use = _watch(judged, box, limits, t0)
         if fired:
             judge.kill()
         judge.wait()
@@ -264,7 +268,7 @@ def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLi
                     return channel.recv(timeout=max(deadline - time.monotonic(), 0.0))
                 fired = box.over(limits) or ("wall" if time.monotonic() > deadline else None)
                 if fired:
-                    raise _Fired(fired)
+                    raise _Fired(fired, box.usage())
 
         try:
             hello = receive()
@@ -280,11 +284,11 @@ def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLi
                 else:
                     values.append(None)
                     raised.append(wire.rebuild_exception(reply.get("raised")))
+            use = box.usage()
         except _Fired as fired:
-            limit, error = fired.limit, f"{fired.limit} limit: {_describe(fired.limit, limits)}"
+            limit, error, use = fired.limit, f"{fired.limit} limit: {_describe(fired.limit, limits)}", fired.use
         except (wire.ChannelClosed, wire.ChannelTimeout, wire.WireError) as err:
-            error = f"{type(err).__name__}: {err}"
-        use = box.usage()
+            error, use = f"{type(err).__name__}: {err}", box.usage()
         box.kill()
         limit = limit or (_infer_limit(box, limits, error, use.cpu_s if use else None) if error else None)
         return CallsResult(loaded, values, raised, limit, error, box.confinement, box.output_tail(TAIL))

@@ -37,6 +37,7 @@ MESSAGE_TAIL = 500  # characters of an exception message that cross
 _HEADER = struct.Struct(">I")
 _TAGS = ("tuple", "set", "frozenset", "dict", "complex", "bytes", "ref")
 _SANDBOX_FILE = "/sandbox/candidate.py"
+_CAP_VERSION_3 = 0x20080522
 
 
 class WireError(ValueError):
@@ -247,13 +248,26 @@ def free_names(code: str) -> set[str]:
 
 
 # -- the sandbox side ---------------------------------------------------------------------------
-def _drop_privileges(uid: int, gid: int) -> None:
+def _drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become ``uid``/``gid`` with no supplementary groups and no capabilities, or refuse to go on.
+
+    ``uid=None`` (only in the opted-in unsandboxed mode, when the interpreter is unreachable for
+    an unprivileged uid) keeps the caller's identity.
+    """
+    if uid is None:
+        return
     if os.getuid() == 0:
+        import ctypes  # before the uid change: the interpreter's files may be root-only outside a sandbox
+
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # clears the permitted and effective capabilities
+        header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+        empty = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; two words each
+        if ctypes.CDLL(None, use_errno=True).capset(header, empty) != 0:
+            raise SystemExit("d3ray sandbox: could not clear the inheritable capabilities; refusing to run")
     with open("/proc/self/status") as f:
-        caps = [line.split()[1] for line in f if line.startswith(("CapEff:", "CapPrm:"))]
+        caps = [line.split()[1] for line in f if line.startswith(("CapEff:", "CapPrm:", "CapInh:", "CapAmb:"))]
     if os.getresuid() != (uid, uid, uid) or os.getgroups() or any(int(c, 16) for c in caps):
         raise SystemExit(f"d3ray sandbox: still privileged (uid {os.getresuid()}, caps {caps}); refusing to run")
 
