@@ -8,7 +8,8 @@ A response scores only if its final answer is **one** value:
   "9 * 2 = 18" means its result, 18. Numbers after the statement ("The answer is: 18.
   (16-3-4=9)") do not count.
 * **Hedges are wrong.** Two different values joined by "or" ("18 or 19 or 20", ``\\boxed{3} or
-  \\boxed{4}``, "It is 3 or 7"), or two different boxes on the final answer's line.
+  \\boxed{4}``, "It is 3 or 7") or by nothing but a connector ("18, 19", "18/19", "18-20",
+  "18 to 20"), or two different boxes (or bold values) on the final answer's line.
 * **Numbers.** Thousands separators count only in valid groups: "1,000", "$1,000.50" and
   "1 000" (a space, no-break or thin space) are 1000 and 1000.5, but "1,8" or "10,00" is no
   number at all (so "The answer is 1,8" has no answer). Values compare as decimals: "18.00" == 18.
@@ -18,7 +19,8 @@ GSM8K reports lm-eval's two metrics under their names, each with the rules above
 ``strict-match`` reads only the task's own answer phrase ("The answer is" for the CoT zero-shot
 prompt, "#### " for the 5-shot one); ``flexible-extract`` reads any answer statement, and
 without one the last sentence that has a number (its last number, or the result after its last
-"="). MATH-500 compares the final answer with the reference through math-verify, in a worker
+"="). MATH-500 compares the final answer (the last non-empty box, else Minerva's "final answer is",
+else the last sentence with a number) with the reference through math-verify, in a worker
 process with a hard timeout (:mod:`d3core.eval.mathverify`).
 """
 
@@ -40,16 +42,24 @@ ANY_PHRASE = re.compile(r"####|\b(?:the\s+)?(?:final\s+)?answer\s+is\b|\banswer\
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
 _SPACES = " \u00a0\u2009\u202f"
+_MAX_GROUPS = 5  # space-separated groups of three: up to 10^18, and the regex stays linear
+_MAX_ANSWER = 2000  # characters of one box or Minerva answer
+_MAX_BOXES = 64  # box openings read, counted from the end
 _NUMBER = re.compile(
     r"(?<![\w.,])(?P<sign>[-\u2212])?\$?"
-    rf"(?P<int>\d{{1,3}}(?:[{_SPACES}]\d{{3}})+(?![\d,])|\d[\d,]*\d|\d)(?P<frac>\.\d+)?(?!\d)"
+    rf"(?P<int>\d{{1,3}}(?:[{_SPACES}]\d{{3}}){{1,{_MAX_GROUPS}}}(?![\d,])|\d[\d,]*\d|\d)(?P<frac>\.\d+)?(?!\d)"
     r"|(?<![\w.])(?P<bare>\.\d+)")
 _VALID_INT = re.compile(rf"\d{{1,3}}(?:,\d{{3}})+|\d{{1,3}}(?:[{_SPACES}]\d{{3}})+|\d+")
 _LEAD = re.compile(r"[\s:*$]*")
 _SENTENCE_END = re.compile(r"\n|[!?;]|\.(?!\d)")
 _HEDGE = re.compile(r"\bor\b", re.IGNORECASE)
+# only a connector between two different values: alternatives or a range ("18, 19", "18/19", "18-20", "18 to 20")
+_CONNECTOR = re.compile(r"[\s$*]*(?:,|/|\||;|~|-|\u2013|and|to|,\s*and)[\s$*]*", re.IGNORECASE)
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 _BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
-_MINERVA = re.compile(r"final answer is\s*(.+?)(?:\.\s*I hope it is correct|\n|$)", re.IGNORECASE)
+_MINERVA_PHRASE = re.compile(r"final answer is", re.IGNORECASE)
+_MINERVA = re.compile(rf"\s*([^\n]{{1,{_MAX_ANSWER}}}?)(?:\.\s*I hope it is correct|\n|$)", re.IGNORECASE)
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 _BEGIN_DONE = re.compile(r"\[BEGIN\]\s*(.*?)\s*(?:\[DONE\]|$)", re.DOTALL)
 
@@ -104,11 +114,17 @@ def _statement(text: str, start: int) -> str:
     return text[begin: end.start() if end else len(text)]
 
 
-def statement_value(text: str, how: str, pick: str = "first") -> Answer:
+def _sentences(text: str) -> list[str]:
+    return re.split(r"\n|(?<=[!?;])|\.(?!\d)", text)
+
+
+def statement_value(text: str, how: str, pick: str = "first", connectors: bool = True) -> Answer:
     """The one value a statement gives: after its last "=", with hedges and bad numbers refused.
 
     ``pick``: which number when several different ones are not alternatives ("18 eggs for 2
     days"): the ``first`` (after an answer phrase) or the ``last`` (a plain closing sentence).
+    ``connectors``: also refuse values joined only by a comma, slash, dash or "to" (GSM8K's
+    answers are single numbers; in MATH "6 - 5i" or "3, 4" is one answer, so only "or" counts).
     """
     if "=" in text:
         text = text.rsplit("=", 1)[1]
@@ -118,7 +134,8 @@ def statement_value(text: str, how: str, pick: str = "first") -> Answer:
     if not found:
         return NO_ANSWER
     for a, b in zip(found, found[1:]):
-        if a.value != b.value and _HEDGE.search(text, a.end, b.start):
+        joined = _HEDGE.search(text, a.end, b.start) or (connectors and _CONNECTOR.fullmatch(text, a.end, b.start))
+        if a.value != b.value and joined:
             return Answer(None, "hedged")
     return Answer((found[0] if pick == "first" else found[-1]).value, how)
 
@@ -131,20 +148,21 @@ class Box:
 
 
 def boxes(text: str) -> list[Box]:
-    """Every ``\\boxed{...}`` / ``\\fbox{...}`` with balanced braces and non-blank content, in order."""
+    """The last ``\\boxed{...}`` / ``\\fbox{...}`` spans with balanced braces and non-blank content.
+
+    Only the last :data:`_MAX_BOXES` openings are read: the final answer is among them, and a
+    hostile text of nested openings then costs linear time.
+    """
     out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+    for m in list(_BOX_OPEN.finditer(text))[-_MAX_BOXES:]:
         depth = 0
-        for j in range(m.end() - 1, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    content = text[m.end(): j]
-                    if content.strip():
-                        out.append(Box(content, m.start(), j + 1))
-                    break
+        for brace in _BRACE.finditer(text, m.end() - 1, min(len(text), m.end() + _MAX_ANSWER)):
+            depth += 1 if brace.group() == "{" else -1
+            if depth == 0:
+                content = text[m.end(): brace.start()]
+                if content.strip():
+                    out.append(Box(content, m.start(), brace.end()))
+                break
     return out
 
 
@@ -187,10 +205,12 @@ def numeric_answer(text: str, phrase: re.Pattern | None = ANY_PHRASE, fallback: 
     answer = _boxed_answer(text)
     if answer is not NO_ANSWER:
         return answer
-    bold = [b for b in _BOLD.finditer(text) if numbers(b.group(1))]
+    bold = [b for b in list(_BOLD.finditer(text))[-_MAX_BOXES:] if numbers(b.group(1))]
     if bold:
-        return statement_value(bold[-1].group(1), "bold")
-    sentences = [s for s in re.split(r"\n|(?<=[!?;])|\.(?!\d)", text) if numbers(s)]
+        line_start = text.rfind("\n", 0, bold[-1].start()) + 1
+        values = {statement_value(b.group(1), "bold") for b in bold if b.start() >= line_start}
+        return values.pop() if len(values) == 1 else Answer(None, "hedged")
+    sentences = [s for s in _sentences(text) if numbers(s)]
     return statement_value(sentences[-1], "last-sentence", pick="last") if sentences else NO_ANSWER
 
 
@@ -217,34 +237,47 @@ def score_gsm8k(text: str, target: str, strict_phrase: re.Pattern = COT_PHRASE, 
 
 
 # -- MATH ----------------------------------------------------------------------------------------
-def extract_math(text: str) -> str | None:
-    """LaTeX of the final answer (last non-empty box, Minerva's "final answer is", else the text).
+def math_answers(text: str) -> list[str]:
+    """LaTeX of the final answer, and of any other answers given beside it; [] for none or a hedge.
 
-    ``None`` when the final answer is hedged: different boxes on its line, or alternatives
-    joined by "or" in a Minerva answer or in the last sentence of an unboxed response.
+    The final answer is the last non-empty box, else Minerva's "final answer is ...", else the
+    last sentence with a number. Other boxes on the final box's line come first in the list:
+    they must all equal the final one (``\\boxed{15\\frac{39}{40}}`` or ``\\boxed{\\frac{639}{40}}``
+    is one value, ``\\boxed{3}`` or ``\\boxed{4}`` a hedge). Alternatives joined by "or" outside
+    boxes are a hedge too.
     """
     found = boxes(text)
     if found:
-        final = {re.sub(r"\s+", "", b.content) for b in _final_line_boxes(text, found)}
-        return None if len(final) > 1 else f"$\\boxed{{{found[-1].content}}}$"
-    minerva = _MINERVA.findall(text)
+        final = list(dict.fromkeys(re.sub(r"\s+", "", b.content) for b in _final_line_boxes(text, found)))
+        return [f"$\\boxed{{{content}}}$" for content in final]
+    phrases = list(_MINERVA_PHRASE.finditer(text))
+    minerva = _MINERVA.match(text, phrases[-1].end()) if phrases else None
     if minerva:
-        answer = minerva[-1].strip().strip("$").strip()
-        return None if statement_value(answer, "phrase").how == "hedged" else f"${answer}$"
-    sentences = [s for s in re.split(r"\n|(?<=[!?;])|\.(?!\d)", text) if numbers(s)]
-    if sentences and statement_value(sentences[-1], "last-sentence").how == "hedged":
-        return None
-    return text
+        answer = minerva.group(1).strip().strip("$").strip()
+        return [] if statement_value(answer, "phrase", connectors=False).how == "hedged" else [f"${answer}$"]
+    sentences = [s for s in _sentences(text) if numbers(s)]
+    if not sentences or statement_value(sentences[-1], "last-sentence", connectors=False).how == "hedged":
+        return []
+    return [sentences[-1]]
+
+
+def extract_math(text: str) -> str | None:
+    """LaTeX of the final answer (see :func:`math_answers`), or None if there is none."""
+    answers = math_answers(text)
+    return answers[-1] if answers else None
 
 
 def score_math(text: str, target: str) -> bool:
-    """Whether the response's final answer equals ``target`` (LaTeX) under math-verify."""
+    """Whether the response's final answer is one value and equals ``target`` (LaTeX) under math-verify."""
     from d3core.eval import mathverify
 
-    pred = extract_math(text)
-    if pred is None:
+    answers = math_answers(text)
+    if not answers:
         return False
-    return mathverify.shared().verify(f"$\\boxed{{{target}}}$", pred) is True
+    verifier = mathverify.shared()
+    if not all(verifier.verify(answers[-1], other) is True for other in answers[:-1]):
+        return False  # different values side by side: a hedge
+    return verifier.verify(f"$\\boxed{{{target}}}$", answers[-1]) is True
 
 
 # -- code (HumanEval, MBPP) ---------------------------------------------------------------------
