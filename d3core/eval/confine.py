@@ -47,6 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class CgroupV1:
         with CgroupV1._lock:
             CgroupV1._counter += 1
             name = f"d3ray-sandbox-{os.getpid()}-{CgroupV1._counter}"
+        self.name = name
         self.dirs = {c: os.path.join(bases[c], name) for c in self.CONTROLLERS}
         self.max_processes = limits.max_processes
         try:
@@ -316,12 +318,20 @@ class CgroupV1:
         peak = int(self._read("pids", "pids.peak")) if os.path.exists(peak_file) else 0
         return "processes" if int(events.get("max", 0)) > 0 or peak >= self.max_processes else None
 
+    def holds(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                return any(line.rstrip("\n").endswith("/" + self.name) for line in f)
+        except OSError:
+            return False
+
     def close(self) -> None:
+        """Kill what is left in the cgroups and remove them."""
         deadline = time.monotonic() + KILL_WAIT_S
         for d in self.dirs.values():
             while os.path.isdir(d):
                 for pid in self.pids():
-                    _kill(pid)
+                    _kill_if(pid, self.holds)
                 try:
                     os.rmdir(d)
                 except OSError:
@@ -341,7 +351,16 @@ class PidNamespace:
 
     def __init__(self, pid1: int) -> None:
         self.link = os.readlink(f"/proc/{pid1}/ns/pid")
+        if self.link == os.readlink("/proc/self/ns/pid"):
+            raise RuntimeError(f"pid {pid1} is not in a PID namespace of its own: the sandbox did not start as "
+                               "expected; refusing to account for it")
         self.peak_processes = 0
+
+    def holds(self, pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/ns/pid") == self.link
+        except OSError:
+            return False
 
     def pids(self) -> list[int]:
         out = []
@@ -369,20 +388,29 @@ class PidNamespace:
         return Usage(cpu, rss, len(pids))
 
 
-def _kill(pid: int) -> None:
+def _kill_if(pid: int, belongs: Callable[[int], bool]) -> None:
+    """SIGKILL ``pid`` only if, once pinned by a pidfd, it still ``belongs`` (no kill of a reused pid)."""
     try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        fd = os.pidfd_open(pid)
+    except OSError:  # already gone
+        return
+    try:
+        if belongs(pid):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 # -- one running sandbox ---------------------------------------------------------------------------
 class Confined:
     """A started sandbox: its process, its accounting, and :meth:`kill`."""
 
-    def __init__(self, proc: subprocess.Popen, mode: str, pid1: int | None, cgroup: CgroupV1 | None,
-                 output) -> None:
+    def __init__(self, proc: subprocess.Popen, mode: str, pid1: int | None, cgroup: CgroupV1 | None, output,
+                 workdir: str | None = None) -> None:
         self.proc, self.mode, self.pid1, self.cgroup, self.output = proc, mode, pid1, cgroup, output
+        self.workdir = workdir
         self.namespace = PidNamespace(pid1) if cgroup is None and pid1 is not None else None
         self.killed = False
 
@@ -424,25 +452,33 @@ class Confined:
         return None
 
     def kill(self) -> None:
-        """Kill the sandbox and every process in it; idempotent."""
+        """Kill the sandbox and every process in it; idempotent.
+
+        Killing bwrap (our child, so its pid cannot be reused before we reap it) makes the kernel
+        kill pid 1 (``--die-with-parent``) and with it everything in the PID namespace; stragglers
+        are killed only after a pidfd pins them and they are checked to still be the sandbox's.
+        """
         if self.killed:
             return
         self.killed = True
-        if self.mode == "unsandboxed":
+        if self.mode == "unsandboxed" and self.proc.returncode is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session; the unreaped leader pins the id
+            except ProcessLookupError:
                 pass
-        for pid in (self.proc.pid, self.pid1):
-            if pid is not None:
-                _kill(pid)
-        if self.namespace is not None:
-            for pid in self.namespace.pids():
-                _kill(pid)
+        self.proc.kill()
         try:
             self.proc.wait(timeout=KILL_WAIT_S)
         except subprocess.TimeoutExpired:
             logger.warning("sandbox process %d did not exit after SIGKILL", self.proc.pid)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while self.namespace is not None and time.monotonic() < deadline:
+            left = self.namespace.pids()
+            if not left:
+                break
+            for pid in left:
+                _kill_if(pid, self.namespace.holds)
+            time.sleep(0.01)
         if self.cgroup is not None:
             self.cgroup.close()
 
@@ -534,18 +570,21 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
         pid1 = None if mode == "unsandboxed" else _read_info(info_r)
     finally:
         os.close(info_r)
-    confined = Confined(proc, mode, pid1, cgroup, output)
-    if workdir is not None:
-        confined.workdir = workdir
-    return confined
+    try:
+        return Confined(proc, mode, pid1, cgroup, output, workdir)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        if cgroup is not None:
+            cgroup.close()
+        raise
 
 
 def cleanup(confined: Confined) -> None:
     confined.kill()
     confined.output.close()
-    workdir = getattr(confined, "workdir", None)
-    if workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if confined.workdir:
+        shutil.rmtree(confined.workdir, ignore_errors=True)
 
 
 # -- choosing the mode ------------------------------------------------------------------------------

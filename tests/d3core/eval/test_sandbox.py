@@ -6,6 +6,7 @@ These need bubblewrap and user namespaces (the CI machine and this one run as ro
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -271,3 +272,28 @@ def test_refuses_without_namespaces_unless_the_risk_is_accepted(monkeypatch):
     assert not run_check(CodeCheck("def f():\n    return 2\n", "assert f() == 1"), accepted).passed
     monkeypatch.setenv(confine.OPT_IN_ENV, "1")
     assert run_check(CodeCheck("def f():\n    return 1\n", "assert f() == 1"), broken).passed
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+AS_NOBODY = """
+from d3core.eval.sandbox import CodeCheck, SandboxLimits, run_calls, run_check
+ok = run_check(CodeCheck("def f(x):\\n    return x + 1\\n", "assert f(1) == 2"))
+bad = run_check(CodeCheck("def f(x):\\n    return x\\n", "assert f(1) == 2"))
+spin = run_check(CodeCheck("def f():\\n    while True:\\n        pass\\n", "assert f()"), SandboxLimits(cpu_s=1))
+seen = run_calls("import os\\ndef f():\\n    return list(os.getresuid()), open('/etc/passwd').read()\\n", [("f", ())])
+print(ok.passed, ok.confinement, bad.passed, spin.limit, seen.values, type(seen.raised[0]).__name__)
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not os.path.exists(SYSTEM_PYTHON), reason="needs root to become nobody, and "
+                    "a system Python nobody can run")
+def test_an_unprivileged_caller_gets_the_same_sandbox():
+    """bubblewrap's own user namespace (``bwrap-user``): what a non-root user on a laptop gets."""
+    repo = str(confine.PACKAGE_ROOT.parent)
+    bwrap = confine.bwrap_path(SandboxLimits())
+    if not confine._reachable_by_others([repo, bwrap, SYSTEM_PYTHON]):
+        pytest.skip("the checkout or bwrap is not readable by nobody")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": repo, confine.BWRAP_ENV: bwrap}
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
+                          AS_NOBODY], env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
+    assert out.stdout.split() == ["True", "bwrap-user", "False", "cpu", "[None]", "FileNotFoundError"], out.stderr
