@@ -272,6 +272,18 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise SystemExit(f"d3ray sandbox: still privileged (uid {os.getresuid()}, caps {caps}); refusing to run")
 
 
+def _close_ipc() -> None:
+    """No System V shared memory, queues or semaphores: their memory outlives any process, so a
+    /proc scan would not see it. The sandbox's IPC namespace is its own and, while still its
+    root, the server may set its limits; the candidate cannot undo them."""
+    for name, value in (("shmall", "0"), ("shmmni", "0"), ("msgmni", "0"), ("sem", "0 0 0 0")):
+        try:
+            with open(f"/proc/sys/kernel/{name}", "w") as f:
+                f.write(value)
+        except OSError:  # bubblewrap's unprivileged mode: not the namespace's root
+            pass
+
+
 def _limit_self(limits: dict) -> None:
     cpu = int(limits["cpu_s"]) + 1
     for name, soft, hard in (("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", cpu, cpu + 1),
@@ -299,6 +311,8 @@ def serve(rfd: int, wfd: int) -> None:
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    if os.getuid() == 0 and payload["uid"] is not None:
+        _close_ipc()
     _drop_privileges(payload["uid"], payload["gid"])
     _limit_self(payload["limits"])
     channel = Channel(rfd, wfd, payload["max_message"])

@@ -350,3 +350,20 @@ def test_the_answer_key_attack_is_real_without_the_sandbox(humaneval, monkeypatc
     if os.getuid() == 0 and not confine._reachable_by_others(confine._interpreter_files()):
         assert task.score([response], examples, "chat", unconfined) == [True]
     assert task.score([response], examples, "chat", LIMITS) == [False]
+
+
+def test_system_v_ipc_is_closed():
+    """Detached System V shared memory would hold memory no process shows (and outlive a /proc scan)."""
+    src = ("import ctypes\n"
+           "def f():\n"
+           "    libc = ctypes.CDLL(None, use_errno=True)\n"
+           "    got = [libc.shmget(0, 256 << 20, 0o1600), libc.msgget(0, 0o1600), libc.semget(0, 1, 0o1600)]\n"
+           "    try:\n"
+           "        open('/proc/sys/kernel/shmall', 'w').write('4096')\n"
+           "        got.append('reopened')\n"
+           "    except OSError:\n"
+           "        pass\n"
+           "    return got\n")
+    for cgroups in (True, False):
+        result = run_calls(src, [("f", ())], SandboxLimits(cpu_s=3.0, cgroups=cgroups))
+        assert result.values == [[-1, -1, -1]], (cgroups, result)
