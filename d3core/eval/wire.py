@@ -358,6 +358,8 @@ def run_test(spec: dict, channel: Channel) -> dict:
         hello = channel.recv()
     except ChannelClosed:
         return _fail("sandbox", "the sandbox exited before it loaded the candidate", 0)
+    except WireError as err:
+        return _fail("protocol", err, 0)
     if hello.get("ready") is not True:
         raised = rebuild_exception(hello.get("raised"))
         return _fail("load", f"the candidate's module raised {type(raised).__name__}: {raised}", 0)

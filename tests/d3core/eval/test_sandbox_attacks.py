@@ -129,7 +129,18 @@ FORGERIES = {
         "            os.write(fd, struct.pack('>I', len(data)) + data)\n"
         "    except OSError:\n"
         "        pass\n")),
-    "oversized_and_hostile_values": entry("    return 'x' * (20 * 1024 * 1024)\n"),
+    "oversized_value": entry("    return 'x' * (20 * 1024 * 1024)\n"),
+    "deeply_nested_value": entry("    x = []\n    for _ in range(100_000):\n        x = [x]\n    return x\n"),
+    "huge_integer": entry("    return 10 ** 100_000\n"),
+    "deeply_nested_raw_frame": entry(prefix=(
+        "import os, struct\n"
+        "data = b'[' * 200_000 + b']' * 200_000\n"
+        "frame = b'{\"value\": ' + data + b'}'\n"
+        "for fd in range(3, 16):\n"
+        "    try:\n"
+        "        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
+        "    except OSError:\n"
+        "        pass\n")),
 }
 
 
