@@ -16,12 +16,12 @@ One sandbox is one process tree::
   ``/sandbox``: a size-capped tmpfs, the only writable place. Not the repository, the datasets,
   ``d3core/assets``, ``/etc``, ``/root`` or ``/tmp``; :func:`detect` checks this on first use.
 * **Totals per sandbox.** CPU seconds and memory of all its processes and the number of
-  processes, from per-sandbox cgroups where they are writable (v1 ``cpuacct``/``memory``/
-  ``pids``: the kernel enforces memory and processes), otherwise from a ``/proc`` scan of the
-  sandbox's PID namespace every ``poll_s`` (memory = summed RSS; processes additionally capped by
-  ``RLIMIT_NPROC``, which Linux counts per user namespace). The harness kills the sandbox when a
-  total is over; each process also has ``RLIMIT_CPU``/``RLIMIT_AS``/``RLIMIT_FSIZE`` as a kernel
-  backstop.
+  processes (:mod:`d3core.eval.accounting`), from per-sandbox cgroups where they are writable
+  (v1 ``cpuacct``/``memory``/``pids``: the kernel enforces memory and processes), otherwise from
+  a ``/proc`` scan of the sandbox's PID namespace every ``poll_s`` (memory = summed RSS;
+  processes additionally capped by ``RLIMIT_NPROC``, which Linux counts per user namespace). The
+  harness kills the sandbox when a total is over; each process also has ``RLIMIT_CPU``,
+  ``RLIMIT_AS`` and ``RLIMIT_FSIZE`` as kernel backstops.
 * **Lifetime.** Killing bwrap kills pid 1 (``--die-with-parent``), and with it the namespace.
 
 Where user namespaces are unavailable the code refuses to run, unless the caller accepts the
@@ -47,7 +47,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+from d3core.eval.accounting import KILL_WAIT_S, CgroupV1, PidNamespace, Usage, kill_if
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # d3core/
 WORKDIR = "/sandbox"
 MIB = 1 << 20
 INFO_TIMEOUT_S = 30.0  # bubblewrap reports its pid 1 within this, or the start failed
-KILL_WAIT_S = 10.0
 SANDBOX_FILES = 256  # RLIMIT_NOFILE inside
 _MIN_MEMORY_MB = 64  # an interpreter needs about 30 MB
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -118,13 +118,6 @@ class SandboxUnavailable(RuntimeError):
     """bubblewrap cannot confine code on this machine and the caller did not opt out."""
 
 
-@dataclass(frozen=True)
-class Usage:
-    cpu_s: float
-    memory_bytes: int
-    processes: int
-
-
 # -- where things are ---------------------------------------------------------------------------
 def bwrap_path(limits: SandboxLimits) -> str | None:
     if limits.bwrap or os.environ.get(BWRAP_ENV):
@@ -142,7 +135,7 @@ def interpreter() -> str:
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
-def _interpreter_files() -> list[str]:
+def interpreter_files() -> list[str]:
     stdlib = os.path.dirname(os.path.realpath(os.__file__))
     files = [interpreter(), stdlib, os.path.realpath(sysconfig.get_config_var("DESTSHARED") or stdlib)]
     soname = sysconfig.get_config_var("INSTSONAME")
@@ -152,7 +145,7 @@ def _interpreter_files() -> list[str]:
     return files
 
 
-def _reachable_by_others(paths: list[str]) -> bool:
+def reachable_by_others(paths: list[str]) -> bool:
     """Whether a user without any privilege could traverse to (and read) each of ``paths``."""
     for path in paths:
         for parent in Path(path).parents:
@@ -210,7 +203,7 @@ def filesystem_args() -> list[str]:
             links.append((os.readlink(top), top))
         elif os.path.isdir(top):
             binds.append(top)
-    for path in _interpreter_files():
+    for path in interpreter_files():
         if os.path.exists(path) and not _under(path, binds):
             binds.append(path)
     dirs = sorted({str(parent) for b in binds for parent in Path(b).parents if str(parent) != "/"},
@@ -226,181 +219,6 @@ def filesystem_args() -> list[str]:
         if _under(blank, binds):
             args += ["--perms", "0000", "--tmpfs", blank]
     return args + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
-
-
-# -- cgroups ------------------------------------------------------------------------------------
-def _own_cgroup_dirs(controllers: tuple[str, ...]) -> dict[str, str]:
-    """controller -> this process's cgroup directory in its v1 hierarchy (writable ones only)."""
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(tail) >= 3 and tail[0] == "cgroup":
-                for opt in tail[2].split(","):
-                    mounts[opt] = (fields[3], fields[4])  # (root within the hierarchy, mount point)
-    dirs = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, names, path = line.rstrip("\n").split(":", 2)
-            for name in names.split(","):
-                if name in controllers and name in mounts:
-                    root, point = mounts[name]
-                    rel = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
-                    d = os.path.normpath(os.path.join(point, rel))
-                    if os.access(d, os.W_OK):
-                        dirs[name] = d
-    return dirs
-
-
-class CgroupV1:
-    """One sandbox's cgroups in the v1 ``memory``, ``pids`` and ``cpuacct`` hierarchies."""
-
-    CONTROLLERS = ("memory", "pids", "cpuacct")
-    _counter = 0
-    _lock = threading.Lock()
-
-    def __init__(self, bases: dict[str, str], limits: SandboxLimits) -> None:
-        with CgroupV1._lock:
-            CgroupV1._counter += 1
-            name = f"d3ray-sandbox-{os.getpid()}-{CgroupV1._counter}"
-        self.name = name
-        self.dirs = {c: os.path.join(bases[c], name) for c in self.CONTROLLERS}
-        self.max_processes = limits.max_processes
-        try:
-            for d in self.dirs.values():
-                os.mkdir(d)
-            memory = str(limits.memory_mb * MIB)
-            self._write("memory", "memory.limit_in_bytes", memory)
-            if os.path.exists(os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")):
-                self._write("memory", "memory.memsw.limit_in_bytes", memory)
-            # pid 1, the outer bwrap and the server are part of the tree
-            self._write("pids", "pids.max", str(limits.max_processes + 3))
-        except OSError:
-            self.close()
-            raise
-
-    @staticmethod
-    def bases() -> dict[str, str] | None:
-        dirs = _own_cgroup_dirs(CgroupV1.CONTROLLERS)
-        return dirs if len(dirs) == len(CgroupV1.CONTROLLERS) else None
-
-    def _write(self, controller: str, name: str, value: str) -> None:
-        with open(os.path.join(self.dirs[controller], name), "w") as f:
-            f.write(value)
-
-    def _read(self, controller: str, name: str) -> str:
-        with open(os.path.join(self.dirs[controller], name)) as f:
-            return f.read()
-
-    @property
-    def procs_files(self) -> list[str]:
-        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
-
-    def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in self._read("pids", "cgroup.procs").split()]
-        except OSError:
-            return []
-
-    def usage(self) -> Usage:
-        return Usage(int(self._read("cpuacct", "cpuacct.usage")) / 1e9,
-                     int(self._read("memory", "memory.max_usage_in_bytes")), len(self.pids()))
-
-    def limit_hit(self) -> str | None:
-        """``memory`` if the OOM killer acted, ``processes`` if the process count reached its cap."""
-        oom = dict(line.split() for line in self._read("memory", "memory.oom_control").splitlines() if line)
-        if int(oom.get("oom_kill", 0)) > 0:
-            return "memory"
-        events = dict(line.split() for line in self._read("pids", "pids.events").splitlines() if line)
-        # RLIMIT_NPROC (per sandbox uid) usually refuses the fork first; pids.peak shows it got there
-        peak_file = os.path.join(self.dirs["pids"], "pids.peak")
-        peak = int(self._read("pids", "pids.peak")) if os.path.exists(peak_file) else 0
-        return "processes" if int(events.get("max", 0)) > 0 or peak >= self.max_processes else None
-
-    def holds(self, pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                return any(line.rstrip("\n").endswith("/" + self.name) for line in f)
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        """Kill what is left in the cgroups and remove them."""
-        deadline = time.monotonic() + KILL_WAIT_S
-        for d in self.dirs.values():
-            while os.path.isdir(d):
-                for pid in self.pids():
-                    _kill_if(pid, self.holds)
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    if time.monotonic() > deadline:
-                        logger.warning("could not remove cgroup %s: processes remain in it", d)
-                        break
-                    time.sleep(0.01)
-
-
-# -- /proc accounting (no cgroups) ----------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class PidNamespace:
-    """The processes of one PID namespace, found by scanning /proc (used where cgroups are not writable)."""
-
-    def __init__(self, pid1: int) -> None:
-        self.link = os.readlink(f"/proc/{pid1}/ns/pid")
-        if self.link == os.readlink("/proc/self/ns/pid"):
-            raise RuntimeError(f"pid {pid1} is not in a PID namespace of its own: the sandbox did not start as "
-                               "expected; refusing to account for it")
-        self.peak_processes = 0
-
-    def holds(self, pid: int) -> bool:
-        try:
-            return os.readlink(f"/proc/{pid}/ns/pid") == self.link
-        except OSError:
-            return False
-
-    def pids(self) -> list[int]:
-        out = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    if os.readlink(f"/proc/{name}/ns/pid") == self.link:
-                        out.append(int(name))
-                except OSError:  # exited meanwhile
-                    pass
-        return out
-
-    def usage(self) -> Usage:
-        cpu, rss, pids = 0.0, 0, self.pids()
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/statm") as f:
-                    rss += int(f.read().split()[1]) * _PAGE
-                cpu += sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
-            except (OSError, IndexError, ValueError):  # exited while being read
-                continue
-        self.peak_processes = max(self.peak_processes, len(pids))
-        return Usage(cpu, rss, len(pids))
-
-
-def _kill_if(pid: int, belongs: Callable[[int], bool]) -> None:
-    """SIGKILL ``pid`` only if, once pinned by a pidfd, it still ``belongs`` (no kill of a reused pid)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:  # already gone
-        return
-    try:
-        if belongs(pid):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- one running sandbox ---------------------------------------------------------------------------
@@ -477,7 +295,7 @@ class Confined:
             if not left:
                 break
             for pid in left:
-                _kill_if(pid, self.namespace.holds)
+                kill_if(pid, self.namespace.holds)
             time.sleep(0.01)
         if self.cgroup is not None:
             self.cgroup.close()
@@ -539,14 +357,14 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     if mode == "unsandboxed":
         workdir = tempfile.mkdtemp(prefix="d3ray-unsandboxed-")
         payload = dict(payload, filename=os.path.join(workdir, "candidate.py"))
-        if os.getuid() == 0 and _reachable_by_others(_interpreter_files()):
+        if os.getuid() == 0 and reachable_by_others(interpreter_files()):
             os.chown(workdir, limits.uid, limits.uid)
         elif os.getuid() == 0:
             logger.warning("unsandboxed code runs as root: uid %d cannot reach the interpreter's files", limits.uid)
             payload.update(uid=None, gid=None)
     stdin.write(json.dumps(payload).encode())
     stdin.seek(0)
-    cgroup = CgroupV1(cgroups, limits) if cgroups else None
+    cgroup = CgroupV1(cgroups, limits.memory_mb * MIB, limits.max_processes) if cgroups else None
     info_r, info_w = os.pipe()
     try:
         if mode == "unsandboxed":

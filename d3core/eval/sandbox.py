@@ -193,7 +193,8 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
             status, reason = "passed", ""
         else:
             status = "timeout" if limit in ("cpu", "wall") else "failed"
-            reason = f"{limit} limit: {_describe(limit, limits)}" if fired else f"{result.get('stage', 'judge')}: {error}"
+            stage = result.get("stage", "judge")
+            reason = f"{limit} limit: {_describe(limit, limits)}" if fired else f"{stage}: {error}"
         box.kill()
         return Verdict(status, limit, reason, use.cpu_s if use else None, time.monotonic() - t0,
                        int(result.get("calls", 0)), box.confinement, box.output_tail(TAIL))

@@ -168,7 +168,8 @@ def test_network_is_loopback_only(tmp_path):
 
 # -- limits and verdicts -------------------------------------------------------------------------------
 def test_cpu_limit_is_a_total_over_processes_and_is_recorded():
-    src = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\ndef f():\n    while True:\n        pass\n"
+    src = ("import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\n"
+           "def f():\n    while True:\n        pass\n")
     t0 = time.monotonic()
     v = check(src + "while True:\n    pass\n", "assert f() == 1", SandboxLimits(cpu_s=1.5, wall_s=60))
     assert v.status == "timeout" and v.limit == "cpu" and not v.passed
@@ -291,7 +292,7 @@ def test_an_unprivileged_caller_gets_the_same_sandbox():
     """bubblewrap's own user namespace (``bwrap-user``): what a non-root user on a laptop gets."""
     repo = str(confine.PACKAGE_ROOT.parent)
     bwrap = confine.bwrap_path(SandboxLimits())
-    if not confine._reachable_by_others([repo, bwrap, SYSTEM_PYTHON]):
+    if not confine.reachable_by_others([repo, bwrap, SYSTEM_PYTHON]):
         pytest.skip("the checkout or bwrap is not readable by nobody")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": repo, confine.BWRAP_ENV: bwrap}
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",

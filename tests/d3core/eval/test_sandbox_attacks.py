@@ -358,7 +358,7 @@ def test_the_answer_key_attack_is_real_without_the_sandbox(humaneval, monkeypatc
     task, examples = humaneval
     unconfined = SandboxLimits(cpu_s=10.0, wall_s=60.0, bwrap="/bin/false", allow_unsandboxed=True)
     response = f"```python\n{FORGERIES['read_the_answer_keys']}\n```"
-    if os.getuid() == 0 and not confine._reachable_by_others(confine._interpreter_files()):
+    if os.getuid() == 0 and not confine.reachable_by_others(confine.interpreter_files()):
         assert task.score([response], examples, "chat", unconfined) == [True]
     assert task.score([response], examples, "chat", LIMITS) == [False]
 
