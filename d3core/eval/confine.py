@@ -32,6 +32,7 @@ process with the same limits but no namespaces.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -191,8 +192,9 @@ def sentinel_files() -> list[str]:
     return sorted(set(out))
 
 
-def filesystem_args() -> list[str]:
-    """bubblewrap arguments for the sandbox's root: libraries, the interpreter, /proc, /dev, /sandbox."""
+@functools.lru_cache(maxsize=1)
+def filesystem_args() -> tuple[str, ...]:
+    """bubblewrap arguments for the sandbox's root: libraries, the interpreter, /proc, /dev (cached)."""
     binds: list[str] = []
     links: list[tuple[str, str]] = []
     for top in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
@@ -218,7 +220,12 @@ def filesystem_args() -> list[str]:
     for blank in hidden_paths():
         if _under(blank, binds):
             args += ["--perms", "0000", "--tmpfs", blank]
-    return args + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+    return tuple(args + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"])
+
+
+@functools.lru_cache(maxsize=1)
+def server_source() -> str:
+    return WIRE.read_text(encoding="utf-8")
 
 
 # -- one running sandbox ---------------------------------------------------------------------------
@@ -349,8 +356,7 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     ``payload`` (the candidate's source, setup and limits) reaches the server on its stdin.
     ``cgroups``: v1 base directories to create this sandbox's cgroups under, or None.
     """
-    server_src = WIRE.read_text(encoding="utf-8")
-    server = [interpreter(), "-I", "-S", "-B", "-c", server_src, "serve", str(rfd), str(wfd)]
+    server = [interpreter(), "-I", "-S", "-B", "-c", server_source(), "serve", str(rfd), str(wfd)]
     stdin = tempfile.TemporaryFile()
     output = tempfile.TemporaryFile()
     workdir = None

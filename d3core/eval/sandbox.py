@@ -129,7 +129,7 @@ def _infer_limit(box: confine.Confined, limits: SandboxLimits, error: str, cpu_s
     hit = box.limit_hit(limits)
     if hit:
         return hit
-    if box.proc.returncode == _SIGXCPU_EXIT or (cpu_s is not None and cpu_s >= limits.cpu_s):
+    if box.proc.poll() == _SIGXCPU_EXIT or (cpu_s is not None and cpu_s >= limits.cpu_s):
         return "cpu"
     if "MemoryError" in error:
         return "memory"
@@ -186,7 +186,13 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
             result = json.loads(verdict_file.read() or b"{}")
         except ValueError:
             result = {}
-        error = result.get("error") or f"the judge exited with status {judge.returncode} and no verdict"
+        if not result:
+            judge_err.seek(0, os.SEEK_END)
+            judge_err.seek(max(judge_err.tell() - TAIL, 0))
+            tail = judge_err.read().decode("utf-8", errors="replace").strip()
+            result = {"stage": "judge", "error": f"the judge exited with status {judge.returncode} and no verdict"
+                                                 f"{': ' + tail if tail else ''}"}
+        error = result.get("error", "")
         passed = result.get("passed") is True and fired is None
         limit = fired or (None if passed else _infer_limit(box, limits, error, use.cpu_s if use else None))
         if passed:
