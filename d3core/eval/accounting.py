@@ -25,6 +25,8 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 KILL_WAIT_S = 10.0
+_PREFIX = "d3ray-sandbox-"
+STALE_AFTER_S = 3600.0  # a sandbox cgroup older than this whose harness is gone is removed
 EXTRA_PROCESSES = 3  # the outer bwrap, pid 1 and the launcher's user-namespace holder share the pids cgroup
 
 
@@ -70,7 +72,7 @@ class CgroupV1:
     def __init__(self, bases: dict[str, str], memory_bytes: int, max_processes: int) -> None:
         with CgroupV1._lock:
             CgroupV1._counter += 1
-            name = f"d3ray-sandbox-{os.getpid()}-{CgroupV1._counter}"
+            name = f"{_PREFIX}{os.getpid()}-{CgroupV1._counter}"
         self.name = name
         self.dirs = {c: os.path.join(bases[c], name) for c in self.CONTROLLERS}
         self.max_processes = max_processes
@@ -88,8 +90,24 @@ class CgroupV1:
 
     @staticmethod
     def bases() -> dict[str, str] | None:
+        """Where this process may create sandbox cgroups (all three controllers), or None.
+
+        Also removes the empty cgroups, older than an hour, of harness processes that died without
+        cleaning up.
+        """
         dirs = _own_cgroup_dirs(CgroupV1.CONTROLLERS)
-        return dirs if len(dirs) == len(CgroupV1.CONTROLLERS) else None
+        if len(dirs) != len(CgroupV1.CONTROLLERS):
+            return None
+        for base in dirs.values():
+            for entry in os.scandir(base):
+                owner = entry.name.split("-")[2] if entry.name.startswith(_PREFIX) else ""
+                stale = time.time() - entry.stat().st_mtime > STALE_AFTER_S
+                if owner.isdigit() and stale and not os.path.exists(f"/proc/{owner}"):
+                    try:
+                        os.rmdir(entry.path)
+                    except OSError:  # not empty: something still runs in it
+                        logger.warning("stale sandbox cgroup %s still holds processes", entry.path)
+        return dirs
 
     def _write(self, controller: str, name: str, value: str) -> None:
         with open(os.path.join(self.dirs[controller], name), "w") as f:
