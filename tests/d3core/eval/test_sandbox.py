@@ -44,6 +44,7 @@ def check(source: str, test: str, limits: SandboxLimits = FAST, **kw):
 
 
 # -- reference solutions ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_all_humaneval_canonical_solutions_pass():
     problems = benchmarks.humaneval()
     assert len(problems) == 164
