@@ -9,7 +9,8 @@ A response scores only if its final answer is **one** value:
   (16-3-4=9)") do not count.
 * **Hedges are wrong.** Two different values joined by "or" ("18 or 19 or 20", ``\\boxed{3} or
   \\boxed{4}``, "It is 3 or 7") or by nothing but a connector ("18, 19", "18/19", "18-20",
-  "18 to 20"), or two different boxes (or bold values) on the final answer's line.
+  "18 to 20"), or two different boxes (or bold values) in the final answer's paragraph (the
+  text since the last blank line before it).
 * **Numbers.** Thousands separators count only in valid groups: "1,000", "$1,000.50" and
   "1 000" (a space, no-break or thin space) are 1000 and 1000.5, but "1,8" or "10,00" is no
   number at all (so "The answer is 1,8" has no answer). Values compare as decimals: "18.00" == 18.
@@ -172,17 +173,22 @@ def last_boxed(text: str) -> str | None:
     return found[-1].content if found else None
 
 
-def _final_line_boxes(text: str, found: list[Box]) -> list[Box]:
-    last = found[-1]
-    line_start = text.rfind("\n", 0, last.start) + 1
-    return [b for b in found if b.start >= line_start]
+def _paragraph_start(text: str, position: int) -> int:
+    """Where the paragraph holding ``position`` begins (just after the last blank line before it)."""
+    blank = text.rfind("\n\n", 0, position)
+    return blank + 2 if blank >= 0 else 0
+
+
+def _final_paragraph_boxes(text: str, found: list[Box]) -> list[Box]:
+    start = _paragraph_start(text, found[-1].start)
+    return [b for b in found if b.start >= start]
 
 
 def _boxed_answer(text: str) -> Answer:
     found = boxes(text)
     if not found:
         return NO_ANSWER
-    values = {statement_value(b.content, "box") for b in _final_line_boxes(text, found)}
+    values = {statement_value(b.content, "box") for b in _final_paragraph_boxes(text, found)}
     if len(values) > 1:
         return Answer(None, "hedged")
     return values.pop()
@@ -207,8 +213,8 @@ def numeric_answer(text: str, phrase: re.Pattern | None = ANY_PHRASE, fallback: 
         return answer
     bold = [b for b in list(_BOLD.finditer(text))[-_MAX_BOXES:] if numbers(b.group(1))]
     if bold:
-        line_start = text.rfind("\n", 0, bold[-1].start()) + 1
-        values = {statement_value(b.group(1), "bold") for b in bold if b.start() >= line_start}
+        start = _paragraph_start(text, bold[-1].start())
+        values = {statement_value(b.group(1), "bold") for b in bold if b.start() >= start}
         return values.pop() if len(values) == 1 else Answer(None, "hedged")
     sentences = [s for s in _sentences(text) if numbers(s)]
     return statement_value(sentences[-1], "last-sentence", pick="last") if sentences else NO_ANSWER
@@ -241,14 +247,14 @@ def math_answers(text: str) -> list[str]:
     """LaTeX of the final answer, and of any other answers given beside it; [] for none or a hedge.
 
     The final answer is the last non-empty box, else Minerva's "final answer is ...", else the
-    last sentence with a number. Other boxes on the final box's line come first in the list:
+    last sentence with a number. Other boxes in the final box's paragraph come first in the list:
     they must all equal the final one (``\\boxed{15\\frac{39}{40}}`` or ``\\boxed{\\frac{639}{40}}``
     is one value, ``\\boxed{3}`` or ``\\boxed{4}`` a hedge). Alternatives joined by "or" outside
     boxes are a hedge too.
     """
     found = boxes(text)
     if found:
-        final = list(dict.fromkeys(re.sub(r"\s+", "", b.content) for b in _final_line_boxes(text, found)))
+        final = list(dict.fromkeys(re.sub(r"\s+", "", b.content) for b in _final_paragraph_boxes(text, found)))
         return [f"$\\boxed{{{content}}}$" for content in final]
     phrases = list(_MINERVA_PHRASE.finditer(text))
     minerva = _MINERVA.match(text, phrases[-1].end()) if phrases else None

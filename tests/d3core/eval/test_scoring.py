@@ -53,6 +53,7 @@ def test_gsm8k_other_problems_answers_score_wrong(gsm8k):
 # -- the cases of issue 16 on a real item (gsm8k/0, Janet's ducks: 18) ---------------------------------
 HEDGES = ["The answer is 18 or 19 or 20.", "So it is either 18 or 19.", "The answer is 18, 19, 20.",
           "The answer is 18/19.", "The answer is 17 to 19.", "**18** or **19**", "\\boxed{18} or \\boxed{19}",
+          "\\boxed{18}\n\\boxed{19}", "\\boxed{19}\n\\boxed{18}",
           "\\boxed{19} or \\boxed{18}", "It is 18 or 7", "It is 7 or 18", "The answer is 1,8.", "The answer is 18,0"]
 
 
@@ -138,7 +139,8 @@ def test_math_hedges_wrong_and_equal_alternatives_right(math500):
     nine = next(e for e in math500 if e.target == "9")  # a real item with a one-number answer
     assert scoring.score_math("\\boxed{9}", nine.target)
     for text in ("\\boxed{9} or \\boxed{4}", "\\boxed{4} or \\boxed{9}", "It is 9 or 7", "It is 7 or 9",
-                 "The final answer is $9$ or $4$. I hope it is correct.", "\\boxed{9 \\text{ or } 4}"):
+                 "The final answer is $9$ or $4$. I hope it is correct.", "\\boxed{9 \\text{ or } 4}",
+                 "\\boxed{4}\n\\boxed{9}", "\\boxed{9}\nor\n\\boxed{4}"):
         assert not scoring.score_math(text, nine.target), text
     assert scoring.score_math("$= \\boxed{4\\frac{1}{2}}$, or $\\boxed{\\frac{9}{2}}$", "\\frac92")
     assert scoring.score_math("first \\boxed{4}.\n\nOn second thought it is \\boxed{9}.", nine.target)
