@@ -9,8 +9,8 @@ A response scores only if its final answer is **one** value:
   (16-3-4=9)") do not count.
 * **Hedges are wrong.** Two different values joined by "or" ("18 or 19 or 20", ``\\boxed{3} or
   \\boxed{4}``, "It is 3 or 7") or by nothing but a connector ("18, 19", "18/19", "18-20",
-  "18 to 20"), or two different boxes (or bold values) in the final answer's paragraph (the
-  text since the last blank line before it).
+  "18 to 20"), or two different answer statements, boxes or bold values in the final answer's
+  paragraph (the text since the last blank line before it; an earlier paragraph is a correction).
 * **Numbers.** Thousands separators count only in valid groups: "1,000", "$1,000.50" and
   "1 000" (a space, no-break or thin space) are 1000 and 1000.5, but "1,8" or "10,00" is no
   number at all (so "The answer is 1,8" has no answer). Values compare as decimals: "18.00" == 18.
@@ -201,9 +201,13 @@ def numeric_answer(text: str, phrase: re.Pattern | None = ANY_PHRASE, fallback: 
     spans and, failing those, the last sentence with a number.
     """
     if phrase is not None:
-        hits = list(phrase.finditer(text))
+        hits = list(phrase.finditer(text))[-_MAX_BOXES:]
         if hits:
             answer = statement_value(_statement(text, hits[-1].end()), "phrase")
+            start = _paragraph_start(text, hits[-1].start())
+            others = {statement_value(_statement(text, h.end()), "phrase") for h in hits[:-1] if h.start() >= start}
+            if answer.value is not None and any(o.value not in (None, answer.value) for o in others):
+                return Answer(None, "hedged")  # "The answer is 18. The answer is 19."
             if answer is not NO_ANSWER or not fallback:
                 return answer
     if not fallback:

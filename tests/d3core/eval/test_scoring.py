@@ -53,7 +53,8 @@ def test_gsm8k_other_problems_answers_score_wrong(gsm8k):
 # -- the cases of issue 16 on a real item (gsm8k/0, Janet's ducks: 18) ---------------------------------
 HEDGES = ["The answer is 18 or 19 or 20.", "So it is either 18 or 19.", "The answer is 18, 19, 20.",
           "The answer is 18/19.", "The answer is 17 to 19.", "**18** or **19**", "\\boxed{18} or \\boxed{19}",
-          "\\boxed{18}\n\\boxed{19}", "\\boxed{19}\n\\boxed{18}",
+          "\\boxed{18}\n\\boxed{19}", "\\boxed{19}\n\\boxed{18}", "The answer is 18. The answer is 19.",
+          "The answer is 19.\nThe answer is 18.",
           "\\boxed{19} or \\boxed{18}", "It is 18 or 7", "It is 7 or 18", "The answer is 1,8.", "The answer is 18,0"]
 
 
@@ -78,6 +79,8 @@ RIGHT = [  # (response, strict-match, flexible-extract) for target 18
     ("The answer is 18 dollars for 9 eggs.", True, True),
     ("Please put your final answer within \\boxed{}.\nShe sells 9 eggs for $2 each: 9 * 2 = $18.", False, True),
     ("Put the final answer in \\boxed{}: \\boxed{18}", False, True),
+    ("The answer is 18 dollars. The answer is 18.", True, True),
+    ("The answer is 19.\n\nWait, 16 - 3 - 4 = 9 and 9 * 2 = 18. The answer is 18.", True, True),  # a correction
 ]
 
 
