@@ -81,7 +81,7 @@ class EvaluateConfig:
     prompt_style: str = "auto"
     anchor_vanilla: bool = False  # True: start each parallel curve at the model's vanilla accuracy, TPF 1
     unit_tpf_single: bool = True
-    sandbox_timeout_s: float = 10.0
+    sandbox_timeout_s: float = 10.0  # CPU seconds per program (all its processes)
     code_workers: int = 1
     preset: str = "custom"
 
@@ -246,7 +246,7 @@ def run_cell(cfg_json: str, cell_json: str) -> dict:
     examples = task.examples(cfg.n or None, seed=cfg.seed)
     report = evaluate_task(model, tokenizer, task, spec, params, examples, batch_size=cfg.batch_size,
                            generator=torch.Generator().manual_seed(cfg.seed), style=cfg.prompt_style,
-                           limits=SandboxLimits(timeout_s=cfg.sandbox_timeout_s), code_workers=cfg.code_workers)
+                           limits=SandboxLimits(cpu_s=cfg.sandbox_timeout_s), code_workers=cfg.code_workers)
     hardware = torch.cuda.get_device_name() if device == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {cfg.threads_per_cell} torch thread(s)"
     return {**dataclasses.asdict(cell), **report.summary(), "params": dataclasses.asdict(params),

@@ -55,7 +55,7 @@ class FullConfig:
     run_dir: str = "runs/full"
     teacher: str = ""  # dLLM checkpoint: path, fsspec URI or HF hub id; tiny: the shipped teacher
     ar_model: str = ""  # AR baseline (HF causal LM); tiny: the shipped AR model
-    prompts: str = ""  # JSONL/Parquet of id, prompt, answer for trajectories; tiny: synthetic train split
+    prompts: str = ""  # JSONL/Parquet of id, prompt, answer, task for trajectories; tiny: synthetic train split
     skip: tuple[str, ...] = ()
     pretrain: bool = False
     serve: bool = False
@@ -78,7 +78,7 @@ class FullConfig:
                 raise ValueError(f"preset={self.preset!r} needs --teacher (e.g. GSAI-ML/LLaDA-8B-Instruct or a "
                                  "path/URI) and --ar-model (an HF causal LM): no 8B weights ship with d3ray")
             if not self.prompts and "trajectories" not in skip:
-                raise ValueError(f"preset={self.preset!r} needs --prompts (JSONL/Parquet of id, prompt, answer) "
+                raise ValueError(f"preset={self.preset!r} needs --prompts (JSONL/Parquet of id, prompt, answer, task) "
                                  "for the teacher's trajectories; d3ray ships test sets only")
             if self.pretrain:
                 raise ValueError("--pretrain rebuilds the embedded tiny models only; drop it for "

@@ -2,8 +2,12 @@
 
     python pipelines/trajectories.py --out runs/traj --n-prompts 2000 --num-actors 2
 
-Prompts (the synthetic train split for ``tiny``, or a JSONL/Parquet of ``id, prompt, answer``
-at any fsspec URI) are cut into fixed shards by order. Each pending shard becomes one Ray
+Prompts (the synthetic train split for ``tiny``, or a JSONL/Parquet of ``id, prompt, answer,
+task`` at any fsspec URI) are cut into fixed shards by order. ``task`` names the evaluation task
+(:data:`d3core.eval.tasks.TASK_NAMES`) whose own scorer decides ``is_correct`` (and so what
+``--filter-correct`` and distillation's ``only_correct`` keep); code tasks need benchmark ids
+(``HumanEval/0``, ``mbpp/11``). A prompt set without a task has no scorer and is refused unless
+``--keep-all`` is given: then every row is kept and marked incorrect. Each pending shard becomes one Ray
 Data row; ``map_batches`` runs a :class:`TeacherDecoder` actor pool that loads the teacher
 once per actor and decodes one token per step in block order (LLaDA: highest confidence,
 i.e. ``vanilla``), retrying wrong answers at rising temperature when asked. The driver
@@ -61,6 +65,7 @@ class TrajectoriesConfig:
     block_length: int = 0
     max_attempts: int = 1
     filter_correct: bool = False
+    keep_all: bool = False  # accept a prompt set without a task (no scorer): keep every row, is_correct=False
     threads_per_actor: int = 1
 
     def __post_init__(self) -> None:
@@ -78,6 +83,10 @@ class TrajectoriesConfig:
             raise ValueError(f"max_attempts={self.max_attempts}: must lie in [1, 10] (temperature rises 0.1 a try)")
         if self.gen_length % self.block_length:
             raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}")
+        if self.keep_all and (self.filter_correct or self.max_attempts > 1):
+            raise ValueError(f"keep_all=True with filter_correct={self.filter_correct}, max_attempts="
+                             f"{self.max_attempts}: keeping every row needs no scorer, so it cannot filter or retry "
+                             "wrong rows; drop --keep-all or those options")
 
     def sampler_params(self) -> dict:
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.gen_length,
@@ -86,7 +95,7 @@ class TrajectoriesConfig:
 
 # -- prompts ---------------------------------------------------------------------------------
 def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
-    """``[{"id", "prompt_ids", "answer"}]`` in a stable order."""
+    """``[{"id", "prompt_ids", "answer", "task"}]`` in a stable order (``task`` None: no scorer)."""
     from d3core.models.shipped import load_tiny_tokenizer
     from d3core.sft import encode_prompt
 
@@ -98,17 +107,67 @@ def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
             if "id" not in rec or "prompt" not in rec:
                 raise ValueError(f"{cfg.prompts}: record {i} lacks 'id' or 'prompt' (fields: {sorted(rec)})")
             out.append({"id": str(rec["id"]), "prompt_ids": encode_prompt(tok, rec["prompt"]),
-                        "answer": str(rec.get("answer", ""))})
+                        "answer": str(rec.get("answer", "")), "task": rec.get("task")})
+        _check_task(cfg, out)
     else:
         from d3core.eval import synthetic
 
         tok = load_tiny_tokenizer()
-        out = [{"id": p.id, "prompt_ids": encode_prompt(tok, p.question), "answer": str(p.target)}
-               for p in synthetic.generate("train", cfg.n_prompts, seed=cfg.seed)]
+        out = [{"id": p.id, "prompt_ids": encode_prompt(tok, p.question), "answer": str(p.target),
+                "task": "synthetic"} for p in synthetic.generate("train", cfg.n_prompts, seed=cfg.seed)]
     ids = [r["id"] for r in out]
     if len(set(ids)) != len(ids):
         raise ValueError("prompt ids are not unique: trajectories are joined by id, make them unique")
     return out
+
+
+def _check_task(cfg: TrajectoriesConfig, records: list[dict]) -> None:
+    """One task per prompt set, one with a scorer for every record, or ``keep_all``."""
+    from d3core.eval.tasks import TASK_NAMES, get_task
+
+    tasks = sorted({str(r["task"]) for r in records if r["task"] is not None})
+    if len(tasks) > 1 or (tasks and any(r["task"] is None for r in records)):
+        raise ValueError(f"{cfg.prompts}: records name tasks {tasks} (some none): one prompt set is one task")
+    if not tasks:
+        if not cfg.keep_all:
+            raise ValueError(f"{cfg.prompts}: the records name no 'task', so no scorer can decide which rows are "
+                             f"correct; add \"task\": one of {TASK_NAMES} to each record, or pass --keep-all to keep "
+                             "every row unscored")
+        return
+    if tasks[0] not in TASK_NAMES:
+        raise ValueError(f"{cfg.prompts}: task {tasks[0]!r} has no scorer: use one of {TASK_NAMES}")
+    task = get_task(tasks[0])
+    if task.code:
+        known = {e.id for e in task.examples()}
+        bad = [r["id"] for r in records if r["id"] not in known]
+        if bad:
+            raise ValueError(f"{cfg.prompts}: ids {bad[:3]} are not {task.name} problems; a code task scores "
+                             f"a record by its benchmark id (e.g. {sorted(known)[0]!r})")
+    else:
+        bad = [r["id"] for r in records if not r["answer"].strip()]
+        if bad:
+            raise ValueError(f"{cfg.prompts}: records {bad[:3]} have no 'answer' for the {task.name} scorer")
+
+
+def make_scorer(task_name: str | None, ids: list[str], answers: list[str]):
+    """``score(texts, rows) -> [bool]`` with the task's own scorer, or None for a prompt set without a task."""
+    if task_name is None:
+        return None
+    from d3core.eval.benchmarks import Example
+    from d3core.eval.tasks import get_task
+
+    task = get_task(task_name)
+    if task.code:
+        by_id = {e.id: e for e in task.examples()}
+        examples = [by_id[i] for i in ids]
+    else:
+        examples = [Example(i, "", a) for i, a in zip(ids, answers)]
+
+    def score(texts: list[str], rows: list[int]) -> list[bool]:
+        cut = [task.cut(t, "chat")[0] for t in texts]
+        return task.score(cut, [examples[i] for i in rows], "chat")
+
+    return score
 
 
 def _read_records(uri: str) -> list[dict]:
@@ -150,18 +209,23 @@ class TeacherDecoder:
 
     def decode_shard(self, shard: dict) -> pa.Table:
         rows = decode_prompts(self.model, self.tok, self.cfg, shard["ids"], shard["prompt_ids"], shard["answers"],
-                              teacher_name=self.teacher_uri)
+                              teacher_name=self.teacher_uri, task=shard["task"])
         table = T.to_table(rows)
         table = table.append_column("shard", pa.array([shard["shard"]] * len(rows), pa.int32()))
         return table.append_column("shard_rows", pa.array([len(rows)] * len(rows), pa.int32()))
 
 
-def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, teacher_name: str):
-    """Decode with ``vanilla`` one token per step; retry wrong answers at temperature 0.1, 0.2, ..."""
+def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, teacher_name: str,
+                   task: str | None = "synthetic"):
+    """Decode with ``vanilla`` one token per step; retry wrong answers at temperature 0.1, 0.2, ...
+
+    Correctness is ``task``'s own scorer; ``task=None`` (no scorer) marks every row incorrect.
+    """
     import torch
 
-    from d3core.eval.synthetic import extract_answer
     from d3core.samplers.vanilla import VanillaParams, generate
+
+    scorer = make_scorer(task, list(ids), list(answers))
 
     results: dict[int, tuple] = {}
     pending = list(range(len(ids)))
@@ -173,10 +237,9 @@ def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, t
         for start in range(0, len(pending), cfg.batch_size):
             chunk = pending[start: start + cfg.batch_size]
             out = generate(model, [prompts[i] for i in chunk], params, generator=gen)
-            for i, seq in zip(chunk, out.sequences):
-                text = tok.decode(seq.response_ids, skip_special_tokens=True)
-                pred = extract_answer(text)
-                correct = answers[i] != "" and pred is not None and str(pred) == str(answers[i]).strip()
+            texts = [tok.decode(seq.response_ids, skip_special_tokens=True) for seq in out.sequences]
+            verdicts = scorer(texts, chunk) if scorer is not None else [False] * len(chunk)
+            for i, seq, correct in zip(chunk, out.sequences, verdicts):
                 results[i] = (seq, correct, attempt + 1, temperature)
                 if not correct:
                     still.append(i)
@@ -201,7 +264,8 @@ def shard_name(k: int) -> str:
 def plan_shards(prompts: list[dict], shard_size: int) -> list[dict]:
     return [{"shard": k, "ids": [p["id"] for p in prompts[i:i + shard_size]],
              "prompt_ids": [p["prompt_ids"] for p in prompts[i:i + shard_size]],
-             "answers": [p["answer"] for p in prompts[i:i + shard_size]]}
+             "answers": [p["answer"] for p in prompts[i:i + shard_size]],
+             "task": prompts[i]["task"]}
             for k, i in enumerate(range(0, len(prompts), shard_size))]
 
 

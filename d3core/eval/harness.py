@@ -37,6 +37,7 @@ class EvalReport:
     correct: list[bool] | None = None
     generated_tokens: int = 0
     total_nfe: int = 0
+    metrics: dict[str, float] | None = None  # accuracy under each of the task's metrics (GSM8K: lm-eval's two)
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "correct")}
@@ -129,10 +130,12 @@ def evaluate_task(
             responses.append(text)
             generated += len(tokenizer(text, add_special_tokens=False)["input_ids"]) if was_cut else seq.num_generated
             nfe += seq.nfe
-    correct = task.score(responses, examples, style, limits, code_workers)
+    per_metric = task.metrics(responses, examples, style, limits, code_workers)
+    correct = per_metric[task.metric_names[0]]
     n = len(examples)
     logger.info("%s/%s: accuracy %.4f, TPF %.3f over %d examples", task.name, sampler, sum(correct) / n,
                 generated / max(nfe, 1), n)
     return EvalReport(sampler, n, sum(correct) / n, generated / max(nfe, 1), generated / max(decode_time, 1e-9),
                       nfe / n, decode_time, responses, task=task.name, correct=list(correct),
-                      generated_tokens=generated, total_nfe=nfe)
+                      generated_tokens=generated, total_nfe=nfe,
+                      metrics={name: sum(v) / n for name, v in per_metric.items()})

@@ -1,269 +1,305 @@
-"""Run untrusted benchmark code (HumanEval / MBPP solutions) in a confined child process.
+"""Run model-written code and judge it where the code cannot reach: :func:`run_checks`, :func:`run_calls`.
 
-Each program runs in a fresh Python interpreter (``-I -S -B``: no site-packages, no user
-paths, no bytecode files) inside its own temporary directory, which is removed afterwards.
-Layers, outermost first:
+A :class:`CodeCheck` is an untrusted program plus the benchmark's trusted test code. For each
+check the harness starts two processes and watches them:
 
-1. **Time**: a wall-clock limit (the whole process group is killed) and ``RLIMIT_CPU``.
-2. **Memory and files**: ``RLIMIT_AS`` (address space), ``RLIMIT_FSIZE`` (stdout/stderr go to
-   files in the work directory, so endless printing hits it too), no core dumps.
-3. **Namespaces** (Linux, where the kernel lets this user create them): a new network
-   namespace, so no interface but a downed loopback exists, and a new mount namespace in which
-   every mount is remounted read-only except the work directory.
-4. **Interpreter guard**: socket creation, process creation and signals are disabled, and file
-   writes, renames and deletions outside the work directory raise ``PermissionError``. This is
-   the only confinement where namespaces are unavailable; on its own it is best effort.
+1. **the sandbox** (:mod:`d3core.eval.confine`): the in-sandbox server of :mod:`d3core.eval.wire`
+   loads the program, then only answers calls, with plain builtin data;
+2. **the judge**: a separate, trusted process that runs the test code with the program's names
+   bound to proxies, so each ``candidate(x)`` in the test is a call into the sandbox and each
+   comparison happens in the judge, against expected values the sandbox never sees.
 
-A program passes when it exits 0 *and* reaches its end: the runner prints a random nonce,
-given on stdin, only after the program returns, so ``sys.exit(0)`` or ``os._exit(0)`` from
-inside a solution counts as a failure.
+The harness kills the sandbox when the CPU seconds or memory of all its processes exceed the
+limits, or at a generous wall-clock backstop, and the :class:`Verdict` records which limit fired.
+Nothing the sandbox does can produce a pass: there is no nonce, exit code or result file to
+forge, values are rebuilt as builtins only, and the sandbox cannot see the judge or the
+harness (own PID namespace). A check passes only if the test code ran to its end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import secrets
-import shutil
-import signal
+import select
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from d3core.eval import confine, wire
+from d3core.eval.confine import MIB, SandboxLimits, SandboxUnavailable  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 STATUSES = ("passed", "failed", "timeout")
-_TAIL = 2000
-
-_RUNNER = r'''
-import ctypes, os, resource, sys
-
-def _limits(mem, cpu, fsize):
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-
-def _namespaces(work):
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-    newns, newnet, newuser = 0x00020000, 0x40000000, 0x10000000
-    uid, gid = os.geteuid(), os.getegid()
-    flags = newns | newnet | (0 if uid == 0 else newuser)
-    if libc.unshare(flags) != 0:
-        return "none"
-    if uid != 0:
-        try:
-            for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
-                               ("/proc/self/gid_map", f"0 {gid} 1")):
-                with open(path, "w") as f:
-                    f.write(text)
-        except OSError:
-            return "net"
-    def mount(src, dst, flags):
-        return libc.mount(src, dst.encode(), None, flags, None) == 0
-    ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount, ms_bind = 1, 2, 4, 8, 32, 4096
-    ms_rec, ms_private, ms_noatime, ms_nodiratime, ms_relatime = 16384, 1 << 18, 1024, 2048, 1 << 21
-    keep = {"nosuid": ms_nosuid, "nodev": ms_nodev, "noexec": ms_noexec, "noatime": ms_noatime,
-            "nodiratime": ms_nodiratime, "relatime": ms_relatime}
-    if not (mount(None, "/", ms_rec | ms_private) and mount(work.encode(), work, ms_bind | ms_rec)):
-        return "net"
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    ok = True
-    for fields in mounts:
-        point = fields[4].encode().decode("unicode_escape")
-        if point == work:
-            continue
-        extra = sum(keep.get(opt, 0) for opt in fields[5].split(","))
-        ok &= mount(None, point, ms_remount | ms_bind | ms_rdonly | extra)
-    return "net+fs" if ok else "net+fs-partial"
-
-def _guard(work):
-    import builtins, io, shutil, socket, subprocess
-    root = os.path.realpath(work) + os.sep
-
-    def inside(path):
-        if isinstance(path, int):
-            return True
-        return (os.path.realpath(os.fspath(path)) + os.sep).startswith(root)
-
-    def deny(name):
-        def blocked(*args, **kwargs):
-            raise PermissionError(f"d3ray sandbox: {name} is not allowed")
-        return blocked
-
-    def confined(name, fn, npaths=1):
-        def wrapper(*args, **kwargs):
-            for p in args[:npaths]:
-                if not inside(p):
-                    raise PermissionError(f"d3ray sandbox: {name} outside the work directory")
-            return fn(*args, **kwargs)
-        return wrapper
-
-    real_open, real_os_open = builtins.open, os.open
-    def safe_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not inside(file):
-            raise PermissionError("d3ray sandbox: writing outside the work directory")
-        return real_open(file, mode, *args, **kwargs)
-    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    def safe_os_open(path, flags, *args, **kwargs):
-        if flags & writing and not inside(path):
-            raise PermissionError("d3ray sandbox: writing outside the work directory")
-        return real_os_open(path, flags, *args, **kwargs)
-    builtins.open = io.open = safe_open
-    os.open = safe_os_open
-    for name in ("remove", "unlink", "rmdir", "removedirs", "mkdir", "makedirs", "truncate", "chmod", "chown",
-                 "utime", "mkfifo"):
-        if hasattr(os, name):
-            setattr(os, name, confined(name, getattr(os, name)))
-    for name in ("rename", "renames", "replace", "link", "symlink"):
-        setattr(os, name, confined(name, getattr(os, name), npaths=2))
-    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execl", "execle",
-                 "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnv", "spawnve", "posix_spawn",
-                 "posix_spawnp", "putenv", "unsetenv", "setuid", "setgid", "chroot", "chdir", "fchdir"):
-        if hasattr(os, name):
-            setattr(os, name, deny("os." + name))
-    for name in ("rmtree", "move", "copy", "copy2", "copyfile", "copytree", "chown"):
-        setattr(shutil, name, deny("shutil." + name))
-    subprocess.Popen = deny("subprocess")
-    for name in ("socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"):
-        setattr(socket, name, deny("socket." + name))
-
-def main():
-    work, mem, cpu, fsize, isolate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    nonce = sys.stdin.readline().strip()
-    sys.stdin.close()
-    layers = _namespaces(work) if isolate == "1" else "off"
-    os.chdir(work)
-    _limits(mem, cpu, fsize)
-    sys.stderr.write(f"d3ray-sandbox layers={layers}\n")
-    sys.stderr.flush()
-    with open("solution.py", encoding="utf-8") as f:
-        source = f.read()
-    code = compile(source, "solution.py", "exec")
-    _guard(work)
-    sys.argv = ["solution.py"]
-    exec(code, {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stdout.write("\n" + nonce + "\n")
-    sys.stdout.flush()
-
-main()
-'''
+LIMITS = ("cpu", "wall", "memory", "processes", "output")
+TAIL = 2000  # characters of the sandbox's output kept in a verdict
+JUDGE_MEMORY = 2 << 30  # the judge's address space: test code plus decoded values
+JUDGE_EXTRA_CPU_S = 5.0
+_SIGXCPU_EXIT = 128 + 24  # bubblewrap exits 128 + signal when the program was killed by one
+_EFBIG = "File too large"
 
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    """Limits for one program. ``namespaces``: use network/mount namespaces where permitted."""
+class CodeCheck:
+    """One program to judge.
 
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    file_size_mb: int = 8
-    namespaces: bool = True
+    ``source`` is the untrusted program (e.g. prompt + completion). ``test`` is trusted test
+    code the judge runs; the names it reads but does not define (and ``entry_point``) stand for
+    the program's. ``prelude`` is trusted code run in the judge first (HumanEval: the prompt,
+    whose helpers the tests call); ``setup`` runs in the sandbox after the program (MBPP's
+    ``test_setup_code``, which builds inputs from the program's own classes). With
+    ``check_function`` set, the judge finally calls ``check_function(entry_point)``.
+    """
+
+    source: str
+    test: str
+    prelude: str = ""
+    setup: str = ""
+    entry_point: str | None = None
+    check_function: str | None = None
+    id: str = ""
 
     def __post_init__(self) -> None:
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.memory_mb < 64:
-            raise ValueError(f"memory_mb={self.memory_mb}: a Python interpreter needs at least 64 MB")
-        if self.file_size_mb < 1:
-            raise ValueError(f"file_size_mb={self.file_size_mb}: must be >= 1")
+        if self.check_function is not None and not self.entry_point:
+            raise ValueError(f"check {self.id!r}: check_function={self.check_function!r} needs an entry_point "
+                             "to call it with")
 
 
 @dataclass(frozen=True)
-class ExecResult:
+class Verdict:
     status: str  # one of STATUSES
-    returncode: int | None
-    duration_s: float
-    stdout_tail: str
-    stderr_tail: str
-    layers: str  # which confinement layers were active ("net+fs", "net", "none", "off", "?")
+    limit: str | None  # which limit fired (one of LIMITS), None if none did
+    reason: str  # why it did not pass ("" when it did)
+    cpu_s: float | None  # CPU seconds of all the sandbox's processes, where measured
+    wall_s: float
+    calls: int  # calls into the program the test made
+    confinement: str  # "bwrap-root+cgroup", "bwrap-root", "bwrap-user", "unsandboxed"
+    output_tail: str = field(repr=False, default="")
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-def _tail(path: Path) -> str:
+@dataclass(frozen=True)
+class CallsResult:
+    """What :func:`run_calls` got back: one value (or ``wire`` exception) per call that completed."""
+
+    loaded: bool
+    values: list[Any]
+    raised: list[BaseException | None]
+    limit: str | None
+    error: str
+    confinement: str
+    output_tail: str = field(repr=False, default="")
+
+
+class _Fired(Exception):
+    def __init__(self, limit: str, use: confine.Usage | None) -> None:
+        super().__init__(limit)
+        self.limit, self.use = limit, use
+
+
+def _payload(source: str, setup: str, limits: SandboxLimits) -> dict:
+    return {"source": source, "setup": setup, "uid": limits.uid, "gid": limits.uid,
+            "limits": limits.server_limits(), "max_message": limits.max_message_mb * MIB}
+
+
+def _watch(done: Callable[[float], bool], box: confine.Confined, limits: SandboxLimits,
+           t0: float) -> tuple[str | None, confine.Usage | None]:
+    """Poll until ``done(timeout)``. Returns the limit that fired first (the sandbox is then killed),
+    or None, and the sandbox's totals at that moment."""
+    deadline = t0 + limits.wall_limit_s
+    while not done(limits.poll_s):
+        fired = box.over(limits) or ("wall" if time.monotonic() > deadline else None)
+        if fired:
+            use = box.usage()
+            box.kill()
+            return fired, use
+    return None, box.usage()
+
+
+def _infer_limit(box: confine.Confined, limits: SandboxLimits, error: str, cpu_s: float | None) -> str | None:
+    """Which limit explains a failure the watcher did not cause (per-process rlimits, cgroup events)."""
+    hit = box.limit_hit(limits)
+    if hit:
+        return hit
+    if box.proc.poll() == _SIGXCPU_EXIT or (cpu_s is not None and cpu_s >= limits.cpu_s):
+        return "cpu"
+    if "MemoryError" in error:
+        return "memory"
+    if _EFBIG in error or box.output_size() >= limits.output_mb * MIB:
+        return "output"
+    return None
+
+
+def _release(held: list[int], *fds: int) -> None:
+    """Close those of ``fds`` still in ``held``, once each (another thread may reuse a closed number)."""
+    for fd in fds or tuple(held):
+        if fd in held:
+            held.remove(fd)
+            os.close(fd)
+
+
+def _judge_spec(check: CodeCheck, limits: SandboxLimits) -> dict:
+    return {"prelude": check.prelude, "test": check.test, "entry_point": check.entry_point,
+            "remote": [check.entry_point] if check.entry_point else [], "check": check.check_function,
+            "seed": 0, "cpu_s": limits.cpu_s + JUDGE_EXTRA_CPU_S, "memory": JUDGE_MEMORY,
+            "max_message": limits.max_message_mb * MIB}
+
+
+def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict | None) -> Verdict:
+    t0 = time.monotonic()
+    (to_box_r, to_box_w), (from_box_r, from_box_w) = os.pipe(), os.pipe()
+    held = [to_box_r, to_box_w, from_box_r, from_box_w]
+    spec, verdict_file, judge_err = tempfile.TemporaryFile(), tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    box = judge = None
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - _TAIL, 0))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+        box = confine.start(mode, limits, _payload(check.source, check.setup, limits), to_box_r, from_box_w, cgroups)
+        spec.write(json.dumps(_judge_spec(check, limits)).encode())
+        spec.seek(0)
+        judge = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(confine.WIRE), "judge", str(from_box_r),
+                                  str(to_box_w)], stdin=spec, stdout=verdict_file, stderr=judge_err,
+                                 pass_fds=(from_box_r, to_box_w), env=confine.CLEAN_ENV)
+        # keep our copy of the sandbox's input open: when the judge exits the server must not see EOF
+        # and exit before its totals are read (a /proc scan cannot see processes that are gone)
+        _release(held, to_box_r, from_box_r, from_box_w)
 
-
-def _layers(stderr: str) -> str:
-    for line in stderr.splitlines():
-        if line.startswith("d3ray-sandbox layers="):
-            return line.split("=", 1)[1]
-    return "?"
-
-
-def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
-    """Run ``source`` as ``solution.py`` under ``limits``; never raises for what the program does."""
-    work = Path(tempfile.mkdtemp(prefix="d3ray-sandbox-")).resolve()
-    try:
-        (work / "runner.py").write_text(_RUNNER, encoding="utf-8")
-        (work / "solution.py").write_text(source, encoding="utf-8")
-        nonce = secrets.token_hex(16)
-        cmd = [sys.executable, "-I", "-S", "-B", str(work / "runner.py"), str(work), str(limits.memory_mb << 20),
-               str(int(limits.timeout_s) + 1), str(limits.file_size_mb << 20), "1" if limits.namespaces else "0"]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work),
-               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        t0 = time.perf_counter()
-        with open(work / "stdout", "wb") as out, open(work / "stderr", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                    start_new_session=True)
-            status = "failed"
+        def judged(timeout: float) -> bool:
             try:
-                proc.stdin.write((nonce + "\n").encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                proc.wait(timeout=limits.timeout_s)
+                judge.wait(timeout=timeout)
+                return True
             except subprocess.TimeoutExpired:
-                status = "timeout"
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, children included
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        duration = time.perf_counter() - t0
-        stdout, stderr = _tail(work / "stdout"), _tail(work / "stderr")
-        if status != "timeout" and proc.returncode == 0 and stdout.rstrip().endswith(nonce):
-            status = "passed"
-        return ExecResult(status, proc.returncode, duration, stdout, stderr, _layers(stderr))
+                return False
+
+        fired, use = _watch(judged, box, limits, t0)
+        if fired:
+            judge.kill()
+        judge.wait()
+        verdict_file.seek(0)
+        try:
+            result = json.loads(verdict_file.read() or b"{}")
+        except ValueError:
+            result = {}
+        if not result:
+            judge_err.seek(0, os.SEEK_END)
+            judge_err.seek(max(judge_err.tell() - TAIL, 0))
+            tail = judge_err.read().decode("utf-8", errors="replace").strip()
+            result = {"stage": "judge", "error": f"the judge exited with status {judge.returncode} and no verdict"
+                                                 f"{': ' + tail if tail else ''}"}
+        error = result.get("error", "")
+        passed = result.get("passed") is True and fired is None
+        limit = fired or (None if passed else _infer_limit(box, limits, error, use.cpu_s if use else None))
+        if passed:
+            status, reason = "passed", ""
+        else:
+            status = "timeout" if limit in ("cpu", "wall") else "failed"
+            stage = result.get("stage", "judge")
+            reason = f"{limit} limit: {_describe(limit, limits)}" if fired else f"{stage}: {error}"
+        box.kill()
+        return Verdict(status, limit, reason, use.cpu_s if use else None, time.monotonic() - t0,
+                       int(result.get("calls", 0)), box.confinement, box.output_tail(TAIL))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _release(held)
+        if judge is not None and judge.poll() is None:
+            judge.kill()
+            judge.wait()
+        if box is not None:
+            confine.cleanup(box)
+        for f in (spec, verdict_file, judge_err):
+            f.close()
 
 
-def run_programs(
-    sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2, progress: bool = False
-) -> list[ExecResult]:
-    """Run many programs, ``workers`` at a time (each in its own process); results in input order."""
+def _describe(limit: str, limits: SandboxLimits) -> str:
+    return {"cpu": f"over {limits.cpu_s:g} CPU seconds (all the program's processes)",
+            "wall": f"still running after the {limits.wall_limit_s:g} s wall-clock backstop",
+            "memory": f"over {limits.memory_mb} MB (all the program's processes)"}.get(limit, limit)
+
+
+def run_check(check: CodeCheck, limits: SandboxLimits = SandboxLimits()) -> Verdict:
+    """Judge one program (see the module docstring)."""
+    mode, cgroups = confine.detect(limits)
+    return _run_check(check, limits, mode, cgroups)
+
+
+def run_checks(checks: Sequence[CodeCheck], limits: SandboxLimits = SandboxLimits(), workers: int = 2,
+               progress: bool = False) -> list[Verdict]:
+    """Judge many programs, ``workers`` sandboxes at a time; verdicts in input order."""
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
-    if not sources:
+    if not checks:
         return []
+    mode, cgroups = confine.detect(limits)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda s: run_program(s, limits), sources)
+        verdicts = pool.map(lambda c: _run_check(c, limits, mode, cgroups), checks)
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(sources), desc="sandbox", unit="program")
-        return list(results)
+            verdicts = tqdm(verdicts, total=len(checks), desc="code checks", unit="program")
+        return list(verdicts)
 
 
-def pass_at_1(results: Sequence[ExecResult]) -> float:
+def pass_at_1(verdicts: Sequence[Verdict]) -> float:
     """pass@1 with one sample per problem: the fraction of programs that passed."""
-    return sum(r.passed for r in results) / len(results) if results else 0.0
+    return sum(v.passed for v in verdicts) / len(verdicts) if verdicts else 0.0
+
+
+# -- calls without a test: the harness itself is the client ------------------------------------------
+def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLimits = SandboxLimits(),
+              setup: str = "", _mode: tuple[str, dict | None] | None = None) -> CallsResult:
+    """Load ``source`` in a sandbox and call ``name(*args)`` for each of ``calls``; plain values back.
+
+    EvalPlus-style use (compare the values yourself), sandbox tests and the confinement probe.
+    Stops at the first call that does not complete (a limit fired or the sandbox exited).
+    """
+    mode, cgroups = _mode or confine.detect(limits)
+    t0 = time.monotonic()
+    deadline = t0 + limits.wall_limit_s
+    (to_box_r, to_box_w), (from_box_r, from_box_w) = os.pipe(), os.pipe()
+    held = [to_box_r, to_box_w, from_box_r, from_box_w]
+    values, raised, limit, error, loaded = [], [], None, "", False
+    box = None
+    try:
+        box = confine.start(mode, limits, _payload(source, setup, limits), to_box_r, from_box_w, cgroups)
+        _release(held, to_box_r, from_box_w)
+        channel = wire.Channel(from_box_r, to_box_w, limits.max_message_mb * MIB)
+
+        def receive() -> dict:
+            while True:
+                if select.select([from_box_r], [], [], limits.poll_s)[0]:
+                    return channel.recv(timeout=max(deadline - time.monotonic(), 0.0))
+                fired = box.over(limits) or ("wall" if time.monotonic() > deadline else None)
+                if fired:
+                    raise _Fired(fired, box.usage())
+
+        try:
+            hello = receive()
+            loaded = hello.get("ready") is True
+            if not loaded:
+                error = f"load: {wire.rebuild_exception(hello.get('raised'))!r}"
+            for name, args in calls if loaded else ():
+                channel.send({"call": name, "args": [wire.to_wire(a) for a in args], "kwargs": {}})
+                reply = receive()
+                if "value" in reply:
+                    values.append(wire.from_wire(reply["value"]))
+                    raised.append(None)
+                else:
+                    values.append(None)
+                    raised.append(wire.rebuild_exception(reply.get("raised")))
+            use = box.usage()
+        except _Fired as fired:
+            limit, error, use = fired.limit, f"{fired.limit} limit: {_describe(fired.limit, limits)}", fired.use
+        except (wire.ChannelClosed, wire.ChannelTimeout, wire.WireError) as err:
+            error, use = f"{type(err).__name__}: {err}", box.usage()
+        box.kill()
+        limit = limit or (_infer_limit(box, limits, error, use.cpu_s if use else None) if error else None)
+        return CallsResult(loaded, values, raised, limit, error, box.confinement, box.output_tail(TAIL))
+    finally:
+        _release(held)
+        if box is not None:
+            confine.cleanup(box)

@@ -6,14 +6,21 @@ Tasks (the d3LLM leaderboard's, plus the embedded synthetic one):
 name           prompt                                                          score
 =============  ==============================================================  ==================
 synthetic      the question, chat template (as the tiny models were trained)   last number
-gsm8k          ``Q: {question}\\nA: Let's think step by step.`` (CoT 0-shot)   "The answer is N"
-long_gsm8k     5 worked ``Question: ...\\nAnswer: ... #### N`` shots + question  "#### N"
+gsm8k          ``Q: {question}\\nA: Let's think step by step.`` (CoT 0-shot)   flexible-extract,
+                                                                               strict-match
+long_gsm8k     5 worked ``Question: ...\\nAnswer: ... #### N`` shots + question  flexible-extract,
+                                                                               strict-match
 math500        ``Problem:\\n{problem}\\n\\nSolution:`` (raw) or the problem with a  math-verify
                boxed-answer instruction (chat)
-humaneval      the function stub to continue (raw) or an instruction with the  sandbox pass@1
-               stub in a code block (chat)
-mbpp           lm-eval's 3-shot ``[BEGIN] ... [DONE]`` prompt                   sandbox pass@1
+humaneval      the function stub to continue (raw) or an instruction with the  pass@1 (sandbox
+               stub in a code block (chat)                                     + trusted judge)
+mbpp           lm-eval's 3-shot ``[BEGIN] ... [DONE]`` prompt                   pass@1 (same)
 =============  ==============================================================  ==================
+
+Scoring is :meth:`Task.metrics`: per-example correctness under each of the task's metrics
+(:attr:`Task.metric_names`; the first is the task's accuracy, :meth:`Task.score`). GSM8K's two
+are lm-eval's filters (see :mod:`d3core.eval.scoring`); code is judged by
+:mod:`d3core.eval.sandbox`.
 
 Prompt style (``resolve_style``): ``auto`` follows the d3LLM harness: LLaDA gets GSM8K, Long-GSM8K
 and MATH raw (no chat template) and the code tasks inside a chat turn; Dream and AR baselines get
@@ -28,9 +35,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from d3core.eval import benchmarks, scoring, synthetic
+from d3core.eval import benchmarks, codechecks, scoring, synthetic
 from d3core.eval.benchmarks import Example
-from d3core.eval.sandbox import SandboxLimits, run_programs
+from d3core.eval.sandbox import CodeCheck, SandboxLimits, Verdict, run_checks
 
 logger = logging.getLogger(__name__)
 
@@ -106,29 +113,49 @@ class Task:
         idx = [i for i in (text.find(s) for s in stops) if i >= 0]
         return (text[: min(idx)], True) if idx else (text, False)
 
-    def score(self, responses: Sequence[str], examples: Sequence[Example], style: str,
-              limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> list[bool]:
-        """Correctness of each (already cut) response."""
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The task's metrics; the first is its accuracy (:meth:`score`)."""
+        if self.name in ("gsm8k", "long_gsm8k"):
+            return (scoring.FLEXIBLE, scoring.STRICT)
+        return {"synthetic": ("exact_match",), "math500": ("math_verify",)}.get(self.name, ("pass@1",))
+
+    def metrics(self, responses: Sequence[str], examples: Sequence[Example], style: str,
+                limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> dict[str, list[bool]]:
+        """Correctness of each (already cut) response under each metric of :attr:`metric_names`."""
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples: pass one response each")
-        if self.name == "synthetic":
-            return [synthetic.score(r, int(e.target)) for r, e in zip(responses, examples)]
         if self.name in ("gsm8k", "long_gsm8k"):
-            strict = scoring.GSM8K_COT_STRICT if self.name == "gsm8k" else scoring.GSM8K_FEWSHOT_STRICT
-            return [scoring.score_gsm8k(r, e.target, strict) for r, e in zip(responses, examples)]
-        if self.name == "math500":
-            return [scoring.score_math(r, e.target) for r, e in zip(responses, examples)]
-        return [r.passed for r in run_programs(self.programs(responses, examples, style), limits, workers)]
+            phrase = scoring.COT_PHRASE if self.name == "gsm8k" else scoring.FEWSHOT_PHRASE
+            per = [scoring.gsm8k_metrics(r, e.target, phrase) for r, e in zip(responses, examples)]
+            return {m: [p[m] for p in per] for m in self.metric_names}
+        if self.name == "synthetic":
+            correct = [synthetic.score(r, int(e.target)) for r, e in zip(responses, examples)]
+        elif self.name == "math500":
+            correct = [scoring.score_math(r, e.target) for r, e in zip(responses, examples)]
+        else:
+            correct = [v.passed for v in self.verdicts(responses, examples, style, limits, workers)]
+        return {self.metric_names[0]: correct}
 
-    def programs(self, responses: Sequence[str], examples: Sequence[Example], style: str) -> list[str]:
-        """The test programs for a code task's responses."""
+    def score(self, responses: Sequence[str], examples: Sequence[Example], style: str,
+              limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> list[bool]:
+        """Correctness of each (already cut) response under the task's first metric."""
+        return self.metrics(responses, examples, style, limits, workers)[self.metric_names[0]]
+
+    def verdicts(self, responses: Sequence[str], examples: Sequence[Example], style: str,
+                 limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> list[Verdict]:
+        """A code task's verdicts (status, the limit that fired, why it failed) for each response."""
+        return run_checks(self.checks(responses, examples, style), limits, workers)
+
+    def checks(self, responses: Sequence[str], examples: Sequence[Example], style: str) -> list[CodeCheck]:
+        """What the sandbox and the judge get for a code task's responses."""
+        if len(responses) != len(examples):
+            raise ValueError(f"{len(responses)} responses for {len(examples)} examples: pass one response each")
         if self.name == "humaneval":
-            return [scoring.humaneval_program(e.meta["prompt"], e.meta["test"], e.meta["entry_point"], r,
-                                              instruct=style == "chat") for r, e in zip(responses, examples)]
+            return [codechecks.humaneval_check(e, r, instruct=style == "chat") for r, e in zip(responses, examples)]
         if self.name == "mbpp":
-            return [scoring.mbpp_program(scoring.extract_code(r), e.meta["tests"], e.meta["setup"])
-                    for r, e in zip(responses, examples)]
-        raise ValueError(f"task {self.name!r} is not a code task: only humaneval and mbpp build programs")
+            return [codechecks.mbpp_check(e, r) for r, e in zip(responses, examples)]
+        raise ValueError(f"task {self.name!r} is not a code task: only humaneval and mbpp have code checks")
 
 
 def _mbpp_block(e: Example) -> str:

@@ -112,3 +112,63 @@ def test_prompt_file_without_ids_is_refused(tmp_path):
     path.write_text('{"prompt": "ann has 3 apples . how many apples now ?"}\n')
     with pytest.raises(ValueError, match="record 0 lacks 'id' or 'prompt'"):
         P.load_prompts(P.TrajectoriesConfig(prompts=str(path), n_prompts=5))
+
+
+def _prompt_file(tmp_path, records):
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_a_prompt_set_without_a_task_needs_keep_all(tmp_path):
+    path = _prompt_file(tmp_path, [{"id": "a", "prompt": "ann has 3 apples . how many now ?", "answer": "3"}])
+    with pytest.raises(ValueError, match="no 'task'.*--keep-all"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=path, n_prompts=5))
+    rows = P.load_prompts(P.TrajectoriesConfig(prompts=path, n_prompts=5, keep_all=True))
+    assert [r["task"] for r in rows] == [None] and P.make_scorer(None, ["a"], ["3"]) is None
+    with pytest.raises(ValueError, match="keep_all=True with filter_correct=True"):
+        P.TrajectoriesConfig(keep_all=True, filter_correct=True)
+
+
+def test_bad_task_fields_are_refused(tmp_path):
+    mixed = _prompt_file(tmp_path, [{"id": "a", "prompt": "p", "answer": "1", "task": "gsm8k"},
+                                    {"id": "b", "prompt": "p", "answer": "1", "task": "math500"}])
+    with pytest.raises(ValueError, match="one prompt set is one task"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=mixed, n_prompts=5))
+    unknown = _prompt_file(tmp_path, [{"id": "a", "prompt": "p", "answer": "1", "task": "gsm9k"}])
+    with pytest.raises(ValueError, match="'gsm9k' has no scorer"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=unknown, n_prompts=5))
+    code = _prompt_file(tmp_path, [{"id": "my-own-7", "prompt": "write f", "task": "humaneval"}])
+    with pytest.raises(ValueError, match="not humaneval problems"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=code, n_prompts=5))
+    unanswered = _prompt_file(tmp_path, [{"id": "a", "prompt": "p", "task": "gsm8k"}])
+    with pytest.raises(ValueError, match="no 'answer' for the gsm8k scorer"):
+        P.load_prompts(P.TrajectoriesConfig(prompts=unanswered, n_prompts=5))
+
+
+def test_rows_are_judged_by_their_own_tasks_scorer(tmp_path):
+    from d3core.eval import benchmarks, synthetic
+
+    text = "She makes 9 * 2 = 18 dollars. The answer is 18. Check: 16 - 3 - 4 = 9 eggs."
+    assert not synthetic.score(text, 18)  # the old scorer, the last integer, would drop this row
+    assert P.make_scorer("gsm8k", ["g"], ["18"])([text], [0]) == [True]
+    assert P.make_scorer("gsm8k", ["g"], ["18"])(["It is 18 or 19."], [0]) == [False]
+    assert P.make_scorer("math500", ["m"], ["\\frac{1}{2}"])(["so \\boxed{0.5}"], [0]) == [True]
+    he = benchmarks.humaneval()[0]
+    code = f"```python\n{he.meta['prompt']}{he.target}\n```"
+    assert P.make_scorer("humaneval", [he.id], [""])([code, "```python\nx = 1\n```"], [0, 0]) == [True, False]
+    path = _prompt_file(tmp_path, [{"id": he.id, "prompt": he.question, "task": "humaneval"}])
+    assert P.load_prompts(P.TrajectoriesConfig(prompts=path, n_prompts=5))[0]["task"] == "humaneval"
+
+
+def test_decode_prompts_marks_rows_of_an_unscored_set_incorrect():
+    cfg = P.TrajectoriesConfig(n_prompts=2, keep_all=True)
+    prompts = P.load_prompts(P.TrajectoriesConfig(n_prompts=2))
+    teacher, tok = load_tiny_teacher(), load_tiny_tokenizer()
+    args = ([p["id"] for p in prompts], [p["prompt_ids"] for p in prompts], [p["answer"] for p in prompts])
+    scored = P.decode_prompts(teacher, tok, cfg, *args, teacher_name="tiny", task="synthetic")
+    unscored = P.decode_prompts(teacher, tok, cfg, *args, teacher_name="tiny", task=None)
+    assert [r.response_ids for r in scored] == [r.response_ids for r in unscored]
+    assert any(r.is_correct for r in scored) and not any(r.is_correct for r in unscored)

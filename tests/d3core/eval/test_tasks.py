@@ -114,6 +114,8 @@ def test_evaluate_task_runs_a_real_benchmark_on_the_tiny_model(teacher, tok):
                            short, batch_size=3, style="chat", generator=torch.Generator().manual_seed(0))
     assert report.task == "gsm8k" and report.n == 3 and len(report.outputs) == 3
     assert 0.0 <= report.accuracy <= 1.0 and report.total_nfe > 0
+    assert set(report.metrics) == {"strict-match", "flexible-extract"}  # lm-eval's two, reported apart
+    assert report.accuracy == report.metrics["flexible-extract"] and "metrics" in report.summary()
 
 
 def test_raw_humaneval_continuation_is_cut_where_the_function_ends():
