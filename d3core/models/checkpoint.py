@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 __all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "load_config", "load_pretrained",
-           "save_pretrained", "write_config", "official_specs", "official_names", "init_from_causal_lm"]
+           "save_pretrained", "write_config", "write_generation_config", "official_specs", "official_names", "init_from_causal_lm"]
 
 
 def expand_param_map(param_map: dict[str, str], num_layers: int) -> dict[str, str]:
@@ -147,6 +147,12 @@ def write_config(uri: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
     fs.makedirs(root, exist_ok=True)
     with fs.open(_join(root, CONFIG_NAME), "w") as f:
         json.dump(get_architecture(cfg.arch).config_to_hf(cfg, dtype_name(dtype)), f, indent=2)
+    write_generation_config(uri, cfg)
+
+
+def write_generation_config(uri: str, cfg: ModelConfig) -> None:
+    """``generation_config.json`` with every stop id of ``cfg`` (its eos list is what ``load_config`` reads)."""
+    fs, root = fsspec.core.url_to_fs(uri)
     with fs.open(_join(root, GENERATION_CONFIG_NAME), "w") as f:
         json.dump({"eos_token_id": list(cfg.eos_ids), "pad_token_id": cfg.pad_id,
                    **({"bos_token_id": cfg.bos_id} if cfg.bos_id is not None else {})}, f, indent=2)
