@@ -132,3 +132,16 @@ def test_tokenizer_from_remote_fsspec_storage(layouts):
         assert tok.mask_token_id == load_config(str(layouts["dream"])).mask_id
     finally:
         fs.rm("/d3ray-tok", recursive=True)
+
+
+def test_ar_baseline_resolves_hub_refs_too(hub_cache, tmp_path):
+    from d3core.models.ar import build_ar_model, load_ar_model
+
+    ar = build_ar_model(seed=3)
+    ar.save_pretrained(str(tmp_path / "ar"))
+    install_in_hub_cache(hub_cache, "Qwen/Qwen2.5-7B-Instruct", tmp_path / "ar")
+    ids = torch.tensor([[2, 7, 9]])
+    with torch.no_grad():
+        expected = ar.eval()(ids).logits
+        for ref in ("Qwen/Qwen2.5-7B-Instruct", "hf://Qwen/Qwen2.5-7B-Instruct"):
+            assert torch.equal(load_ar_model(ref)(ids).logits, expected), ref
