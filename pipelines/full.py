@@ -181,7 +181,10 @@ def stage_evaluate(cfg: FullConfig, teacher: str, ar_model: str) -> dict:
     if "student" in models and _exists(cfg.path("student", "README.md")):
         from d3core.models.export import set_evaluation
 
-        set_evaluation(cfg.path("student"), card_evaluation(report))
+        try:
+            set_evaluation(cfg.path("student"), card_evaluation(report))
+        except ValueError as err:  # a card without d3ray's evaluation section (an older export): leave it
+            logger.warning("student model card not updated: %s", err)
     return {"aup": report["aup"], "wall_seconds": report["wall_seconds"]}
 
 

@@ -30,7 +30,7 @@ from d3core.models.registry import build_model
 DREAM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>")
 DREAM_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-DREAM_TOKENIZER_CLASS = '''"""Test stand-in for Dream-org's tokenizer class: byte-level BPE over vocab.json and merges.txt."""
+DREAM_TOKENIZER_CLASS = '''"""Test stand-in for Dream's tokenizer class: byte-level BPE (vocab.json, merges.txt)."""
 
 from transformers import Qwen2Tokenizer
 

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 __all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "load_config", "load_pretrained",
-           "save_pretrained", "write_config", "write_generation_config", "official_specs", "official_names", "init_from_causal_lm"]
+           "save_pretrained", "write_config", "write_generation_config", "official_specs", "official_names",
+           "init_from_causal_lm"]
 
 
 def expand_param_map(param_map: dict[str, str], num_layers: int) -> dict[str, str]:

@@ -130,8 +130,9 @@ def student_config(teacher_uri: str, teacher_ref: str, dtype: torch.dtype) -> di
     raw.pop("_name_or_path", None)
     hub = parse_hub_ref(teacher_ref)
     auto_map = raw.get("auto_map")
-    if not auto_map:
-        auto_map = get_architecture(load_config(teacher_uri).arch).config_to_hf(load_config(teacher_uri))["auto_map"]
+    if not auto_map:  # e.g. d3ray's own tiny teacher: the architecture's official classes, in its official repo
+        cfg = load_config(teacher_uri)
+        auto_map = get_architecture(cfg.arch).config_to_hf(cfg)["auto_map"]
     elif hub is not None:
         auto_map = {k: _in_repo(v, hub.repo_id) for k, v in auto_map.items()}
     raw["auto_map"] = auto_map

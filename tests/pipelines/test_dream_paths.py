@@ -98,8 +98,9 @@ def test_dream_trajectories_distill_eval_and_serve(dream_hub, tmp_path):
     try:
         serve.run(app_builder({"preset": "tiny", "model": str(student), "trust_remote_code": True,
                                "model_name": "dream-student"}), name="dream", route_prefix="/")
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
-            "model": "dream-student", "temperature": 0, "messages": [{"role": "user", "content": "ann has 7 apples ."}]})
+        messages = [{"role": "user", "content": "ann has 7 apples ."}]
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                           json={"model": "dream-student", "temperature": 0, "messages": messages})
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["usage"]["completion_tokens"] > 0 and isinstance(body["choices"][0]["message"]["content"], str)
