@@ -14,9 +14,11 @@ directory first, since ``AutoTokenizer`` reads local files only.
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import json
 import logging
+import shutil
 import tempfile
 
 import fsspec
@@ -98,6 +100,7 @@ def local_tokenizer_dir(uri: str) -> str:
         return root
     if uri not in _LOCAL_COPIES:
         target = tempfile.mkdtemp(prefix="d3ray-tokenizer-")
+        atexit.register(shutil.rmtree, target, ignore_errors=True)  # a per-process cache of small files
         for name in tokenizer_file_names(uri):
             fs.get_file(f"{root}/{name}", f"{target}/{name}")
         logger.info("copied the tokenizer files of %s to %s", uri, target)
