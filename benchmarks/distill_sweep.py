@@ -165,11 +165,11 @@ def _job(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(opts["threads"])
-    from transformers import AutoTokenizer
+    from d3core.models.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
     model, info = train_point(point, rows, opts["init"], opts["device"])
-    tok = AutoTokenizer.from_pretrained(opts["init"])
+    tok = load_tokenizer(opts["init"], opts["trust_remote_code"])
     info["eval"] = score(model, tok, opts["thresholds"], opts["n_eval"], opts["cache_delay"], opts["eval_batch"])
     info["point"] = asdict(point)
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--students", default="", help="NAME=DIR,...: score these checkpoints instead of training")
     p.add_argument("--grid", default="", help="KEY=V1,V2;... (see the module doc); empty: the tiny preset alone")
     p.add_argument("--init", default="", help="teacher / student init; empty: the shipped tiny teacher")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow tokenizers defined by the checkpoint's own Python code (Dream)")
     p.add_argument("--thresholds", default="0.3,0.5")
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--cache-delay", type=int, default=1, help="d3llm cache_delay_iter; -1: no KV cache")
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     init = args.init or str(TINY_TEACHER_DIR)
     opts = dict(init=init, device=device, thresholds=thresholds,
                 n_eval=args.n_eval, cache_delay=None if args.cache_delay < 0 else args.cache_delay,
-                eval_batch=args.eval_batch, threads=args.threads)
+                eval_batch=args.eval_batch, threads=args.threads, trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("runs", {})
@@ -226,20 +228,18 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     if "teacher" not in results:
-        from transformers import AutoTokenizer
-
         from d3core.models.checkpoint import load_pretrained
+        from d3core.models.tokenizer import load_tokenizer
 
         teacher = load_pretrained(init, device=device).eval()
-        results["teacher"] = score(teacher, AutoTokenizer.from_pretrained(init), opts["thresholds"], args.n_eval,
-                                   opts["cache_delay"], args.eval_batch)
+        results["teacher"] = score(teacher, load_tokenizer(init, args.trust_remote_code), opts["thresholds"],
+                                   args.n_eval, opts["cache_delay"], args.eval_batch)
         save()
     logger.info("teacher: %s", results["teacher"])
 
     if args.students:
-        from transformers import AutoTokenizer
-
         from d3core.models.checkpoint import load_pretrained
+        from d3core.models.tokenizer import load_tokenizer
 
         results.setdefault("students", {})
         for item in filter(None, args.students.split(",")):
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             if not sep:
                 raise ValueError(f"--students item {item!r}: expected NAME=DIR")
             student = load_pretrained(path, device=device).eval()
-            ev = score(student, AutoTokenizer.from_pretrained(path), opts["thresholds"], args.n_eval,
+            ev = score(student, load_tokenizer(path, args.trust_remote_code), opts["thresholds"], args.n_eval,
                        opts["cache_delay"], args.eval_batch)
             results["students"][name] = {"path": path, "eval": ev}
             save()

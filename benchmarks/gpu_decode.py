@@ -91,7 +91,7 @@ def time_decode(model, program, params, batch: int, prompt_len: int, repeats: in
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, vocab - 1000, (batch, prompt_len), generator=gen).tolist()
+    prompts = torch.randint(0, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
     d = Decoder(model, program, rows=batch, capacity=prompt_len + params.gen_length)
 
     def decode() -> tuple[float, int, int]:

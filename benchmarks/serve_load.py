@@ -88,9 +88,9 @@ def sampler_ceiling(preset: str, model: str, questions: list[str], batch: int, r
     This bounds what request batching can gain on this machine with this sampler.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from d3core.models.checkpoint import load_pretrained
+    from d3core.models.tokenizer import load_tokenizer
     from d3core.samplers import get_sampler
     from d3core.sft import encode_prompt
     from serve_apps.config import ServeConfig
@@ -100,7 +100,7 @@ def sampler_ceiling(preset: str, model: str, questions: list[str], batch: int, r
     torch.set_num_threads(cfg.torch_threads or threads)
     try:
         net = load_pretrained(cfg.model, device=cfg.device).eval()
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer_uri)
+        tok = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code)
         prompts = [encode_prompt(tok, q) for q in questions[:batch]]
         spec, params = get_sampler(cfg.sampler), cfg.default_params()
         best_one, best_all, tokens = float("inf"), float("inf"), 0

@@ -8,10 +8,15 @@ Data and split over the workers (``get_dataset_shard``). Each worker runs the st
 FSDP2 (``fully_shard`` per transformer block, then the root; bf16 params with fp32 reduction
 on GPU, gloo on CPU) and optimises d3LLM pseudo-trajectory distillation with dParallel's
 certainty forcing (``d3core.distill``); ``--masking random`` is the plain dParallel fallback.
-Checkpoints go through ``ray.train.report``; rerunning with the same ``--out`` resumes from
-the latest one, and ``FailureConfig`` restarts lost workers from it. The student is exported
-in the official HF layout of its architecture (tokenizer included) to ``--out``, with
-``distill_summary.json`` written last: its presence marks the stage as done.
+Checkpoints are sharded with ``torch.distributed.checkpoint`` (``pipelines/train_checkpoint.py``)
+and go through ``ray.train.report``; rerunning with the same ``--out`` resumes from the latest
+one (with any number of workers), and ``FailureConfig`` restarts lost workers from it. Ray
+Train's storage defaults to ``<dir of OUT>/_train/<name of OUT>``, outside the export. The
+student is exported to ``--out`` shard by shard from the last checkpoint, in its teacher's
+layout and the preset's dtype (``d3core/models/export.py``: teacher config and ``auto_map``,
+tokenizer files copied verbatim, model card), with ``distill_summary.json`` written last: its
+presence marks the stage as done. ``--push-to-hub REPO`` then uploads the directory.
+A teacher whose tokenizer is remote code (Dream) needs ``--trust-remote-code``.
 """
 
 from __future__ import annotations
@@ -36,13 +41,17 @@ PRESETS: dict[str, dict] = {
     # up (6 vs 2) because the tiny teacher starts far less certain than an 8B one, and the window grows
     # to the whole 48-slot response. 5 epochs ~ the 350 steps the main job runs on 3000 prompts' rows.
     # 8B presets follow d3LLM's recipe.
+    # export_dtype: the published student's weights (bf16 like the official 8B/7B checkpoints on GPU presets).
     "tiny": dict(num_workers=2, use_gpu=False, threads_per_worker=1, batch_size=32, epochs=5, lr=2e-4,
-                 warmup_steps=20, window_sizes=(16, 48), ckpt_every=50, entropy_weight=6.0),
+                 warmup_steps=20, window_sizes=(16, 48), ckpt_every=50, entropy_weight=6.0, export_dtype="float32"),
     "llada-8b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
-                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0),
+                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0,
+                     export_dtype="bfloat16"),
     "dream-7b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
-                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0),
+                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0,
+                     export_dtype="bfloat16"),
 }
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,12 @@ class DistillConfig:
     trajectories: str = "runs/trajectories"
     out: str = "runs/student"
     preset: str = "tiny"
-    init: str = ""  # student initialisation (a dLLM checkpoint URI); empty: the trajectories' teacher
-    storage: str = ""  # Ray Train storage (local path or s3:// / gs://); empty: OUT/_train (local OUT only)
+    init: str = ""  # student initialisation (a dLLM checkpoint: path, URI, hub id); empty: the trajectories' teacher
+    storage: str = ""  # Ray Train storage (local path or s3:// / gs://); empty: <dir of OUT>/_train/<name> (local)
+    trust_remote_code: bool = False  # the teacher's tokenizer is Python shipped with it (Dream): allow it
+    export_dtype: str = ""  # dtype of the exported weights; empty: the preset's
+    max_shard_bytes: int = 5 * 10**9  # export: shard the safetensors above this size (transformers' "5GB")
+    push_to_hub: str = ""  # after the export, upload it to this hub model repo (ORG/NAME)
     masking: str = "trajectory"  # or "random" (dParallel fallback)
     only_correct: bool = True
     num_workers: int = 0  # 0 / -1 / (): the preset's value
@@ -86,6 +99,8 @@ class DistillConfig:
             value = getattr(self, name)
             if name == "use_gpu":
                 unset = value is None
+            elif name == "export_dtype":
+                unset = value == ""
             elif name == "entropy_weight":
                 unset = value == -1.0
             else:
@@ -93,6 +108,17 @@ class DistillConfig:
             if unset:
                 object.__setattr__(self, name, default)
         object.__setattr__(self, "window_sizes", tuple(int(k) for k in self.window_sizes))
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype={self.export_dtype!r}: must be one of {EXPORT_DTYPES}")
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
+        if self.push_to_hub:
+            from d3core.models.hub import HubRef
+
+            HubRef(self.push_to_hub)  # ORG/NAME or a ValueError naming the form
+            if "://" in self.out and not self.out.startswith("file://"):
+                raise ValueError(f"push_to_hub={self.push_to_hub!r} uploads a local export, but out={self.out!r} "
+                                 "is remote: export locally, or upload with `hf upload` from a copy")
         if self.masking not in ("trajectory", "random"):
             raise ValueError(f"masking={self.masking!r}: must be 'trajectory' or 'random'")
         for name in ("num_workers", "threads_per_worker", "batch_size", "epochs", "ckpt_every"):
@@ -124,7 +150,11 @@ class DistillConfig:
 
     @property
     def storage_path(self) -> str:
-        return self.storage or str(Path(self.out.removeprefix("file://")).resolve() / "_train")
+        """Ray Train's storage: kept out of the export directory, so that directory can be published as is."""
+        if self.storage:
+            return self.storage
+        out = Path(self.out.removeprefix("file://")).resolve()
+        return str(out.parent / "_train" / out.name)
 
     def worker_cfg(self) -> dict:
         keys = ("masking", "use_gpu", "threads_per_worker", "batch_size", "lr", "warmup_steps", "weight_decay",
@@ -168,34 +198,49 @@ def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def export_student(state_dict: dict, init_uri: str, out: str, lora=None) -> None:
-    """Write the student in the official layout of its architecture, with the teacher's tokenizer.
+def export_student(cfg: DistillConfig, checkpoint: str, init: str, summary: dict) -> list[str]:
+    """Write the student from the sharded checkpoint at ``checkpoint`` to ``cfg.out``, in ``init``'s layout.
 
-    With ``lora`` (the run's LoraSettings) the adapters are merged into the base weights first.
+    Tensors stream from the checkpoint shard by shard (LoRA adapters merged on the way) in the
+    preset's dtype; config, tokenizer files, generation config and license come from the teacher.
     """
-    import tempfile
+    import torch
 
-    from transformers import AutoTokenizer
+    from d3core.models.checkpoint import expand_param_map, load_config
+    from d3core.models.export import ModelCard, teacher_license
+    from d3core.models.export import export_student as write_export
+    from d3core.models.hub import resolve_checkpoint
+    from d3core.models.registry import get_architecture
+    from pipelines.train_checkpoint import student_fetcher
 
-    from d3core.models.checkpoint import load_config, save_pretrained
-    from d3core.models.registry import build_model
+    teacher = resolve_checkpoint(init, weights=False, trust_remote_code=cfg.trust_remote_code)
+    arch = load_config(teacher)
+    official_to_ours = expand_param_map(get_architecture(arch.arch).param_map, arch.num_layers)
+    fetch = student_fetcher(checkpoint, official_to_ours, cfg.lora())
+    card = ModelCard(title=f"{Path(cfg.out.rstrip('/')).name} (d3ray student)", base_model=init,
+                     license=teacher_license(teacher) or _shipped_license(teacher), recipe=recipe(cfg, summary))
+    return write_export(cfg.out, init, fetch, getattr(torch, cfg.export_dtype), card,
+                        trust_remote_code=cfg.trust_remote_code, max_shard_bytes=cfg.max_shard_bytes)
 
-    model = build_model(load_config(init_uri), device="cpu")
-    if lora is not None:
-        from d3core.distill.lora import apply_lora, merge_lora
 
-        model = apply_lora(model, lora)
-        model.load_state_dict(state_dict, strict=True)
-        model = merge_lora(model)
-    else:
-        model.load_state_dict(state_dict, strict=True)
-    save_pretrained(model, out)
-    fs, root = fsspec.core.url_to_fs(out)
-    with tempfile.TemporaryDirectory() as d:
-        AutoTokenizer.from_pretrained(init_uri).save_pretrained(d)
-        for name in os.listdir(d):
-            with open(os.path.join(d, name), "rb") as src, fs.open(root.rstrip("/") + "/" + name, "wb") as dst:
-                dst.write(src.read())
+def _shipped_license(teacher: str) -> str | None:
+    """The embedded tiny teacher is d3ray's own (trained by pipelines/pretrain.py): the project's license."""
+    from d3core.models.shipped import TINY_TEACHER_DIR
+
+    return "apache-2.0" if Path(teacher).resolve() == TINY_TEACHER_DIR else None
+
+
+def recipe(cfg: DistillConfig, summary: dict) -> dict:
+    """The settings a model card reports for this run."""
+    lora = cfg.lora()
+    return {"method": f"{cfg.masking} masking + certainty forcing (entropy weight {cfg.entropy_weight}, "
+                      f"temperature {cfg.entropy_temperature})",
+            "trajectories": f"{summary['rows']} rows" + (" (correct answers only)" if cfg.only_correct else ""),
+            "steps": summary["steps"], "global batch": cfg.batch_size, "workers": cfg.num_workers,
+            "lr (peak, cosine)": cfg.lr, "warmup steps": cfg.warmup_steps, "weight decay": cfg.weight_decay,
+            "window sizes": list(cfg.window_sizes), "mask ratio": [cfg.mask_ratio_min, cfg.mask_ratio_max],
+            "fine-tuning": f"LoRA rank {lora.rank}, alpha {lora.alpha} on {list(lora.targets)}, merged" if lora
+            else "full", "weights": cfg.export_dtype, "preset": cfg.preset, "seed": cfg.seed}
 
 
 def read_summary(out: str) -> dict | None:
@@ -212,10 +257,10 @@ def run_distill(cfg: DistillConfig) -> dict:
     """Train (or resume) and export; returns the summary. A finished ``out`` is returned as is."""
     import ray
     import ray.train
-    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.distill_worker import STATE_FILE, train_loop
+    from pipelines.distill_worker import train_loop
+    from pipelines.train_checkpoint import checkpoint_uri, read_trainer_state
 
     done = read_summary(cfg.out)
     if done is not None:
@@ -223,6 +268,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         return done
     table, teachers = load_trajectory_table(cfg)
     init = cfg.init or _teacher_uri(teachers)
+    _check_teacher(init, cfg)
     max_steps, steps_per_epoch = plan(cfg, table.num_rows)
     if max_steps < 1:
         raise ValueError(f"{table.num_rows} rows give 0 steps at batch_size={cfg.batch_size}")
@@ -234,7 +280,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.worker_cfg(), "init": init, "max_steps": max_steps,
-                           "steps_per_epoch": steps_per_epoch},
+                           "steps_per_epoch": steps_per_epoch, "storage_path": cfg.storage_path},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -250,25 +296,35 @@ def run_distill(cfg: DistillConfig) -> dict:
     train_seconds = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training under {cfg.storage_path} ended without a checkpoint; see the worker logs")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    export_student(state["model"], init, cfg.out, cfg.lora())
+    checkpoint = checkpoint_uri(result.checkpoint, cfg.storage_path)
+    state = read_trainer_state(checkpoint)
     uses = list(state["uses"].values())
     summary = {"config": dataclasses.asdict(cfg), "init": init, "rows": table.num_rows, "steps": state["step"],
-               "optimizer_steps": _optimizer_steps(state["optimizer"]),
+               "optimizer_steps": state["optimizer_steps"], "resumed_from": state["resumes"], "checkpoint": checkpoint,
                "row_uses": {"rows_used": len(uses), "min": min(uses, default=0), "max": max(uses, default=0)},
                "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "train_seconds": train_seconds,
                "final_metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
+    t0 = time.perf_counter()
+    summary["files"] = export_student(cfg, checkpoint, init, summary)
+    summary["export_seconds"] = time.perf_counter() - t0
     fs, root = fsspec.core.url_to_fs(cfg.out)
     with fs.open(root.rstrip("/") + "/" + SUMMARY, "w") as f:
         json.dump(summary, f, indent=2, default=str)
     logger.info("exported the student to %s after %d steps in %.0f s", cfg.out, state["step"], train_seconds)
+    if cfg.push_to_hub:
+        from d3core.models.export import push_to_hub
+
+        summary["pushed"] = push_to_hub(cfg.out, cfg.push_to_hub)
     return summary
 
 
-def _optimizer_steps(optim_state: dict) -> int:
-    steps = [int(v["step"]) for v in optim_state.get("state", {}).values() if "step" in v]
-    return max(steps, default=0)
+def _check_teacher(init: str, cfg: DistillConfig) -> None:
+    """Before any training: the teacher resolves, and a remote-code tokenizer has the flag it needs."""
+    from d3core.models.hub import resolve_checkpoint
+    from d3core.models.tokenizer import check_remote_code
+
+    check_remote_code(resolve_checkpoint(init, weights=False, trust_remote_code=cfg.trust_remote_code),
+                      cfg.trust_remote_code)
 
 
 def _teacher_uri(teachers: list[str]) -> str:
@@ -287,6 +343,8 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
             p.add_argument(flag, type=int if f.name == "window_sizes" else str, nargs="+", default=f.default)
         elif f.name in ("use_gpu", "only_correct"):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif f.name == "trust_remote_code":
+            p.add_argument(flag, action="store_true", help="run the teacher tokenizer's own Python code (Dream)")
         else:
             p.add_argument(flag, type=type(f.default) if f.default is not None else str, default=f.default)
     return DistillConfig(**vars(p.parse_args(argv)))

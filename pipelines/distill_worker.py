@@ -6,6 +6,8 @@ that depends only on ``(seed, epoch, row id)``. A step takes ``batch_size / worl
 per worker; an epoch ends when any worker cannot fill its part (drop-last), so every row is
 used at most once per epoch. A checkpoint records the step, the epoch and the ids consumed
 so far in that epoch; a resumed run skips exactly those ids, whichever worker now holds them.
+Checkpoints are sharded (``pipelines/train_checkpoint.py``): each rank writes its own FSDP2
+shards of the model and optimizer, and a resumed run may have another number of workers.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("d3ray.distill")
-
-STATE_FILE = "state.pt"
 
 
 def _order_key(seed: int, epoch: int, row_id: str) -> bytes:
@@ -102,19 +102,16 @@ def distill_step(model, optimizer, objective, rows: list[dict], step: int, max_s
     return out
 
 
-def full_state(model, optimizer) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def full_model_state(model) -> dict:
+    """The unsharded model state dict (gathered on every rank): for the diagnostic probe only, never checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(model, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+def optimizer_steps(optimizer) -> int:
+    """How many updates the optimizer's state has seen (AdamW's per-parameter ``step``)."""
+    return max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
 
 
 def gather_ids(ids: list[str]) -> list[str]:
@@ -146,6 +143,7 @@ def train_loop(config: dict) -> None:
     from d3core.distill.losses import LossWeights
     from d3core.distill.objective import DistillObjective
     from d3core.models.checkpoint import load_pretrained
+    from pipelines.train_checkpoint import checkpoint_uri, load_checkpoint
 
     cfg = config["cfg"]
     torch.set_num_threads(cfg["threads_per_worker"])
@@ -168,16 +166,17 @@ def train_loop(config: dict) -> None:
     uses: dict[str, int] = {}  # every row's uses up to the last checkpoint (the audit of the data semantics)
     new_uses: dict[str, int] = {}  # this worker's uses since then
     history: list[dict] = []  # per-step metrics (identical on every rank: they are all-reduced)
-    checkpoint = ray.train.get_checkpoint()
+    resumes: list[int] = []  # the step of every checkpoint this run was resumed from
+    checkpoint = ray.train.get_checkpoint()  # v2: the latest one, after a restart or in a rerun of the same run
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        load_full_state(model, optimizer, state)
+        state = load_checkpoint(checkpoint_uri(checkpoint, config["storage_path"]), model, optimizer)
         step, epoch, consumed = state["step"], state["epoch"], set(state["consumed"])
         uses = dict(state["uses"])
         history = list(state["history"])
+        resumes = [*state.get("resumes", []), step]
         if rank == 0:
-            logger.info("resumed at step %d (epoch %d, %d rows of it consumed)", step, epoch, len(consumed))
+            logger.info("resumed at step %d (epoch %d, %d rows of it consumed) from %d worker(s) on %d", step, epoch,
+                        len(consumed), state["world_size"], size)
 
     rows = [dict(id=str(i), prompt_ids=list(map(int, p)), response_ids=list(map(int, r)),
                  unmask_step=list(map(int, s)))
@@ -205,7 +204,8 @@ def train_loop(config: dict) -> None:
                 new_uses[r["id"]] = new_uses.get(r["id"], 0) + 1
             step += 1
             now = time.perf_counter()
-            out.update(step=step, epoch=epoch, lr=lr, tokens_per_s=out.pop("tokens") / max(now - t_last, 1e-9))
+            out.update(step=step, epoch=epoch, lr=lr, workers=size,
+                       tokens_per_s=out.pop("tokens") / max(now - t_last, 1e-9))
             t_last = now
             history.append(out)
             if rank == 0:
@@ -216,8 +216,12 @@ def train_loop(config: dict) -> None:
             # interval, so reporting every step throttles a fast step to that interval (~2 s).
             if step % cfg["ckpt_every"] == 0 or step == max_steps:
                 uses, new_uses = gather_uses(uses, new_uses), {}
-                report(model, optimizer, out, step, epoch, consumed, uses, history)
+                report(model, optimizer, out, step, epoch, consumed, uses, history, resumes)
             if step == fault_step and rank == size - 1 and _first_fault(cfg["fault_marker"]):
+                # Ray Train v2 registers a reported checkpoint when its controller next polls the
+                # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a worker that dies
+                # sooner takes its last report with it. Wait that long, like a crash well after it.
+                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
                 logger.warning("fault injection: worker %d exits at step %d", rank, step)
                 os._exit(1)
         epoch += 1
@@ -234,21 +238,20 @@ def _first_fault(marker_path: str) -> bool:
 
 
 def report(model, optimizer, metrics: dict, step: int, epoch: int, consumed: set[str],
-           uses: dict[str, int], history: list[dict]) -> None:
-    """Report metrics with a checkpoint (full model and optimizer state, data position, row uses)."""
+           uses: dict[str, int], history: list[dict], resumes: list[int]) -> None:
+    """Report metrics with a sharded checkpoint: every rank writes its own shards, Ray merges the directories."""
     import ray.train
 
-    model_sd, optim_sd = full_state(model, optimizer)
+    from pipelines.train_checkpoint import save_checkpoint
+
     ids = gather_ids(sorted(consumed))
-    rank, _ = world()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            torch.save({"model": model_sd, "optimizer": optim_sd, "step": step, "epoch": epoch, "consumed": ids,
-                        "uses": uses, "history": history},
-                       Path(d) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    _, size = world()
+    state = {"step": step, "epoch": epoch, "consumed": ids, "uses": uses, "history": history, "resumes": resumes,
+             "optimizer_steps": optimizer_steps(optimizer), "world_size": size}
+    with tempfile.TemporaryDirectory(prefix="d3ray-ckpt-") as d:
+        save_checkpoint(d, model, optimizer, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint-step{step:08d}")
 
 
 def probe_step(config: dict) -> None:
@@ -270,7 +273,7 @@ def probe_step(config: dict) -> None:
     objective = DistillObjective(masking=config["masking"], window_sizes=(8,), weights=LossWeights(entropy_weight=1.0))
     out = distill_step(model, optimizer, objective, config["rows"][rank::size], step=3, max_steps=10,
                        epoch_progress=0.3, seed=0, lr=1e-2, grad_clip=1e9)
-    model_sd, _ = full_state(model, optimizer)
+    model_sd = full_model_state(model)
     if rank == 0:
         torch.save({"metrics": out, "model": model_sd}, config["dump"])
     ray.train.report(out)

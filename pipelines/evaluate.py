@@ -10,7 +10,8 @@ cell per task, decoded by vLLM when ``use_vllm`` allows and ``vllm`` imports in 
 otherwise by d3core's ``ar`` sampler. The driver writes each finished cell to
 ``out/cells/<cell id>.json`` (the id hashes everything that changes the result), so a rerun
 decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
-table) and ``aup.png`` (accuracy vs TPF) under ``out``.
+table) and ``aup.png`` (accuracy vs TPF) under ``out``. Models are paths, fsspec URIs, hub ids
+or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoint code (Dream).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class EvaluateConfig:
     unit_tpf_single: bool = True
     sandbox_timeout_s: float = 10.0  # CPU seconds per program (all its processes)
     code_workers: int = 1
+    trust_remote_code: bool = False  # tokenizers defined by checkpoint code (Dream) may run
     preset: str = "custom"
 
     def __post_init__(self) -> None:
@@ -223,12 +225,13 @@ def _ar_backend(cfg: EvaluateConfig, cell: Cell, device: str):
 def run_cell(cfg_json: str, cell_json: str) -> dict:
     """Load the cell's model, decode the task's first ``n`` examples, score them; returns the cell record."""
     import torch
-    from transformers import AutoTokenizer
 
     from d3core.eval.harness import evaluate_task
     from d3core.eval.sandbox import SandboxLimits
     from d3core.eval.tasks import get_task
     from d3core.models.checkpoint import load_pretrained
+    from d3core.models.hub import resolve_checkpoint
+    from d3core.models.tokenizer import load_tokenizer
     from d3core.samplers import get_sampler
 
     cfg = config_from_json(cfg_json)
@@ -236,9 +239,10 @@ def run_cell(cfg_json: str, cell_json: str) -> dict:
     torch.set_num_threads(cfg.threads_per_cell)
     device = "cuda" if cfg.num_gpus_per_cell > 0 and torch.cuda.is_available() else "cpu"
     t0, cpu0 = time.perf_counter(), time.process_time()
-    tokenizer = AutoTokenizer.from_pretrained(cell.uri)
-    if cell.sampler == "ar":
-        model, spec, backend = _ar_backend(cfg, cell, device)
+    tokenizer = load_tokenizer(cell.uri, cfg.trust_remote_code)
+    if cell.sampler == "ar":  # vLLM and transformers get the local snapshot of a hub id or hf:// URI
+        local = dataclasses.replace(cell, uri=resolve_checkpoint(cell.uri, trust_remote_code=cfg.trust_remote_code))
+        model, spec, backend = _ar_backend(cfg, local, device)
     else:
         model, spec, backend = load_pretrained(cell.uri, device=device), get_sampler(cell.sampler), "d3core"
     params = spec.params_cls(**sampler_kwargs(cfg, cell, spec.params_cls))
@@ -328,12 +332,23 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
     bar.close()
 
 
+def check_tokenizers(cfg: EvaluateConfig) -> None:
+    """Before any cell runs: every model resolves, and remote-code tokenizers have the flag they need."""
+    from d3core.models.hub import resolve_checkpoint
+    from d3core.models.tokenizer import check_remote_code
+
+    for uri in [*cfg.models.values(), *([cfg.ar_model] if cfg.ar_model else [])]:
+        check_remote_code(resolve_checkpoint(uri, weights=False, trust_remote_code=cfg.trust_remote_code),
+                          cfg.trust_remote_code)
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Run the missing cells, then write ``report.json``, ``report.md`` and ``aup.png``; returns the report."""
     from d3core.eval.plots import plot_report
     from d3core.eval.report import build_report, to_markdown
 
     t0 = time.perf_counter()
+    check_tokenizers(cfg)
     cells = plan_cells(cfg)
     done = read_done(cfg, cells)
     pending = [c for c in cells if c.key(cfg) not in done]
@@ -387,6 +402,8 @@ def parse_args(argv=None) -> EvaluateConfig:
     for name in ("num_cpus_per_cell", "num_gpus_per_cell", "sandbox_timeout_s"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     p.add_argument("--use-vllm", choices=USE_VLLM, default=None)
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow tokenizers defined by the checkpoint's own Python code (Dream)")
     p.add_argument("--prompt-style", default=None)
     args = p.parse_args(argv)
     overrides: dict = {"out": args.out}
@@ -406,7 +423,8 @@ def parse_args(argv=None) -> EvaluateConfig:
             params.setdefault(sampler, {})[name] = json.loads(v)
         overrides["sampler_params"] = params
     for name in ("n", "batch_size", "gen_length", "block_length", "threads_per_cell", "seed", "code_workers",
-                 "num_cpus_per_cell", "num_gpus_per_cell", "sandbox_timeout_s", "use_vllm", "prompt_style"):
+                 "num_cpus_per_cell", "num_gpus_per_cell", "sandbox_timeout_s", "use_vllm", "prompt_style",
+                 "trust_remote_code"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return EvaluateConfig.from_preset(args.preset, **overrides)

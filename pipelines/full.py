@@ -19,7 +19,13 @@ Stages (each skippable with ``--skip``, each resumable from its own outputs):
    completion over HTTP.
 
 At the end ``RUN_DIR/report.md`` holds the AUP table, the plot, each stage's time and the
-hardware; ``RUN_DIR/stages.json`` records which stages ran and how long they took.
+hardware; ``RUN_DIR/stages.json`` records which stages ran and how long they took. The
+student's model card (``RUN_DIR/student/README.md``) gets the run's AUP table, and
+``--push-to-hub ORG/NAME`` then publishes the student directory as is.
+
+Checkpoints (``--teacher``, ``--ar-model``) are paths, fsspec URIs, hub ids or ``hf://`` URIs,
+resolved where they are loaded (each worker's HF cache), never downloaded whole on the driver.
+``--trust-remote-code`` lets tokenizers defined by the checkpoint's own code run (Dream needs it).
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import re
 import time
 from dataclasses import dataclass
 
@@ -53,7 +58,7 @@ PRESETS: dict[str, dict] = {
 class FullConfig:
     preset: str = "tiny"
     run_dir: str = "runs/full"
-    teacher: str = ""  # dLLM checkpoint: path, fsspec URI or HF hub id; tiny: the shipped teacher
+    teacher: str = ""  # dLLM checkpoint: path, fsspec URI, HF hub id or hf:// URI; tiny: the shipped teacher
     ar_model: str = ""  # AR baseline (HF causal LM); tiny: the shipped AR model
     prompts: str = ""  # JSONL/Parquet of id, prompt, answer, task for trajectories; tiny: synthetic train split
     skip: tuple[str, ...] = ()
@@ -64,6 +69,8 @@ class FullConfig:
     distill_steps: int = -1  # -1: the preset's value (0: the preset's epochs)
     masking: str = "trajectory"
     sweeps: str = ""  # e.g. "d3llm=0.3,0.5;vanilla=" to replace the preset's evaluation sweep
+    trust_remote_code: bool = False  # tokenizers defined by the checkpoint's own code (Dream) may run
+    push_to_hub: str = ""  # after evaluation, upload the student (with its model card) to this hub repo
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -87,6 +94,13 @@ class FullConfig:
             if getattr(self, name) in (-1,) or (name == "n_prompts" and self.n_prompts == 0):
                 object.__setattr__(self, name, default)
         self.sweep_dict()  # parse early so a bad --sweeps fails before any stage runs
+        if self.push_to_hub:
+            from d3core.models.hub import HubRef
+
+            HubRef(self.push_to_hub)
+            if "://" in self.run_dir and not self.run_dir.startswith("file://"):
+                raise ValueError(f"push_to_hub={self.push_to_hub!r} uploads a local student, but run_dir="
+                                 f"{self.run_dir!r} is remote: upload with `hf upload` from a local copy instead")
         if self.n_prompts < 0 or self.n_eval < 0 or self.distill_steps < 0:
             raise ValueError(f"n_prompts={self.n_prompts}, n_eval={self.n_eval}, distill_steps="
                              f"{self.distill_steps}: must be >= 0")
@@ -105,16 +119,6 @@ class FullConfig:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.run_dir.rstrip("/"), *parts])
-
-
-def resolve_checkpoint(ref: str) -> str:
-    """A path or fsspec URI as is; an ``org/name`` that is not a local path comes from the HF hub."""
-    if "://" in ref or os.path.exists(ref) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref):
-        return ref
-    from huggingface_hub import snapshot_download
-
-    logger.info("downloading %s from the Hugging Face hub", ref)
-    return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
 def hardware() -> dict:
@@ -146,7 +150,7 @@ def stage_trajectories(cfg: FullConfig, teacher: str) -> dict:
     from pipelines.trajectories import run as trajectories
 
     tcfg = TrajectoriesConfig(out=cfg.path("trajectories"), preset=cfg.preset, teacher=teacher, prompts=cfg.prompts,
-                              n_prompts=cfg.n_prompts or 10**9)
+                              n_prompts=cfg.n_prompts or 10**9, trust_remote_code=cfg.trust_remote_code)
     return trajectories(tcfg)
 
 
@@ -155,7 +159,8 @@ def stage_distill(cfg: FullConfig, teacher: str) -> dict:
 
     dcfg = DistillConfig(trajectories=cfg.path("trajectories"), out=cfg.path("student"), preset=cfg.preset,
                          init=teacher, masking=cfg.masking, max_steps=cfg.distill_steps,
-                         storage="" if "://" not in cfg.run_dir else cfg.path("_train"))
+                         storage="" if "://" not in cfg.run_dir else cfg.path("_train"),
+                         trust_remote_code=cfg.trust_remote_code)
     summary = run_distill(dcfg)
     return {k: summary[k] for k in ("rows", "steps", "train_seconds", "row_uses")}
 
@@ -166,20 +171,46 @@ def stage_evaluate(cfg: FullConfig, teacher: str, ar_model: str) -> dict:
     models = {"teacher": teacher}
     if "distill" not in cfg.skip or _exists(cfg.path("student", "config.json")):
         models["student"] = cfg.path("student")
-    overrides = {"models": models, "ar_model": ar_model, "out": cfg.path("eval")}
+    overrides = {"models": models, "ar_model": ar_model, "out": cfg.path("eval"),
+                 "trust_remote_code": cfg.trust_remote_code}
     if cfg.n_eval:
         overrides["n"] = cfg.n_eval
     if cfg.sweep_dict() is not None:
         overrides["sweeps"] = cfg.sweep_dict()
     report = run_evaluation(EvaluateConfig.from_preset(cfg.preset, **overrides))
+    if "student" in models and _exists(cfg.path("student", "README.md")):
+        from d3core.models.export import set_evaluation
+
+        try:
+            set_evaluation(cfg.path("student"), card_evaluation(report))
+        except ValueError as err:  # a card without d3ray's evaluation section (an older export): leave it
+            logger.warning("student model card not updated: %s", err)
     return {"aup": report["aup"], "wall_seconds": report["wall_seconds"]}
+
+
+def card_evaluation(report: dict) -> str:
+    """The run's AUP table for the student's model card (student and teacher rows, every task)."""
+    tasks = list(report["aup"])
+    systems = sorted({s for t in tasks for s in report["aup"][t]})
+    meta = report.get("meta", {})
+    lines = [f"AUP (accuracy under parallelism, as d3LLM defines it) from this run: {meta.get('n', '?')} problems "
+             f"per task, generation length {meta.get('gen_length', '?')}, block {meta.get('block_length', '?')}, "
+             f"on {meta.get('hardware', '?')}.", "", "| system | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for system in systems:
+        cells = [report["aup"][t].get(system) for t in tasks]
+        lines.append(f"| {system} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(lines)
 
 
 def stage_serve(cfg: FullConfig) -> dict:
     """Deploy the student on 127.0.0.1, send one chat completion, shut the app down."""
     import socket
 
-    import httpx
+    try:
+        import httpx
+    except ImportError as err:
+        raise ImportError("--serve queries the deployed app over HTTP with httpx: pip install 'd3ray[serve]'") from err
     from ray import serve
 
     from serve_apps.openai_app import app_builder
@@ -189,8 +220,8 @@ def stage_serve(cfg: FullConfig) -> dict:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(app_builder({"preset": cfg.preset, "model": cfg.path("student")}), name="d3ray-smoke",
-                  route_prefix="/")
+        serve.run(app_builder({"preset": cfg.preset, "model": cfg.path("student"),
+                               "trust_remote_code": cfg.trust_remote_code}), name="d3ray-smoke", route_prefix="/")
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
         name = models["data"][0]["id"]
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
@@ -236,8 +267,7 @@ def run(cfg: FullConfig) -> dict:
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
     stages = _read_json(cfg.path("stages.json"))
-    teacher = resolve_checkpoint(cfg.teacher) if cfg.teacher else ""
-    ar_model = resolve_checkpoint(cfg.ar_model) if cfg.ar_model else ""
+    teacher, ar_model = cfg.teacher, cfg.ar_model  # resolved where they are loaded, not here
     if cfg.preset == "tiny":
         from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 
@@ -266,6 +296,10 @@ def run(cfg: FullConfig) -> dict:
         logger.info("stage %s: done in %.0f s", name, result["seconds"])
     summary = {"config": dataclasses.asdict(cfg), "hardware": hardware(), "teacher": teacher, "ar_model": ar_model,
                "stages": stages}
+    if cfg.push_to_hub:
+        from d3core.models.export import push_to_hub
+
+        summary["published"] = push_to_hub(cfg.path("student"), cfg.push_to_hub)
     evaluation = _read_json(cfg.path("eval", "report.json"))
     summary["student_beats_teacher"] = compare(evaluation)
     _write_text(cfg.path("report.json"), json.dumps(summary, indent=2, default=str))
@@ -323,8 +357,9 @@ def parse_args(argv=None) -> FullConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--run-dir", default="runs/full", help="fsspec URI of the run directory")
-    for name in ("teacher", "ar_model", "prompts"):
-        p.add_argument("--" + name.replace("_", "-"), default="")
+    p.add_argument("--teacher", default="", help="dLLM teacher: path, fsspec URI, hub id (ORG/NAME) or hf:// URI")
+    p.add_argument("--ar-model", default="", help="AR baseline (HF causal LM): path, hub id or hf:// URI")
+    p.add_argument("--prompts", default="", help="JSONL/Parquet of id, prompt, answer at any fsspec URI")
     p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {','.join(STAGES)}")
     p.add_argument("--pretrain", action="store_true", help="tiny only: retrain the embedded models first")
     p.add_argument("--serve", action="store_true", help="deploy the student on Ray Serve and query it once")
@@ -333,6 +368,10 @@ def parse_args(argv=None) -> FullConfig:
     p.add_argument("--distill-steps", type=int, default=-1)
     p.add_argument("--masking", default="trajectory", choices=("trajectory", "random"))
     p.add_argument("--sweeps", default="", help="replace the evaluation sweep, e.g. 'd3llm=0.3,0.5;vanilla='")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let tokenizers defined by the checkpoint's own Python code run (Dream needs it)")
+    p.add_argument("--push-to-hub", default="", metavar="ORG/NAME",
+                   help="after evaluation, upload the student directory (model card included) to this hub repo")
     args = vars(p.parse_args(argv))
     args["skip"] = tuple(s.strip() for s in args["skip"].split(",") if s.strip())
     return FullConfig(**args)

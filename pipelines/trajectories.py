@@ -14,6 +14,8 @@ i.e. ``vanilla``), retrying wrong answers at rising temperature when asked. The 
 writes each finished shard atomically (temporary name, then rename) and keeps
 ``manifest.json`` up to date, so a rerun writes only the missing shards: no row is lost or
 duplicated. Works on any fsspec URI, in-memory included, because only the driver writes.
+``--teacher`` takes a path, fsspec URI, hub id or ``hf://`` URI; a teacher whose tokenizer is
+Python shipped with the checkpoint (Dream) needs ``--trust-remote-code``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ PRESETS = {
 class TrajectoriesConfig:
     out: str = "runs/trajectories"
     preset: str = "tiny"
-    teacher: str = ""  # model URI; empty = the shipped tiny teacher
+    teacher: str = ""  # checkpoint: path, fsspec URI, hub id or hf:// URI; empty = the shipped tiny teacher
+    trust_remote_code: bool = False  # run the teacher tokenizer's own Python code (Dream's tokenization_dream.py)
     prompts: str = ""  # JSONL/Parquet URI with id, prompt, answer; empty = synthetic train split
     n_prompts: int = 2000
     seed: int = 0
@@ -96,11 +99,10 @@ class TrajectoriesConfig:
 # -- prompts ---------------------------------------------------------------------------------
 def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
     """``[{"id", "prompt_ids", "answer", "task"}]`` in a stable order (``task`` None: no scorer)."""
-    from d3core.models.shipped import load_tiny_tokenizer
     from d3core.sft import encode_prompt
 
+    tok = _tokenizer(cfg)  # the teacher's own tokenizer, for the synthetic split as for a prompt file
     if cfg.prompts:
-        tok = _tokenizer(cfg)
         records = _read_records(cfg.prompts)[: cfg.n_prompts]
         out = []
         for i, rec in enumerate(records):
@@ -112,7 +114,6 @@ def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
     else:
         from d3core.eval import synthetic
 
-        tok = load_tiny_tokenizer()
         out = [{"id": p.id, "prompt_ids": encode_prompt(tok, p.question), "answer": str(p.target),
                 "task": "synthetic"} for p in synthetic.generate("train", cfg.n_prompts, seed=cfg.seed)]
     ids = [r["id"] for r in out]
@@ -179,11 +180,10 @@ def _read_records(uri: str) -> list[dict]:
 
 
 def _tokenizer(cfg: TrajectoriesConfig):
-    from transformers import AutoTokenizer
-
     from d3core.models.shipped import TINY_TEACHER_DIR
+    from d3core.models.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.teacher or str(TINY_TEACHER_DIR))
+    return load_tokenizer(cfg.teacher or str(TINY_TEACHER_DIR), cfg.trust_remote_code)
 
 
 # -- the actor ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``ServeConfig``: one typed, validated description of a d3ray OpenAI deployment, with presets.
 
-A config names the checkpoint (any fsspec URI in the official HF layout), the sampler and its
+A config names the checkpoint (a path, fsspec URI, hub id or ``hf://`` URI of an official-layout
+checkpoint; ``trust_remote_code`` lets a tokenizer defined by its own code run), the sampler and its
 default parameters, which of those a request may override and within which limits, and how the
 model deployment is scaled (replicas or autoscaling, CPUs/GPUs per replica, batching,
 backpressure and timeouts). ``ServeConfig.from_args`` builds one from the string ``key=value``
@@ -47,6 +48,7 @@ class ServeConfig:
     model_name: str
     preset: str = "custom"
     tokenizer: str | None = None  # None: the checkpoint directory holds the tokenizer
+    trust_remote_code: bool = False  # run the tokenizer's own Python code (Dream's tokenization_dream.py)
     sampler: str = "d3llm"
     sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
     limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
@@ -74,6 +76,9 @@ class ServeConfig:
         if not isinstance(self.model, str) or not self.model:
             fail("model", self.model, "must be a non-empty checkpoint URI (local path or fsspec URI, HF layout)",
                  f"pass model=/path/to/checkpoint (preset {self.preset!r} ships no weights)")
+        if not isinstance(self.trust_remote_code, bool):
+            fail("trust_remote_code", self.trust_remote_code, "must be true or false",
+                 "write trust_remote_code: true (YAML) or trust_remote_code=true (serve run)")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             fail("model_name", self.model_name, "must be a non-empty name", "pass model_name=<served name>")
         if self.sampler not in SAMPLERS or SAMPLERS[self.sampler].autoregressive or SAMPLERS[self.sampler].needs_verifier:

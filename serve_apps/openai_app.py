@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ServeConfig", "PRESETS", "D3LLMModel", "OpenAIIngress", "build_app", "app_builder"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRUST_FLAG = "trust_remote_code: true in the serve config args (serve run: trust_remote_code=true)"
 
 
 async def _await(response) -> Any:
@@ -131,13 +132,12 @@ class OpenAIIngress:
     """HTTP front: OpenAI protocol, tokenization and SSE; decoding is delegated to ``D3LLMModel``."""
 
     def __init__(self, model: DeploymentHandle, cfg: ServeConfig) -> None:
-        from transformers import AutoTokenizer
-
         from d3core.models.checkpoint import load_config
+        from d3core.models.tokenizer import load_tokenizer
 
         self.model = model
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_uri)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
         self.model_config = load_config(cfg.model)
         self.metrics = http_metrics()
         self.created = int(time.time())
@@ -307,7 +307,13 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 def app_builder(args: dict) -> serve.Application:
     """Ray Serve application builder: ``serve run serve_apps.openai_app:app_builder preset=tiny ...``."""
+    from d3core.models.hub import resolve_checkpoint
+    from d3core.models.tokenizer import check_remote_code
+
     cfg = ServeConfig.from_args(args)
+    # Fail at `serve run` / `serve deploy`, not in a replica restart loop: the tokenizer must be loadable.
+    check_remote_code(resolve_checkpoint(cfg.tokenizer_uri, weights=False, trust_remote_code=cfg.trust_remote_code),
+                      cfg.trust_remote_code, flag=TRUST_FLAG)
     logger.info("building the OpenAI app for %s", cfg)
     return build_app(cfg)
 

@@ -9,6 +9,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HF_MODULES_CACHE" not in os.environ:  # remote-code tokenizers are copied here; keep ~/.cache clean
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="d3ray-test-hf-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

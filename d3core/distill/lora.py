@@ -73,3 +73,16 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def merged_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  settings: LoraSettings) -> torch.Tensor:
+    """``base + (lora_b @ lora_a) * alpha / rank``: peft's merge of one ``nn.Linear`` adapter, on plain tensors.
+
+    The distillation export merges adapters this way while streaming tensors from a sharded
+    training checkpoint, without rebuilding the model; it matches :func:`merge_lora` exactly.
+    """
+    if lora_a.shape != (settings.rank, base.shape[1]) or lora_b.shape != (base.shape[0], settings.rank):
+        raise ValueError(f"LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit a base weight "
+                         f"{tuple(base.shape)} at rank {settings.rank}")
+    return base + (lora_b @ lora_a) * (settings.alpha / settings.rank)

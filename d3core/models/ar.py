@@ -41,7 +41,9 @@ def build_ar_model(seed: int | None = None):
 
 
 def load_ar_model(uri: str, device: str | torch.device = "cpu"):
-    """Load an HF causal LM from a local directory (``AutoModelForCausalLM``)."""
+    """Load an HF causal LM (``AutoModelForCausalLM``) from a local directory, hub id or ``hf://`` URI."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32).to(device).eval()
+    from d3core.models.hub import resolve_checkpoint
+
+    return AutoModelForCausalLM.from_pretrained(resolve_checkpoint(uri), dtype=torch.float32).to(device).eval()

@@ -3,32 +3,42 @@
 A checkpoint directory holds ``config.json`` (official field names), an optional
 ``generation_config.json`` (its ``eos_token_id`` list names every stop token), and either
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Loading builds
-the model on the meta device and assigns the tensors (``load_state_dict(assign=True)``), so
-nothing is initialised twice and an 8B model needs one copy of its weights in memory.
+the model on the meta device and assigns the tensors (``load_state_dict(assign=True)``) as
+they stream in one by one, so nothing is initialised twice and an 8B model needs one copy of
+its weights in memory. Checkpoints are named by path, fsspec URI, hub id or ``hf://`` URI
+(``d3core.models.hub``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from d3core.models.config import ModelConfig
+from d3core.models.hub import resolve_checkpoint
 from d3core.models.layers import DiffusionTransformer
 from d3core.models.registry import ARCHITECTURES, Architecture, build_model, get_architecture
+from d3core.models.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    TensorSpec,
+    iter_tensors,
+    plan_shards,
+    write_shards,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "load_config", "load_pretrained",
+           "save_pretrained", "write_config", "write_generation_config", "official_specs", "official_names",
+           "init_from_causal_lm"]
 
 
 def expand_param_map(param_map: dict[str, str], num_layers: int) -> dict[str, str]:
@@ -72,7 +82,8 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
 
 
 def load_config(uri: str) -> ModelConfig:
-    """Read ``config.json`` (and ``generation_config.json`` stop ids) at ``uri``."""
+    """Read ``config.json`` (and ``generation_config.json`` stop ids) of the checkpoint ``uri`` names."""
+    uri = resolve_checkpoint(uri, weights=False)
     fs, root = fsspec.core.url_to_fs(uri)
     cfg_path = _join(root, CONFIG_NAME)
     if not fs.exists(cfg_path):
@@ -87,42 +98,29 @@ def load_config(uri: str) -> ModelConfig:
     return detect_architecture(raw).config_from_hf(raw, special)
 
 
-def _read_tensors(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> dict[str, torch.Tensor]:
-    single = _join(root, WEIGHTS_NAME)
-    index = _join(root, INDEX_NAME)
-    if fs.exists(single):
-        files = [single]
-    elif fs.exists(index):
-        shard_names = sorted(set(_read_json(fs, index)["weight_map"].values()))
-        files = [_join(root, name) for name in shard_names]
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} at {uri!r}")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with fs.open(path, "rb") as f:
-            tensors.update(load_safetensors_bytes(f.read()))
-    return tensors
-
-
 def load_pretrained(
     uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> DiffusionTransformer:
-    """Load an official-layout LLaDA or Dream checkpoint from a local dir or fsspec URI."""
+    """Load an official-layout LLaDA or Dream checkpoint: local dir, fsspec URI, hub id or ``hf://`` URI.
+
+    The model is built on the meta device and each tensor is streamed from its shard straight
+    to ``device`` in ``dtype`` (default: the checkpoint's), so host memory holds at most the
+    model plus one tensor (``d3core.models.safetensors_io``).
+    """
+    uri = resolve_checkpoint(uri, weights=True)
     cfg = load_config(uri)
     arch = get_architecture(cfg.arch)
-    fs, root = fsspec.core.url_to_fs(uri)
-    tensors = _read_tensors(fs, root, uri)
     mapping = expand_param_map(arch.param_map, cfg.num_layers)
     model = build_model(cfg, device="meta")
     expected = set(dict(model.named_parameters()))
     state: dict[str, torch.Tensor] = {}
     unexpected = []
-    for name, tensor in tensors.items():
+    for name, tensor in iter_tensors(uri, device=device, dtype=dtype):
         ours = mapping.get(name)
         if ours is None or ours not in expected:
             unexpected.append(name)
             continue
-        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        state[ours] = tensor
     missing = sorted(expected - set(state))
     if missing or unexpected:
         inverse = {v: k for k, v in mapping.items()}
@@ -132,61 +130,61 @@ def load_pretrained(
             "was it saved by a different architecture or a LoRA adapter without merging?"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    logger.info("loaded %s (%s, %.2fM params) from %s", cfg.arch, tensors and next(iter(state.values())).dtype,
+    logger.info("loaded %s (%s, %.2fM params) from %s", cfg.arch, next(iter(state.values())).dtype,
                 sum(p.numel() for p in model.parameters()) / 1e6, uri)
     return model.eval()
 
 
-def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state, key=_natural_key):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    return shards
+def official_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
+    """Official name, shape and ``dtype`` of every tensor of a ``cfg``-shaped checkpoint (nothing allocated)."""
+    model = build_model(cfg, device="meta")
+    mapping = {v: k for k, v in expand_param_map(get_architecture(cfg.arch).param_map, cfg.num_layers).items()}
+    return [TensorSpec(mapping[name], tuple(p.shape), dtype) for name, p in model.named_parameters()]
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def save_pretrained(
-    model: DiffusionTransformer, uri: str, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
-) -> None:
-    """Write ``model`` in its architecture's official layout (config, generation config, safetensors)."""
-    cfg = model.config
-    arch = get_architecture(cfg.arch)
-    mapping = {v: k for k, v in expand_param_map(arch.param_map, cfg.num_layers).items()}
-    state = {
-        mapping[name]: p.detach().to("cpu", dtype or p.dtype).contiguous() for name, p in model.named_parameters()
-    }
+def write_config(uri: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """``config.json`` and ``generation_config.json`` of ``cfg`` in its architecture's official layout."""
     fs, root = fsspec.core.url_to_fs(uri)
     fs.makedirs(root, exist_ok=True)
     with fs.open(_join(root, CONFIG_NAME), "w") as f:
-        json.dump(arch.config_to_hf(cfg), f, indent=2)
+        json.dump(get_architecture(cfg.arch).config_to_hf(cfg, dtype_name(dtype)), f, indent=2)
+    write_generation_config(uri, cfg)
+
+
+def write_generation_config(uri: str, cfg: ModelConfig) -> None:
+    """``generation_config.json`` with every stop id of ``cfg`` (its eos list is what ``load_config`` reads)."""
+    fs, root = fsspec.core.url_to_fs(uri)
     with fs.open(_join(root, GENERATION_CONFIG_NAME), "w") as f:
         json.dump({"eos_token_id": list(cfg.eos_ids), "pad_token_id": cfg.pad_id,
                    **({"bos_token_id": cfg.bos_id} if cfg.bos_id is not None else {})}, f, indent=2)
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        with fs.open(_join(root, WEIGHTS_NAME), "wb") as f:
-            f.write(save_safetensors_bytes(shards[0], metadata={"format": "pt"}))
-        return
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        with fs.open(_join(root, name), "wb") as f:
-            f.write(save_safetensors_bytes(shard, metadata={"format": "pt"}))
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    with fs.open(_join(root, INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, the spelling of ``torch_dtype`` in config.json."""
+    return str(dtype).removeprefix("torch.")
+
+
+def save_pretrained(
+    model: DiffusionTransformer, uri: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None
+) -> None:
+    """Write ``model`` in its architecture's official layout (config, generation config, safetensors).
+
+    Weights are cast to ``dtype`` (default: the model's) one shard at a time; more than
+    ``max_shard_bytes`` of weights are split into shards with an index, as transformers does.
+    """
+    cfg = model.config
+    params = dict(model.named_parameters())
+    dtype = dtype or next(iter(params.values())).dtype
+    ours = {v: k for k, v in expand_param_map(get_architecture(cfg.arch).param_map, cfg.num_layers).items()}
+    official = {ours[name]: p for name, p in params.items()}
+    specs = [TensorSpec(name, tuple(p.shape), dtype) for name, p in official.items()]
+
+    def fetch(shard: list[TensorSpec]) -> dict[str, torch.Tensor]:
+        return {s.name: official[s.name].detach().to("cpu", dtype).contiguous() for s in shard}
+
+    write_config(uri, cfg, dtype)
+    write_shards(uri, plan_shards(specs, max_shard_bytes), fetch)
 
 
 def init_from_causal_lm(model: DiffusionTransformer, uri: str) -> list[str]:
@@ -199,13 +197,12 @@ def init_from_causal_lm(model: DiffusionTransformer, uri: str) -> list[str]:
     """
     from d3core.models import dream
 
-    fs, root = fsspec.core.url_to_fs(uri)
-    tensors = _read_tensors(fs, root, uri)
+    uri = resolve_checkpoint(uri, weights=True)
     mapping = expand_param_map(dream.PARAM_MAP, model.config.num_layers)
     ours = dict(model.named_parameters())
     loaded, unused = set(), []
     with torch.no_grad():
-        for name, tensor in tensors.items():
+        for name, tensor in iter_tensors(uri):
             target = mapping.get(name)
             if target is None or target not in ours:
                 unused.append(name)

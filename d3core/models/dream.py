@@ -14,6 +14,10 @@ from d3core.models.layers import DiffusionTransformer
 
 ARCH = "dream"
 
+# The official repo and the remote-code classes its config.json names (read from its config.json).
+OFFICIAL_REPO = "Dream-org/Dream-v0-Instruct-7B"
+AUTO_MAP = {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}
+
 # Official parameter name -> d3core parameter name; "{i}" is the layer index.
 PARAM_MAP: dict[str, str] = {
     "model.embed_tokens.weight": "embed.weight",
@@ -72,11 +76,16 @@ def config_from_hf(raw: dict[str, Any], special: dict[str, Any] | None = None) -
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The official Dream ``config.json`` field set for ``cfg``."""
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The official Dream ``config.json`` field set for ``cfg``, weights stored as ``torch_dtype``.
+
+    ``auto_map`` points into the official repo (``repo--module.Class``), so no modeling code is copied.
+    """
     return {
         "architectures": ["DreamModel"],
         "model_type": "Dream",
+        "auto_map": {k: f"{OFFICIAL_REPO}--{v}" for k, v in AUTO_MAP.items()},
+        "attention_dropout": 0.0,
         "hidden_act": "silu",
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -92,6 +101,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "pad_token_id": cfg.pad_id,
         "eos_token_id": cfg.eos_ids[0],
         **({"bos_token_id": cfg.bos_id} if cfg.bos_id is not None else {}),
+        "max_window_layers": cfg.num_layers,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "use_mrope": False,
         "use_cache": False,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     }

@@ -15,6 +15,14 @@ from d3core.models.layers import DiffusionTransformer
 
 ARCH = "llada"
 
+# The official repo and the remote-code classes its config.json names (read from its config.json).
+OFFICIAL_REPO = "GSAI-ML/LLaDA-8B-Instruct"
+AUTO_MAP = {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    "AutoModel": "modeling_llada.LLaDAModelLM",
+}
+
 # Official parameter name -> d3core parameter name; "{i}" is the block index.
 PARAM_MAP: dict[str, str] = {
     "model.transformer.wte.weight": "embed.weight",
@@ -86,11 +94,21 @@ def config_from_hf(raw: dict[str, Any], special: dict[str, Any] | None = None) -
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The official LLaDA ``config.json`` field set for ``cfg``."""
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The official LLaDA ``config.json`` field set for ``cfg``, weights stored as ``torch_dtype``.
+
+    ``auto_map`` points into the official repo (``repo--module.Class``), so
+    ``AutoModel.from_pretrained(dir, trust_remote_code=True)`` finds the official modeling code
+    without a copy of it. The dropout fields are written as 0.0 because the official
+    ``LLaDAConfig`` defaults them to 0.1.
+    """
     return {
         "architectures": ["LLaDAModelLM"],
         "model_type": "llada",
+        "auto_map": {k: f"{OFFICIAL_REPO}--{v}" for k, v in AUTO_MAP.items()},
+        "attention_dropout": 0.0,
+        "residual_dropout": 0.0,
+        "embedding_dropout": 0.0,
         "activation_type": "silu",
         "alibi": False,
         "attention_layer_norm": False,
@@ -115,5 +133,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rope": True,
         "rope_theta": cfg.rope_theta,
         "weight_tying": False,
-        "torch_dtype": "float32",
+        "use_cache": False,
+        "torch_dtype": torch_dtype,
     }

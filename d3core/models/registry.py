@@ -28,7 +28,7 @@ class Architecture:
     model_cls: type[DiffusionTransformer]
     param_map: dict[str, str]
     config_from_hf: Callable[[dict[str, Any], dict[str, Any] | None], ModelConfig]
-    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig, str], dict[str, Any]]
     hf_model_types: tuple[str, ...]
 
 

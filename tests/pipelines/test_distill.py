@@ -1,9 +1,11 @@
-"""Ray Train distillation: 1 vs 2 workers give the same loss and update; a killed worker resumes exactly."""
+"""Ray Train distillation: 1 vs 2 workers give the same loss and update; a killed worker resumes exactly;
+sharded checkpoints reshard between worker counts."""
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +100,7 @@ def test_killed_worker_resumes_without_losing_or_doubling_rows(ray_local, teache
     summary = run_distill(cfg)
     assert (tmp_path / "fault-fired").exists()  # a worker really died at step 3
     assert summary["steps"] == summary["max_steps"] == 10  # 40 rows / 8 per step, 2 epochs
+    assert summary["resumed_from"] == [2]  # the restarted workers continued from the step-2 checkpoint
     assert summary["optimizer_steps"] == 10  # AdamW state came back with the weights (not restarted at 2)
     # every row used exactly once per epoch despite the restart from the step-2 checkpoint
     assert summary["row_uses"] == {"rows_used": 40, "min": 2, "max": 2}
@@ -139,3 +142,102 @@ def test_lora_run_exports_merged_official_weights(ray_local, teacher_dir, tmp_pa
     changed = {name for (name, a), b in zip(student.state_dict().items(), teacher.state_dict().values())
                if not torch.equal(a, b)}
     assert changed == {f"layers.{i}.attn.{m}.weight" for i in range(2) for m in ("q", "v")}
+
+
+def test_sharded_checkpoints_reshard_between_worker_counts(ray_local, teacher_dir, tmp_path):
+    """DCP checkpoint saved by 2 FSDP2 workers loads exactly on 1 worker, and one saved by 1 loads on 2."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_fn(config):  # nested, and importing what it needs: Ray ships it by value
+        import os
+        import tempfile
+
+        import ray.train
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        def full_states(model, optimizer) -> dict:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return {"model": get_model_state_dict(model, options=opts),
+                    "optim": get_optimizer_state_dict(model, optimizer, options=opts).get("state", {})}  # rank 0 only
+
+        from d3core.models.checkpoint import load_pretrained
+        from pipelines.distill_worker import shard_model, world
+        from pipelines.train_checkpoint import load_checkpoint, save_checkpoint
+
+        rank, size = world()
+        model = shard_model(load_pretrained(config["init"]).train(), use_gpu=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        out = {"world": size}
+        if config.get("load"):
+            out["trainer_state"] = load_checkpoint(config["load"], model, optimizer)
+            out["loaded"] = full_states(model, optimizer)
+        else:
+            ids = torch.arange(24).reshape(2, 12) % 40 + 10
+            model(ids).float().pow(2).mean().backward()  # same batch on every rank: a deterministic update
+            optimizer.step()
+            optimizer.zero_grad()
+        out["saved"] = full_states(model, optimizer)
+        if rank == 0:
+            torch.save(out, config["dump"])
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, model, optimizer, {"step": 1, "world_size": size})
+            if rank == 0:
+                assert os.path.exists(f"{d}/trainer_state.json")
+            ray.train.report({"step": 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def fit(name, workers, load=None):
+        dump = tmp_path / f"{name}.pt"
+        result = TorchTrainer(
+            train_fn, train_loop_config={"init": teacher_dir, "dump": str(dump), "load": load},
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=name, storage_path=str(tmp_path / "storage"))).fit()
+        files = sorted(p.name for p in Path(result.checkpoint.path).iterdir())
+        return torch.load(dump, weights_only=False), result.checkpoint.path, files
+
+    two, two_ckpt, two_files = fit("save-2", 2)
+    # each rank wrote its own shard file; no rank gathered the whole state, no single pickle
+    assert two_files == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.json"]
+    one, one_ckpt, one_files = fit("load-1", 1, load=two_ckpt)
+    assert one["world"] == 1 and one["trainer_state"] == {"step": 1, "world_size": 2}
+    back, _, _ = fit("load-2", 2, load=one_ckpt)
+    for expected, got in ((two["saved"], one["loaded"]), (one["saved"], back["loaded"])):
+        assert set(got["model"]) == set(expected["model"]) and len(got["model"]) > 10
+        for name, value in expected["model"].items():
+            assert torch.equal(got["model"][name], value), name
+        assert set(got["optim"]) == set(expected["optim"])
+        for name, moments in expected["optim"].items():
+            assert int(moments["step"]) == 1
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(got["optim"][name][key], moments[key]), (name, key)
+    assert any(v.abs().sum() > 0 for m in two["saved"]["optim"].values() for v in (m["exp_avg"],))
+
+
+def test_two_worker_checkpoint_resumes_on_one_worker(ray_local, teacher_dir, tmp_path):
+    """A 2-worker run dies after its step-2 checkpoint; rerun on 1 worker, it continues from there."""
+    from pipelines.distill import DistillConfig, run_distill
+    from pipelines.trajectories import TrajectoriesConfig, write_shard
+
+    vocab = load_pretrained(teacher_dir).config.vocab_size
+    traj = tmp_path / "traj"
+    write_shard(TrajectoriesConfig(out=str(traj)), 0, T.to_table(make_rows(40, teacher_dir, vocab, seed=3)))
+    out = tmp_path / "student"
+    common = dict(trajectories=str(traj), out=str(out), batch_size=8, epochs=2, lr=1e-3, warmup_steps=1,
+                  window_sizes=(8,), ckpt_every=2, max_failures=0)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_distill(DistillConfig(num_workers=2, fault_at_step=3, fault_marker=str(tmp_path / "fault"), **common))
+    assert (tmp_path / "fault").exists() and not (out / "distill_summary.json").exists()
+    summary = run_distill(DistillConfig(num_workers=1, **common))
+    assert summary["resumed_from"] == [2]
+    workers = [h["workers"] for h in summary["history"]]
+    assert [h["step"] for h in summary["history"]] == list(range(1, 11))
+    assert workers == [2, 2] + [1] * 8  # steps 1-2 from the 2-worker checkpoint, the rest on 1 worker
+    assert summary["optimizer_steps"] == 10  # AdamW state resharded onto 1 worker, not restarted
+    assert summary["row_uses"] == {"rows_used": 40, "min": 2, "max": 2}  # no row lost or doubled
+    files = sorted(p.name for p in out.iterdir())
+    assert "_train" not in files and not any(f.endswith((".distcp", ".pt")) for f in files)
+    assert load_pretrained(str(out)).config == load_pretrained(teacher_dir).config

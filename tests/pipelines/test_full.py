@@ -60,6 +60,8 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_skips_finished_stages(ray_head
     assert (run_dir / "eval" / "aup.png").read_bytes()[:4] == b"\x89PNG"
     text = (run_dir / "report.md").read_text()
     assert "| trajectories | done |" in text and "## Student vs teacher (AUP)" in text
+    card = (run_dir / "student" / "README.md").read_text()  # the publishable student carries the run's AUP
+    assert "| student/d3llm |" in card and "Not evaluated yet" not in card and "license: apache-2.0" in card
 
     shard_times = {p.name: p.stat().st_mtime_ns for p in (run_dir / "trajectories").glob("*.parquet")}
     student_time = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
@@ -82,3 +84,14 @@ def test_bad_arguments_fail_before_any_stage(tmp_path):
         FullConfig(preset="llada-8b")
     with pytest.raises(ValueError, match="sweeps='d3llm=x'"):
         FullConfig(sweeps="d3llm=x")
+
+
+def test_card_evaluation_lists_every_system_and_task():
+    from pipelines.full import card_evaluation
+
+    report = {"aup": {"gsm8k": {"teacher/d3llm": 71.25, "student/d3llm": 80.5}, "mbpp": {"student/d3llm": 40.0}},
+              "meta": {"n": 8, "gen_length": 256, "block_length": 32, "hardware": "NVIDIA H100"}}
+    text = card_evaluation(report)
+    assert "| system | gsm8k | mbpp |" in text
+    assert "| student/d3llm | 80.5 | 40.0 |" in text and "| teacher/d3llm | 71.2 | - |" in text
+    assert "8 problems per task, generation length 256, block 32, on NVIDIA H100" in text

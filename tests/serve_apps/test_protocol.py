@@ -86,6 +86,26 @@ def test_serve_yaml_builds_a_valid_app(name):
     app_builder(app["args"])  # binds the deployments; needs no running Ray
 
 
+def test_trust_remote_code_is_off_by_default_and_on_in_the_dream_config():
+    for name, expected in (("tiny.yaml", False), ("llada-8b.yaml", False), ("dream-7b.yaml", True)):
+        (app,) = yaml.safe_load((CONFIG_DIR / name).read_text())["applications"]
+        assert ServeConfig.from_args(app["args"]).trust_remote_code is expected, name
+    assert ServeConfig.from_args({"trust_remote_code": "true"}).trust_remote_code is True  # serve run key=value
+    with pytest.raises(ValueError, match="trust_remote_code='yes'"):
+        ServeConfig.from_args({"trust_remote_code": "yes"})
+
+
+def test_a_remote_code_tokenizer_is_refused_at_build_time_naming_the_serve_arg(tmp_path):
+    from official_layout import write_dream_tokenizer
+
+    from d3core.models.tokenizer import RemoteCodeError
+
+    write_dream_tokenizer(tmp_path)
+    with pytest.raises(RemoteCodeError, match=r"trust_remote_code: true in the serve config args"):
+        app_builder({"preset": "tiny", "tokenizer": str(tmp_path)})
+    app_builder({"preset": "tiny", "tokenizer": str(tmp_path), "trust_remote_code": True})  # binds
+
+
 # ---------------------------------------------------------------- requests
 
 @pytest.mark.parametrize("raw,code,param", [

@@ -44,3 +44,25 @@ def test_bad_settings_name_the_value():
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match="matched no linear layer"):
         apply_lora(small_model(), LoraSettings(targets=("nope",)))
+
+
+def test_merged_weight_on_plain_tensors_equals_peft_merge():
+    """The streaming export merges from the adapter tensors alone; it must agree exactly with peft's own merge."""
+    from d3core.distill.lora import merged_weight
+
+    settings = LoraSettings(rank=4, alpha=8.0, targets=("q", "up"))
+    model = apply_lora(small_model(), settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # peft starts B at zero, which would hide a wrong formula
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    merged = merge_lora(model).state_dict()
+    for stem in ("layers.0.attn.q", "layers.1.mlp.up"):
+        ours = merged_weight(state[f"{stem}.base_layer.weight"], state[f"{stem}.lora_A.default.weight"],
+                             state[f"{stem}.lora_B.default.weight"], settings)
+        assert not torch.equal(ours, state[f"{stem}.base_layer.weight"])
+        assert torch.equal(ours, merged[f"{stem}.weight"]), stem
+    with pytest.raises(ValueError, match="do not fit a base weight"):
+        merged_weight(state["layers.0.attn.q.base_layer.weight"], state["layers.0.attn.q.lora_A.default.weight"],
+                      state["layers.0.attn.q.lora_B.default.weight"], LoraSettings(rank=8))
