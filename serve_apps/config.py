@@ -52,7 +52,8 @@ class ServeConfig:
     sampler: str = "d3llm"
     sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
     limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    max_gen_length: int = 128
+    max_gen_length: int = 112
+    max_model_len: int | None = None  # slots per decoder row (prompt + canvas); None: the model's context
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int | None = 1
@@ -61,11 +62,14 @@ class ServeConfig:
     ingress_num_cpus: float = 0.0
     num_replicas: int | None = 1
     autoscaling: Mapping[str, Any] | None = None
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 256
+    max_ongoing_requests: int | None = None  # Serve's per-replica limit; None: max_batch_size + max_queued + 8
+    max_queued_requests: int = 32  # a replica's admission queue; beyond it requests get a 429 at once
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
+    continuous: bool = True  # step-level batching; False: request-level (a batch decodes to the end)
     request_timeout_s: float = 60.0
+    max_request_bytes: int = 2 * 2**20
+    api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1 routes (or env D3RAY_API_KEY)
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
 
@@ -128,16 +132,27 @@ class ServeConfig:
             if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
                 fail("autoscaling", dict(self.autoscaling), "needs ints 0 <= min_replicas <= max_replicas, max >= 1",
                      "fix the replica bounds")
-        for name in ("max_ongoing_requests", "max_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                fail(name, value, "must be a positive int", "use e.g. 16")
-        if not isinstance(self.max_queued_requests, int) or (self.max_queued_requests < 1
-                                                              and self.max_queued_requests != -1):
-            fail("max_queued_requests", self.max_queued_requests, "must be a positive int or -1 (unbounded)",
-                 "use e.g. 256")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            fail("max_batch_size", self.max_batch_size, "must be a positive int", "use e.g. 16")
+        if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 1:
+            fail("max_queued_requests", self.max_queued_requests, "must be a positive int (the admission queue "
+                 "of a replica; beyond it a request gets 429 at once)", "use e.g. 32")
         if self.batch_wait_timeout_s < 0:
             fail("batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0", "use e.g. 0.01")
+        if self.max_ongoing_requests is not None and (not isinstance(self.max_ongoing_requests, int)
+                                                      or self.max_ongoing_requests < self.max_batch_size):
+            fail("max_ongoing_requests", self.max_ongoing_requests, f"must be an int >= max_batch_size "
+                 f"{self.max_batch_size} (a replica must accept a full batch)", "raise it, or None to derive it")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
+                                               or self.max_model_len <= self.max_gen_length):
+            fail("max_model_len", self.max_model_len, f"must be an int > max_gen_length {self.max_gen_length}",
+                 "leave room for the prompt, or use None for the model's context")
+        if not isinstance(self.continuous, bool):
+            fail("continuous", self.continuous, "must be true or false", "write continuous: true")
+        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
+            fail("max_request_bytes", self.max_request_bytes, "must be an int >= 1024", "use e.g. 2097152")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            fail("api_key", "<hidden>", "must be a non-empty string or None", "set a key or leave it unset")
         for name in ("request_timeout_s", "health_check_period_s", "health_check_timeout_s"):
             if getattr(self, name) <= 0:
                 fail(name, getattr(self, name), "must be > 0 seconds", "use a positive number")
@@ -149,15 +164,34 @@ class ServeConfig:
     def default_params(self):
         return SAMPLERS[self.sampler].params_cls(**self.sampler_params)
 
+    def __repr__(self) -> str:  # never log the API key
+        fields = ", ".join(f"{f.name}={'<hidden>' if f.name == 'api_key' and self.api_key else getattr(self, f.name)!r}"
+                           for f in dataclasses.fields(self))
+        return f"ServeConfig({fields})"
+
+    @property
+    def max_replicas(self) -> int:
+        return self.num_replicas if self.num_replicas is not None else int(self.autoscaling.get("max_replicas", 1))
+
+    @property
+    def replica_ongoing(self) -> int:
+        """Calls a replica takes at once: its rows, its admission queue, and room for quick refusals."""
+        return self.max_ongoing_requests or self.max_batch_size + self.max_queued_requests + 8
+
     def deployment_options(self) -> dict[str, Any]:
-        """Ray Serve options of the model deployment."""
+        """Ray Serve options of the model deployment.
+
+        A replica accepts more calls than it decodes so that its engine, not Serve's router, decides
+        what waits: overflow beyond the admission queue is refused at once. The router's own queue
+        only absorbs bursts while requests are being assigned.
+        """
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": self.replica_ongoing,
+            "max_queued_requests": 2 * self.replica_ongoing,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
@@ -222,7 +256,8 @@ _GPU_PRESET: dict = {
     "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
                        "refresh_interval": 32},
     "max_gen_length": 1024,
-    "max_ongoing_requests": 64,
+    "max_model_len": 2048,
+    "max_queued_requests": 64,
     "max_batch_size": 32,
     "request_timeout_s": 300.0,
 }

@@ -81,7 +81,16 @@ class Program:
         raise NotImplementedError
 
     def plan_all(self, d: "Decoder") -> list[RowPlan | None]:
-        return [self.plan(row, d) for row in d.rows]
+        """Every row's plan; a row whose planning raises ends with ``row.error`` and the others go on."""
+        plans: list[RowPlan | None] = []
+        for row in d.rows:
+            try:
+                plans.append(self.plan(row, d))
+            except Exception as e:  # isolate the row: its state is suspect, the batch's is not
+                logger.exception("%s: planning failed for a row", self.name)
+                row.error = f"{self.name} could not plan this row ({type(e).__name__}: {e})"
+                plans.append(None)
+        return plans
 
     def rule(self, cells: Cells) -> torch.Tensor:
         """Device: bool ``(n, NS, seg)`` of the cells to commit this step."""

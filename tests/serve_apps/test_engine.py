@@ -1,167 +1,262 @@
-"""BatchingEngine without Ray: batching, grouping by parameters, streaming, timeouts, errors."""
+"""The continuous-batching engine against in-process decodes: joins, per-row params, stops, faults."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
+import torch
 
 from d3core.eval import synthetic
-from d3core.models.shipped import load_tiny_tokenizer
 from d3core.samplers import get_sampler
+from d3core.samplers.d3llm import D3LLMParams, D3LLMProgram
 from d3core.sft import encode_prompt
-from serve_apps.engine import BatchingEngine, EngineTimeout, GenerationOutput, GenerationRequest
-
-D3LLM = get_sampler("d3llm")
-PARAMS = D3LLM.params_cls(cache_delay_iter=1)
+from serve_apps.engine import ContinuousEngine, EngineOverloaded, EngineTimeout, GenerationRequest, RequestFailed
+from serve_apps.outputs import Delta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+D3LLM = get_sampler("d3llm")
+PARAMS = D3LLMParams(threshold=0.5, cache_delay_iter=2)
+
 
 @pytest.fixture(scope="module")
-def prompts():
-    tok = load_tiny_tokenizer()
-    return [tuple(encode_prompt(tok, p.question)) for p in synthetic.generate("test", 8, seed=5)]
+def prompts(tok):
+    return [tuple(encode_prompt(tok, p.question)) for p in synthetic.generate("test", 12, seed=5)]
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-def test_concurrent_requests_are_batched_and_match_one_by_one(teacher, prompts):
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=8, batch_wait_timeout_s=0.05)
-        together = await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts))
-        alone = [await engine.generate(GenerationRequest(p, PARAMS)) for p in prompts]
-        await engine.close()
-        return engine, together, alone
+def response_text(tok, teacher, prompt, params):
+    seq = D3LLM.generate(teacher, [list(prompt)], params).sequences[0]
+    return tok.decode(seq.response_ids, skip_special_tokens=True), seq
 
-    engine, together, alone = run(main())
-    assert [o.batch_size for o in together] == [8] * 8
-    assert [o.batch_size for o in alone] == [1] * 8
+
+async def with_engine(teacher, tok, body, **kw):
+    engine = ContinuousEngine(teacher, tok, **kw)
+    try:
+        return await body(engine)
+    finally:
+        await engine.close()
+
+
+def test_requests_arriving_at_different_times_match_alone(teacher, tok, prompts):
+    async def body(engine):
+        async def late(i, p):
+            await asyncio.sleep(0.01 * i)  # joins at some later step of the running batch
+            return await engine.generate(GenerationRequest(p, PARAMS))
+
+        outs = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+        return outs, engine.stats
+
+    outs, stats = run(with_engine(teacher, tok, body, max_batch_size=4))
+    assert stats["max_batch"] > 1
+    for p, out in zip(prompts, outs):
+        text, seq = response_text(tok, teacher, p, PARAMS)
+        assert out.choices[0].text == text
+        assert out.choices[0].nfe == seq.nfe
+        assert list(out.choices[0].token_ids) == seq.response_ids
+
+
+def test_different_thresholds_and_seeds_share_steps_and_keep_their_own_tokens(teacher, tok, prompts):
+    settings = [D3LLMParams(threshold=t, cache_delay_iter=c, temperature=temp)
+                for t, c, temp in ((0.2, None, 0.0), (1.0, 2, 0.0), (0.5, 2, 0.8), (0.7, None, 0.8))]
+
+    async def body(engine):
+        reqs = [GenerationRequest(p, s, seed=100 + i) for i, (p, s) in enumerate(zip(prompts, settings))]
+        together = await asyncio.gather(*(engine.generate(r) for r in reqs))
+        alone = [await engine.generate(r) for r in reqs]
+        return together, alone, engine.stats
+
+    together, alone, stats = run(with_engine(teacher, tok, body, max_batch_size=4))
+    assert stats["max_batch"] == 4
     for a, b in zip(together, alone):
-        assert a.token_ids == b.token_ids
-        assert a.nfe == b.nfe
-    reference = D3LLM.generate(teacher, [list(p) for p in prompts], PARAMS)
-    assert [o.token_ids for o in together] == [tuple(s.response_ids) for s in reference.sequences]
-    assert engine.stats["batches"] == 9 and engine.stats["max_batch"] == 8
+        assert a.choices[0].text == b.choices[0].text  # seeded sampling too: a row depends on its own seed only
+    for p, s, a in zip(prompts[:2], settings[:2], together[:2]):
+        assert a.choices[0].text == response_text(tok, teacher, p, s)[0]
 
 
-def test_requests_with_different_params_are_never_mixed(teacher, prompts):
-    other = D3LLM.params_cls(cache_delay_iter=1, threshold=0.2)
-
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=16, batch_wait_timeout_s=0.05)
-        reqs = [GenerationRequest(p, PARAMS if i % 2 else other) for i, p in enumerate(prompts)]
-        outs = await asyncio.gather(*(engine.generate(r) for r in reqs))
-        await engine.close()
-        return reqs, outs
-
-    reqs, outs = run(main())
-    assert sorted(o.batch_size for o in outs) == [4] * 8
-    for r, o in zip(reqs, outs):
-        ref = D3LLM.generate(teacher, [list(r.prompt_ids)], r.params).sequences[0]
-        assert o.token_ids == tuple(ref.response_ids)
-
-
-def test_stream_sends_committed_tokens_in_order_ending_in_the_answer(teacher, prompts):
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=4, batch_wait_timeout_s=0.05)
-
-        async def consume(p):
-            chunks, final = [], None
-            async for event in engine.stream(GenerationRequest(p, PARAMS)):
-                if isinstance(event, GenerationOutput):
-                    final = event
-                else:
-                    chunks.append(list(event))
-            return chunks, final
-
-        res = await asyncio.gather(*(consume(p) for p in prompts[:4]))
-        await engine.close()
-        return res
-
-    for chunks, final in run(main()):
-        assert len(chunks) >= 2, "tokens should arrive over several steps"
-        assert all(chunks), "no empty deltas"
-        assert [t for c in chunks for t in c] == list(final.token_ids)
-        assert final.finish_reason == "stop" and final.batch_size == 4
-
-
-def test_max_tokens_truncates_stream_and_result(teacher, prompts):
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=1)
-        full = await engine.generate(GenerationRequest(prompts[0], PARAMS))
-        streamed = []
-        final = None
-        async for event in engine.stream(GenerationRequest(prompts[0], PARAMS, max_tokens=5)):
-            if isinstance(event, GenerationOutput):
-                final = event
+def test_stream_deltas_are_final_and_concatenate_to_the_answer(teacher, tok, prompts):
+    async def body(engine):
+        deltas, final = [], None
+        async for event in engine.stream(GenerationRequest(prompts[0], PARAMS)):
+            if isinstance(event, Delta):
+                deltas.append(event.text)
             else:
-                streamed.extend(event)
-        await engine.close()
-        return full, streamed, final
+                final = event
+        return deltas, final
 
-    full, streamed, final = run(main())
-    assert len(full.token_ids) > 5
-    assert final.token_ids == full.token_ids[:5] and final.finish_reason == "length"
-    assert streamed == list(final.token_ids)
+    deltas, final = run(with_engine(teacher, tok, body))
+    assert len(deltas) > 1 and "".join(deltas) == final.choices[0].text
+    assert final.choices[0].text == response_text(tok, teacher, prompts[0], PARAMS)[0]
 
 
-def test_timeout_fails_the_request_and_abandons_its_batch(teacher, prompts):
-    # one token per forward over all 96 slots (no EOS stop): ~100 forwards, far beyond the 0.05 s deadline
-    slow = D3LLM.params_cls(gen_length=96, block_length=16, threshold=0.0, early_stop=False)
+def test_stop_strings_truncate_and_end_the_row_early(teacher, tok, prompts):
+    full, seq = response_text(tok, teacher, prompts[1], PARAMS)
+    word = full.split()[3]
+    stop = f" {word} "
 
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=4)
-        started = time.monotonic()
+    async def body(engine):
+        streamed, final = "", None
+        async for event in engine.stream(GenerationRequest(prompts[1], PARAMS, stop=(stop, "never there"))):
+            if isinstance(event, Delta):
+                streamed += event.text
+            else:
+                final = event
+        return streamed, final
+
+    streamed, final = run(with_engine(teacher, tok, body))
+    choice = final.choices[0]
+    assert choice.text == full[: full.index(stop)] == streamed
+    assert choice.finish_reason == "stop"
+    assert choice.nfe <= seq.nfe
+
+
+def test_max_tokens_and_n_rows(teacher, tok, prompts):
+    async def body(engine):
+        capped = await engine.generate(GenerationRequest(prompts[2], PARAMS, max_tokens=5))
+        many = await engine.generate(GenerationRequest(prompts[2], D3LLMParams(threshold=0.5, temperature=1.0),
+                                                       n=3, seed=7))
+        greedy = await engine.generate(GenerationRequest(prompts[2], PARAMS, n=2))
+        return capped, many, greedy
+
+    capped, many, greedy = run(with_engine(teacher, tok, body))
+    assert len(capped.choices[0].token_ids) == 5 and capped.choices[0].finish_reason == "length"
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert len({c.text for c in many.choices}) > 1  # three seeds, three samples
+    assert greedy.choices[0].text == greedy.choices[1].text  # temperature 0: identical
+
+
+def test_deadline_removes_the_row_and_cancellation_frees_it(teacher, tok, prompts):
+    async def body(engine):
+        slow = D3LLMParams(threshold=0.0, block_add_threshold=1.0, decoded_token_threshold=1.0, early_stop=False)
         with pytest.raises(EngineTimeout):
             await engine.generate(GenerationRequest(prompts[0], slow, timeout_s=0.05))
-        waited = time.monotonic() - started
-        # the engine stays usable: the abandoned batch stops at its next step
-        ok = await engine.generate(GenerationRequest(prompts[1], PARAMS, timeout_s=30))
-        await engine.close()
-        return engine, waited, ok
+        task = asyncio.ensure_future(engine.generate(GenerationRequest(prompts[1], slow)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ok = await engine.generate(GenerationRequest(prompts[2], PARAMS))
+        await asyncio.sleep(0.05)
+        return ok, engine.stats, engine.running
 
-    engine, waited, ok = run(main())
-    assert waited < 1.0
-    assert engine.stats["abandoned"] == 1 and engine.stats["timeouts"] == 1
-    assert ok.finish_reason == "stop"
+    ok, stats, running = run(with_engine(teacher, tok, body))
+    assert stats["timeouts"] == 1 and stats["cancelled"] == 1 and running == 0
+    assert ok.choices[0].text == response_text(tok, teacher, prompts[2], PARAMS)[0]
 
 
-def test_bad_prompt_is_a_value_error_before_queueing(teacher):
-    async def main():
-        engine = BatchingEngine(teacher)
-        with pytest.raises(ValueError, match="empty"):
+def test_a_full_queue_is_refused_at_once(teacher, tok, prompts):
+    async def body(engine):
+        slow = D3LLMParams(threshold=0.0, block_add_threshold=1.0, decoded_token_threshold=1.0, early_stop=False)
+        tasks = [asyncio.ensure_future(engine.generate(GenerationRequest(p, slow))) for p in prompts[:3]]
+        await asyncio.sleep(0.02)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(EngineOverloaded) as err:
+            for p in prompts[3:9]:
+                engine.submit(GenerationRequest(p, slow))
+        refused_in = asyncio.get_running_loop().time() - started
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return err.value, refused_in
+
+    err, refused_in = run(with_engine(teacher, tok, body, max_batch_size=1, max_queued=2))
+    assert refused_in < 1.0 and err.retry_after_s >= 1.0
+
+
+class Faulty(D3LLMProgram):
+    """Fault injection: planning raises for rows whose prompt starts with a marked token."""
+
+    marker = -1
+
+    def plan(self, row, d):
+        if row.prompt[1] == self.marker:
+            raise RuntimeError("injected planning fault")
+        return super().plan(row, d)
+
+
+def test_a_fault_in_one_request_fails_it_alone(teacher, tok, prompts):
+    bad = (prompts[3][0], 99) + prompts[3][2:]
+    Faulty.marker = 99
+
+    async def body(engine):
+        reqs = [GenerationRequest(p, PARAMS) for p in (prompts[0], bad, prompts[1])]
+        results = await asyncio.gather(*(engine.generate(r) for r in reqs), return_exceptions=True)
+        later = await engine.generate(GenerationRequest(prompts[2], PARAMS))
+        return results, later, engine.alive
+
+    results, later, alive = run(with_engine(teacher, tok, body, program_factory=Faulty))
+    assert isinstance(results[1], RequestFailed)
+    assert alive
+    for p, r in ((prompts[0], results[0]), (prompts[1], results[2]), (prompts[2], later)):
+        assert r.choices[0].text == response_text(tok, teacher, p, PARAMS)[0]
+
+
+def test_a_failing_step_fails_its_rows_and_the_scheduler_goes_on(teacher, tok, prompts, monkeypatch):
+    from d3core.samplers.engine import Decoder
+
+    real = Decoder.step
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected device fault")
+        return real(self)
+
+    monkeypatch.setattr(Decoder, "step", flaky)
+
+    async def body(engine):
+        first = await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts[:2]),
+                                     return_exceptions=True)
+        second = await engine.generate(GenerationRequest(prompts[2], PARAMS))
+        return first, second
+
+    first, second = run(with_engine(teacher, tok, body))
+    assert all(isinstance(r, RequestFailed) for r in first)
+    assert second.choices[0].text == response_text(tok, teacher, prompts[2], PARAMS)[0]
+
+
+def test_zero_token_answers_and_failing_metrics_never_stop_the_scheduler(teacher, tok, prompts):
+    class Broken:
+        def on_step(self, *a):
+            raise ValueError("value must be >0")  # what Ray's Counter.inc(0) raises
+
+        def on_request(self, *a):
+            raise ValueError("value must be >0")
+
+    async def body(engine):
+        outs = [await engine.generate(GenerationRequest(p, PARAMS, max_tokens=1)) for p in prompts[:3]]
+        return outs, engine.alive
+
+    outs, alive = run(with_engine(teacher, tok, body, metrics=Broken()))
+    assert alive and all(len(o.choices[0].token_ids) <= 1 for o in outs)
+
+
+def test_request_level_mode_waits_for_the_batch_to_end(teacher, tok, prompts):
+    async def body(engine):
+        outs = await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts[:6]))
+        return outs
+
+    outs = run(with_engine(teacher, tok, body, max_batch_size=4, continuous=False))
+    for p, out in zip(prompts, outs):
+        assert out.choices[0].text == response_text(tok, teacher, p, PARAMS)[0]
+
+
+def test_bad_requests_and_settings_name_the_value(teacher, tok):
+    async def body(engine):
+        with pytest.raises(ValueError, match="prompt 0 is empty"):
             await engine.generate(GenerationRequest((), PARAMS))
-        with pytest.raises(ValueError, match="context"):
+        with pytest.raises(ValueError, match="> the model's context"):
             await engine.generate(GenerationRequest(tuple([7] * 120), PARAMS))
-        await engine.close()
-        return engine
+        with pytest.raises(ValueError, match="n=9 exceeds"):
+            await engine.generate(GenerationRequest((2, 7), PARAMS, n=9))
 
-    assert run(main()).stats["requests"] == 0
-
-
-def test_sampling_requests_group_by_seed_and_reproduce(teacher, prompts):
-    hot = D3LLM.params_cls(temperature=0.9)
-
-    async def main():
-        engine = BatchingEngine(teacher, max_batch_size=8, batch_wait_timeout_s=0.05)
-        a = await asyncio.gather(*(engine.generate(GenerationRequest(p, hot, seed=s)) for p, s in
-                                   zip(prompts[:4], [1, 1, 2, 2])))
-        b = await asyncio.gather(*(engine.generate(GenerationRequest(p, hot, seed=s)) for p, s in
-                                   zip(prompts[:4], [1, 1, 2, 2])))
-        await engine.close()
-        return a, b
-
-    a, b = run(main())
-    assert [o.batch_size for o in a] == [2, 2, 2, 2]
-    assert [o.token_ids for o in a] == [o.token_ids for o in b]
-
-
-def test_invalid_engine_settings_name_the_value(teacher):
+    run(with_engine(teacher, tok, body, max_batch_size=8))
     with pytest.raises(ValueError, match="max_batch_size=0"):
-        BatchingEngine(teacher, max_batch_size=0)
-    with pytest.raises(ValueError, match="timeout_s=0"):
-        GenerationRequest((1, 2), PARAMS, timeout_s=0)
+        ContinuousEngine(teacher, tok, max_batch_size=0)
+    with pytest.raises(ValueError, match="sampler='apd'"):
+        ContinuousEngine(teacher, tok, sampler="apd")
