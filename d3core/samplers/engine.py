@@ -195,6 +195,27 @@ class Decoder:
         r = row.cache_row
         return self.tokens[r, row.prompt_len: row.length], self.unmask[r, row.prompt_len: row.length]
 
+    def first_eos(self, row: Row) -> int | None:
+        """Index (in the generation slots) of the row's first committed EOS, or None."""
+        gen, _ = self.gen(row)
+        hits = np.nonzero(np.isin(gen, self.eos_ids))[0]
+        return int(hits[0]) if len(hits) else None
+
+    def fill_eos(self, row: Row, start: int, step: int, overwrite: bool) -> None:
+        """Slots ``[start, gen_length)`` become EOS; the undecided ones among them record ``step``.
+
+        ``overwrite`` also replaces tokens committed there (d3LLM's early stop); otherwise only
+        undecided slots change. The one place every sampler ends an answer at EOS.
+        """
+        gen, unmask = self.gen(row)
+        tail, steps = gen[start:], unmask[start:]
+        undecided = tail == self.mask_id
+        steps[undecided & (steps < 0)] = step
+        if overwrite:
+            tail[:] = self.eos_ids[0]
+        else:
+            tail[undecided] = self.eos_ids[0]
+
     def _result(self, row: Row) -> SequenceResult:
         r, p, end = row.cache_row, row.prompt_len, row.length
         return SequenceResult(list(row.prompt), self.tokens[r, p:end].tolist(), row.nfe,
