@@ -136,7 +136,7 @@ class Decoder:
         self.logprob = np.zeros((rows, capacity), dtype=np.float32)
         self.rows: list[Row] = []  # active rows; rows[i].cache_row == i
         self.forwards = 0
-        self.packer = Packer(self.device)
+        self.packer = Packer(self.device, capacity)
         self._seg: int | None = None
         self.graphs = None
         if graphs if graphs is not None else self.device.type == "cuda":
@@ -259,7 +259,7 @@ class Decoder:
             sizes = {"rows": self.max_rows, "capacity": self.capacity, "scratch_row": self.cache.scratch_row,
                      "pad_id": self.pad_id, "max_segments": max(r.params.gen_length // self._seg for r in rows)}
         step = build_segment_step(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
-                                  any(self.program.wants_uniform(r.params) for r in rows), sizes)
+                                  any(self.program.wants_uniform(r.params) for r in rows), self.capacity, sizes)
         if self.graphs is not None:
             out = self.graphs.run(step)
         else:
