@@ -85,7 +85,8 @@ class ServeConfig:
                  "write trust_remote_code: true (YAML) or trust_remote_code=true (serve run)")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             fail("model_name", self.model_name, "must be a non-empty name", "pass model_name=<served name>")
-        if self.sampler not in SAMPLERS or SAMPLERS[self.sampler].autoregressive or SAMPLERS[self.sampler].needs_verifier:
+        spec = SAMPLERS.get(self.sampler)
+        if spec is None or spec.autoregressive or spec.needs_verifier:
             usable = sorted(k for k, s in SAMPLERS.items() if not (s.autoregressive or s.needs_verifier))
             fail("sampler", self.sampler, "must name a registered dLLM sampler without a verifier",
                  f"choose one of {usable}")

@@ -88,7 +88,8 @@ class EngineMetrics:
         from ray.serve import metrics
 
         tags = {"model": model_name}
-        self.requests = metrics.Counter("d3ray_engine_requests", "Decode requests by final status.", ("model", "status"))
+        self.requests = metrics.Counter("d3ray_engine_requests", "Decode requests by final status.",
+                                        ("model", "status"))
         self.latency = metrics.Histogram("d3ray_engine_request_seconds", "Queue + decode time of a request.",
                                          LATENCY_BOUNDARIES, ("model",))
         self.steps = metrics.Counter("d3ray_engine_steps", "Decode steps.", ("model",))

@@ -150,7 +150,8 @@ def _schema_limits() -> dict[str, Any]:
         spec = {"type": {bool: "boolean", int: "integer", float: "number"}.get(kind, "string")}
         spec.update({k: v for k, v in (("minimum", low), ("maximum", high)) if v is not None})
         overridable[name] = {"anyOf": [spec, {"type": "null"}]} if nullable else spec
-    return {"sampler_params": overridable, "model": cfg.model_name, "max_n": cfg.max_batch_size, "max_tokens": cfg.max_gen_length,
+    return {"sampler_params": overridable, "model": cfg.model_name, "max_n": cfg.max_batch_size,
+            "max_tokens": cfg.max_gen_length,
             "max_temperature": cfg.limits.get("temperature", (None, None))[1],
             "vocab": ingress.model_config.vocab_size}
 

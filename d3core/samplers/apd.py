@@ -106,7 +106,7 @@ class APDProgram(Program):
         return plans
 
     def run_step(self, d: Decoder, rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
-        p, width = self.params, self.width
+        width = self.width
         active = [i for i, plan in enumerate(plans) if not plan.sits_out]
         pads = np.array([width - row.prompt_len for row in rows], dtype=np.int64)
         curr = np.array([rows[i].state.curr for i in active], dtype=np.int64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from d3core.eval import synthetic
 from d3core.samplers import get_sampler

@@ -430,7 +430,8 @@ def test_schema_fuzz_finds_no_server_error_or_hang(server):
 
     pytest.importorskip("schemathesis", reason="schemathesis is installed by the test extra")
     cli = "from schemathesis.cli import schemathesis; schemathesis()"
-    cmd = [sys.executable, "-c", cli, "run", f"{server}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
+    cmd = [sys.executable, "-c", cli, "run", f"{server}/openapi.json", "-H", f"Authorization: Bearer {KEY}",
+           "--checks", "all",
            "--exclude-checks", "positive_data_acceptance", "--max-examples", "40", "--request-timeout", "30",
            "--seed", "1", "--no-color"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
