@@ -11,14 +11,12 @@ serve config YAML).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -169,13 +167,12 @@ class ServeConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
-        base = copy.deepcopy(PRESETS[preset])
+        """The serve settings of the recipe ``preset`` (``pipelines/recipes.py``, the one table of presets)."""
+        base = dataclasses.asdict(preset_config(preset))
         if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
             base["num_replicas"] = None
-        base.update(overrides)
-        return cls(preset=preset, **base)
+        base.update(overrides, preset=preset)
+        return cls(**base)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "ServeConfig":
@@ -207,37 +204,14 @@ def _parse_arg(value: Any) -> Any:
         return value
 
 
-# GPU presets: one GPU per replica, bfloat16, d3LLM's 256-token canvas; `model` must name a local or
-# fsspec checkpoint (the official one or a distilled student).
-_GPU_PRESET: dict = {
-    "model": "",
-    "device": "cuda",
-    "dtype": "bfloat16",
-    "torch_threads": None,
-    "num_cpus": 4.0,
-    "num_gpus": 1.0,
-    "ingress_num_cpus": 1.0,
-    "num_replicas": None,
-    "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
-                       "refresh_interval": 32},
-    "max_gen_length": 1024,
-    "max_ongoing_requests": 64,
-    "max_batch_size": 32,
-    "request_timeout_s": 300.0,
-}
+PRESETS = ("tiny", "llada-8b", "dream-7b")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": str(TINY_TEACHER_DIR),
-        "model_name": "d3ray-tiny",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": 1,
-        "num_cpus": 1.0,
-        "num_gpus": 0.0,
-        "num_replicas": 1,
-    },
-    "llada-8b": {**_GPU_PRESET, "model_name": "d3ray-llada-8b"},  # model: a copy of GSAI-ML/LLaDA-8B-Instruct
-    "dream-7b": {**_GPU_PRESET, "model_name": "d3ray-dream-7b"},  # model: a copy of Dream-org/Dream-v0-Instruct-7B
-}
+
+def preset_config(preset: str) -> "ServeConfig":
+    """The recipe's ServeConfig. Recipes hold every stage's settings (``pipelines/recipes.py``); this is the
+    one place serve_apps reads them, imported here so that nothing else in serve_apps depends on pipelines."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown: choose one of {list(PRESETS)}")
+    from pipelines.recipes import get_recipe
+
+    return get_recipe(preset).serve
