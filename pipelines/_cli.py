@@ -234,9 +234,9 @@ def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, p
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
-    """Run a CLI's main: a ValueError (a bad value, found before any work) is one clear line and exit 2."""
+    """Run a CLI's main: a bad value or a missing input (found before any work) is one clear line and exit 2."""
     try:
         return fn()
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
