@@ -213,8 +213,41 @@ def pre_parse(argv: Sequence[str], presets: Sequence[str], default_preset: str) 
     return preset, data, rest
 
 
+def merge_repeated(argv: Sequence[str], groups: Sequence[Sequence[str]]) -> list[str]:
+    """``--model a=1 --model b=2`` -> ``--model a=1 b=2``: repeating a list flag adds to it, as it always did.
+
+    Each group names one field's flags (the flag and its aliases); their values are gathered at the
+    first occurrence.
+    """
+    out: list[str] = []
+    firsts: dict[int, int] = {}  # group -> index in out of its first flag
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        group = next((g for g, names in enumerate(groups) if args[i] in names), None)
+        if group is None:
+            out.append(args[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(args) and not args[j].startswith("--"):
+            j += 1
+        values = args[i + 1:j]
+        if group in firsts:
+            at = firsts[group] + 1
+            while at < len(out) and not out[at].startswith("--"):
+                at += 1
+            out[at:at] = values
+        else:
+            firsts[group] = len(out)
+            out += [args[i], *values]
+        i = j
+    return out
+
+
 def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, preset: str,
-          presets: Sequence[str], extra_defaults: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+          presets: Sequence[str], extra_defaults: Mapping[str, Any] | None = None,
+          repeatable: Sequence[Sequence[str]] = ()) -> tuple[Any, dict[str, Any]]:
     """Parse ``argv`` over ``default``; returns (validated config, values of the CLI-only fields).
 
     ``--preset`` and ``--config`` were read by :func:`pre_parse`; they are listed here so that
@@ -226,7 +259,7 @@ def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, p
                                                "dir's recipe.yaml); flags apply over it"),
         *spec.extra))
     view = View(spec)
-    parsed = tyro.cli(view.cls, default=view.to_view(default, extra_defaults), args=list(argv),
+    parsed = tyro.cli(view.cls, default=view.to_view(default, extra_defaults), args=merge_repeated(argv, repeatable),
                       description=description)
     extras = view.extras(parsed)
     extras.pop("preset"), extras.pop("config")

@@ -515,7 +515,15 @@ def _params_to_items(params) -> tuple[str, ...]:
                  for k, v in d.items())
 
 
-def cli_spec(hidden=frozenset(), aliases=None):
+def merged_params(base: dict[str, dict], items) -> dict[str, dict]:
+    """``--param`` items over the recipe's sampler params (a sampler's other params stay as they were)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for sampler, params in parse_sampler_params(items).items():
+        out.setdefault(sampler, {}).update(params)
+    return out
+
+
+def cli_spec(base: EvaluateConfig, hidden=frozenset(), aliases=None):
     """How EvaluateConfig appears on a command line (evaluate.py, and full.py's --evaluate.* group)."""
     from pipelines import _cli
 
@@ -523,7 +531,8 @@ def cli_spec(hidden=frozenset(), aliases=None):
     return _cli.ViewSpec(EvaluateConfig, hidden=frozenset(hidden), aliases=aliases or {}, transforms={
         "models": _cli.Transform(seq, lambda d: tuple(f"{k}={v}" for k, v in d.items()), _pairs_to_dict),
         "sweeps": _cli.Transform(seq, _sweeps_to_items, parse_sweeps),
-        "sampler_params": _cli.Transform(seq, _params_to_items, parse_sampler_params),
+        "sampler_params": _cli.Transform(seq, _params_to_items,
+                                         lambda items: merged_params(base.sampler_params, items)),
     })
 
 
@@ -540,10 +549,11 @@ def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
     if "sweeps" in data:
         data["sweeps"] = parse_sweeps(_sweeps_to_items(data["sweeps"]))
     default = _cli.apply(base, data, "config")
-    spec = dataclasses.replace(cli_spec(aliases={"models": ("--model",), "sweeps": ("--sweep",),
+    spec = dataclasses.replace(cli_spec(default, aliases={"models": ("--model",), "sweeps": ("--sweep",),
                                                  "sampler_params": ("--param",)}),
                                extra=(("overwrite", bool, False, "clear OUT if it holds another evaluation"),))
-    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
+    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES), repeatable=(
+        ("--models", "--model"), ("--sweeps", "--sweep"), ("--sampler-params", "--param")))
     return cfg, extras["overwrite"]
 
 

@@ -372,7 +372,7 @@ def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-def cli_spec():
+def cli_spec(base: Recipe):
     """full.py's command line: the recipe (stage fields that the recipe or the run dir decide are hidden)."""
     from pipelines import _cli
     from pipelines.distill import DistillConfig
@@ -389,7 +389,7 @@ def cli_spec():
         "distill": _cli.ViewSpec(DistillConfig, hidden=frozenset({"trajectories", "out", "storage", "push_to_hub",
                                                                   "trust_remote_code"}),
                                  aliases={"max_steps": ("--distill-steps",), "masking": ("--masking",)}),
-        "evaluate": evaluate_spec(hidden={"models", "ar_model", "out", "gen_length", "block_length",
+        "evaluate": evaluate_spec(base.evaluate, hidden={"models", "ar_model", "out", "gen_length", "block_length",
                                           "trust_remote_code", "preset"},
                                   aliases={"n": ("--n-eval",), "sweeps": ("--sweeps",),
                                            "sampler_params": ("--param",)}),
@@ -435,8 +435,9 @@ def parse_args(argv=None) -> FullConfig:
         base = base.with_shared(**shared)
     default = _cli.apply(base, data, "config")
     extra_defaults = {"run_dir": "runs/full", **run_values}
-    parsed, extras = _cli.parse(cli_spec(), default, rest, __doc__, preset, list(RECIPES),
-                                extra_defaults=extra_defaults)
+    parsed, extras = _cli.parse(cli_spec(default), default, rest, __doc__, preset, list(RECIPES),
+                                extra_defaults=extra_defaults, repeatable=(
+                                    ("--evaluate.sweeps", "--sweeps"), ("--evaluate.sampler-params", "--param")))
     return FullConfig(run_dir=extras["run_dir"], skip=_split_stages(extras["skip"]),
                       overwrite=_split_stages(extras["overwrite"]), pretrain=extras["pretrain"],
                       serve=extras["serve_smoke"], push_to_hub=extras["push_to_hub"], recipe=parsed)

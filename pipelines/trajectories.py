@@ -482,7 +482,7 @@ def run(cfg: TrajectoriesConfig, overwrite: bool = False) -> dict:
     pending = [s for s in shards if s["shard"] not in done]
     logger.info("%d prompts in %d shards; %d already complete, %d to decode", len(prompt_set.prompts), len(shards),
                 len(done), len(pending))
-    stats = {"rows": 0, "correct": 0, "tokens": 0}
+    stats = {"rows": 0, "correct": 0, "tokens": 0, "fingerprint_digest": digest}
     write_manifest(cfg, shards, done, stats, fp, vocab_size)
     if pending:
         if not ray.is_initialized():

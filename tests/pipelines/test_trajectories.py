@@ -100,7 +100,7 @@ def test_kill_and_rerun_gives_exactly_one_row_per_id(tmp_path):
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="preset='gpt'"):
-        P.TrajectoriesConfig(preset="gpt")
+        P.parse_args(["--preset", "gpt"])
     with pytest.raises(ValueError, match="max_attempts=0"):
         P.TrajectoriesConfig(max_attempts=0)
     with pytest.raises(ValueError, match="block_length=20 must divide gen_length=48"):
