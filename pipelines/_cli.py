@@ -21,6 +21,7 @@ and whose ``__post_init__`` does nothing, so that validation happens once, in th
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import logging
 import sys
@@ -150,7 +151,7 @@ def _coerce(kind: Any, value: Any) -> Any:
         args = typing.get_args(kind)
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v) for v in value)
-    if origin in (dict, Mapping, typing.Mapping) and isinstance(value, dict):
+    if origin in (dict, collections.abc.Mapping) and isinstance(value, dict):
         args = typing.get_args(kind)
         return {k: _coerce(args[1], v) for k, v in value.items()} if len(args) == 2 else dict(value)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):

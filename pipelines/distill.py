@@ -79,14 +79,14 @@ class DistillConfig:
     grad_clip: float = 1.0  # global gradient-norm clip
     window_sizes: tuple[int, ...] = (16, 48)  # masking window per epoch (interpolated within one), <= gen_length
     mask_ratio_min: float = 0.0  # mask ratio range of a view, 0 <= min <= max <= 1
-    mask_ratio_max: float = 0.8
+    mask_ratio_max: float = 0.8  # upper end of the mask ratio range
     entropy_weight: float = 6.0  # certainty-forcing weight (0 turns it off)
     entropy_temperature: float = 0.5  # temperature of the certainty-forcing entropy (> 0)
     ckpt_every: int = 50  # a sharded checkpoint every this many steps (and at the last)
     num_to_keep: int = 2  # checkpoints kept on disk
     lora_rank: int = 0  # 0: full fine-tuning; > 0: peft LoRA on lora_targets, merged on export
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_alpha: float = 16.0  # LoRA scaling (alpha / rank)
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get adapters
     max_failures: int = 2  # worker-group restarts (from the newest checkpoint) before the run fails
     seed: int = 0  # seeds the row order and the masking
 

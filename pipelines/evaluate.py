@@ -93,16 +93,16 @@ class EvaluateConfig:
     # SAMPLER -> fixed params of its cells (fields of its params class other than the shape and the swept axis)
     sampler_params: dict[str, dict] = field(default_factory=lambda: {"d3llm": {"cache_delay_iter": 2},
                                                                      "fast_dllm": {"cache": "dual"}})
-    num_cpus_per_cell: float = 1.0
+    num_cpus_per_cell: float = 1.0  # CPUs each cell (a Ray task) reserves
     num_gpus_per_cell: float = 0.0  # > 0: one GPU share per cell (needs GPUs in the cluster)
     threads_per_cell: int = 1  # torch threads inside each cell
     use_vllm: str = "auto"  # AR baseline through vLLM: auto (when it imports), on, off
     seed: int = 0  # seeds the task's example order and sampling
-    prompt_style: str = "auto"
+    prompt_style: str = "auto"  # how problems are put to the model (d3core.eval.tasks.STYLES; auto: per model)
     anchor_vanilla: bool = False  # True: start each parallel curve at the model's vanilla accuracy, TPF 1
-    unit_tpf_single: bool = True
+    unit_tpf_single: bool = True  # AUP: one-token-per-step decoders (vanilla, AR) enter at TPF 1
     sandbox_timeout_s: float = 10.0  # CPU seconds per program (all its processes)
-    code_workers: int = 1
+    code_workers: int = 1  # sandboxed programs judged in parallel (code tasks)
     trust_remote_code: bool = False  # tokenizers defined by checkpoint code (Dream) may run
     preset: str = "tiny"  # the recipe these settings came from (recorded in the report)
 

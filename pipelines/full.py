@@ -71,7 +71,7 @@ class FullConfig:
     pretrain: bool = False  # tiny only: retrain the embedded models first (hours on 2 CPU cores)
     serve: bool = False  # deploy the student on Ray Serve on 127.0.0.1 and query it once
     push_to_hub: str | None = None  # after evaluation, upload the student (with its model card) to this hub repo
-    recipe: Recipe = field(default_factory=lambda: get_recipe("tiny"))
+    recipe: Recipe = field(default_factory=lambda: get_recipe("tiny"))  # every stage's settings
 
     def __post_init__(self) -> None:
         for name in ("skip", "overwrite"):
@@ -415,6 +415,33 @@ def _split_stages(values) -> tuple[str, ...]:
     return tuple(s.strip() for v in values for s in str(v).split(",") if s.strip())
 
 
+def apply_recipe(base: Recipe, data: dict) -> Recipe:
+    """``base`` with the values of a config file (the shape of ``recipe.yaml``): shared fields set once."""
+    from pipelines import _cli
+    from pipelines.evaluate import _sweeps_to_items, parse_sweeps
+    from pipelines.recipes import SHARED, STAGE_FIELDS, build
+
+    data = dict(data)
+    unknown = sorted(set(data) - set(SHARED) - set(STAGE_FIELDS))
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {unknown}; a recipe has {[*SHARED, *STAGE_FIELDS]} and the run's "
+                         f"{list(_RUN_KEYS[:-2]) + ['serve (a bool)', 'push_to_hub']}")
+    shared = {name: data.get(name, getattr(base, name)) for name in SHARED}
+    stages = {}
+    for name in STAGE_FIELDS:
+        values = dict(data.get(name) or {})
+        for key, value in values.items():  # a stage's copy of a shared field must say the same as the top
+            top = shared["teacher"] if (name, key) == ("evaluate", "models") else shared.get(key)
+            same = value.get("teacher") == top if (name, key) == ("evaluate", "models") else value == top
+            if key in SHARED and not same:
+                raise ValueError(f"config: {name}.{key}={value!r} but {key}={top!r}: {key} is one setting shared "
+                                 "by every stage; set it once at the top level")
+        if name == "evaluate" and "sweeps" in values:
+            values["sweeps"] = parse_sweeps(_sweeps_to_items(values["sweeps"]))
+        stages[name] = _cli.apply(getattr(base, name), values, name) if values else getattr(base, name)
+    return build({"preset": base.preset, **shared, **stages})
+
+
 def parse_args(argv=None) -> FullConfig:
     from pipelines import _cli
 
@@ -424,16 +451,7 @@ def parse_args(argv=None) -> FullConfig:
     run_values = {k: data.pop(k) for k in _RUN_KEYS if k in data}
     if "serve" in data and isinstance(data["serve"], bool):
         run_values["serve_smoke"] = data.pop("serve")
-    base = get_recipe(preset)
-    shared = {k: data.pop(k) for k in ("teacher", "ar_model", "prompts", "trust_remote_code", "gen_length",
-                                       "block_length") if k in data}
-    if "evaluate" in data and "sweeps" in data["evaluate"]:
-        from pipelines.evaluate import _sweeps_to_items, parse_sweeps
-
-        data["evaluate"]["sweeps"] = parse_sweeps(_sweeps_to_items(data["evaluate"]["sweeps"]))
-    if shared:
-        base = base.with_shared(**shared)
-    default = _cli.apply(base, data, "config")
+    default = apply_recipe(get_recipe(preset), data)
     extra_defaults = {"run_dir": "runs/full", **run_values}
     parsed, extras = _cli.parse(cli_spec(default), default, rest, __doc__, preset, list(RECIPES),
                                 extra_defaults=extra_defaults, repeatable=(

@@ -49,10 +49,10 @@ class Recipe:
     trust_remote_code: bool  # let tokenizers defined by a checkpoint's own Python code run (Dream needs it)
     gen_length: int  # generation slots: trajectories, evaluation and serving decode this many
     block_length: int  # block size of the semi-autoregressive decoders (divides gen_length)
-    trajectories: TrajectoriesConfig
-    distill: DistillConfig
-    evaluate: EvaluateConfig
-    serve: ServeConfig
+    trajectories: TrajectoriesConfig  # teacher trajectories on Ray Data
+    distill: DistillConfig  # the student on Ray Train (FSDP2)
+    evaluate: EvaluateConfig  # accuracy-vs-parallelism sweeps and AUP
+    serve: ServeConfig  # the OpenAI-compatible Ray Serve app (full.py --serve deploys the student with it)
 
     def __post_init__(self) -> None:
         if self.preset not in RECIPES:

@@ -59,7 +59,7 @@ class TrajectoriesConfig:
     seed: int = 0  # seeds the synthetic split and the decode's sampling (retries)
     shard_size: int = 250  # prompts per Parquet shard (a shard is the unit of resume)
     num_actors: int = 2  # decoder actors (each loads the teacher once)
-    num_cpus_per_actor: float = 0.5
+    num_cpus_per_actor: float = 0.5  # CPUs each actor reserves (0.5 on 2 cores leaves room for the writers)
     num_gpus_per_actor: float = 0.0  # > 0: one teacher replica per GPU share (needs GPUs in the cluster)
     batch_size: int = 125  # prompts decoded together by one actor
     gen_length: int = 48  # generation slots per prompt
@@ -432,14 +432,15 @@ def claim(cfg: TrajectoriesConfig, fp: dict, shards: list[dict], overwrite: bool
     manifest = T.read_manifest(cfg.out)
     planned = {shard_name(s["shard"]) for s in shards}
     present = [p.rsplit("/", 1)[-1] for p in T.list_shards(cfg.out)]
-    recorded = manifest.get("fingerprint") if manifest else None
-    if manifest is not None and recorded is None:
-        recorded = {"manifest": "written by an older d3ray (no fingerprint)"}
-    if recorded is None and present:  # shards without a manifest: they are this run's only if they say so
+    diffs: list = []
+    if manifest is not None and "fingerprint" not in manifest:
+        diffs = [("manifest", "written by an older d3ray (no fingerprint)", f"fingerprint {F.digest(fp)}")]
+    elif manifest is not None:
+        diffs = F.differences(manifest["fingerprint"], fp)
+    elif present:  # shards without a manifest: they are this run's only if they say so
         digests = sorted({str(shard_digest(root + "/" + name, fs)) for name in present})
         if digests != [F.digest(fp)]:
-            recorded = {"shards": f"{len(present)} shard file(s) written under fingerprint(s) {digests}"}
-    diffs = F.differences(recorded, fp) if recorded is not None else []
+            diffs = [("shard files' fingerprint", digests, F.digest(fp))]
     others = sorted(set(present) - planned)
     if others and not diffs:
         diffs = [("shard files", others[:5], f"only the {len(planned)} planned shards")]
