@@ -57,6 +57,7 @@ class ViewSpec:
     nested: Mapping[str, "ViewSpec"] = dataclasses.field(default_factory=dict)
     extra: tuple[tuple[str, Any, Any, str], ...] = ()  # (name, type, default, help) fields only the CLI has
     build: Callable[[dict], Any] | None = None  # builds the real config from field values (default: cls(**values))
+    helps: Mapping[str, str] = dataclasses.field(default_factory=dict)  # help text replacing the field's comment
 
 
 def _help(cls: type, name: str) -> str | None:
@@ -89,7 +90,8 @@ class View:
             if f.name in spec.hidden:
                 marks.append(tyro.conf.Suppress)
             else:
-                marks.append(tyro.conf.arg(aliases=spec.aliases.get(f.name) or None, help=_help(spec.cls, f.name)))
+                text = spec.helps.get(f.name) or _help(spec.cls, f.name)
+                marks.append(tyro.conf.arg(aliases=spec.aliases.get(f.name) or None, help=text))
             annotations[f.name] = Annotated[(kind, *marks)]
             namespace[f.name] = dataclasses.field(default=None)
         for name, kind, default, text in spec.extra:

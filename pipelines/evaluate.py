@@ -527,8 +527,20 @@ def cli_spec(base: EvaluateConfig, hidden=frozenset(), aliases=None):
     """How EvaluateConfig appears on a command line (evaluate.py, and full.py's --evaluate.* group)."""
     from pipelines import _cli
 
+    from d3core.samplers import get_sampler
+
     seq = tuple[str, ...]
-    return _cli.ViewSpec(EvaluateConfig, hidden=frozenset(hidden), aliases=aliases or {}, transforms={
+    settable = "; ".join(
+        f"{s}: " + ", ".join(f.name for f in dataclasses.fields(get_sampler(s).params_cls)
+                             if f.name not in (*SHAPE_FIELDS, "threshold"))
+        for s in DLLM_SAMPLERS)
+    helps = {"sampler_params": f"SAMPLER.FIELD=VALUE: fixed params of a sampler's cells, over the recipe's (the "
+                               f"cache included); the fields: {settable}",
+             "sweeps": "SAMPLER.AXIS=V1,V2 ... (vanilla: no values): fast_dllm.confidence_threshold in (0, 1] "
+                       "(higher: stricter), dparallel.entropy_threshold / d3llm.entropy_threshold in nats "
+                       "(lower: stricter); SAMPLER=V1,V2 names that sampler's one axis",
+             "models": "NAME=URI ...: the dLLMs evaluated (paths, fsspec URIs, hub ids)"}
+    return _cli.ViewSpec(EvaluateConfig, hidden=frozenset(hidden), aliases=aliases or {}, helps=helps, transforms={
         "models": _cli.Transform(seq, lambda d: tuple(f"{k}={v}" for k, v in d.items()), _pairs_to_dict),
         "sweeps": _cli.Transform(seq, _sweeps_to_items, parse_sweeps),
         "sampler_params": _cli.Transform(seq, _params_to_items,

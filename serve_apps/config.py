@@ -42,30 +42,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ServeConfig:
     """Everything that defines a served model; every field is checked on construction."""
 
-    model: str
-    model_name: str
-    preset: str = "custom"
+    model: str  # the checkpoint served: path, fsspec URI, hub id or hf:// URI (HF layout)
+    model_name: str  # the name clients ask for (/v1/models)
+    preset: str = "custom"  # the recipe these settings came from
     tokenizer: str | None = None  # None: the checkpoint directory holds the tokenizer
     trust_remote_code: bool = False  # run the tokenizer's own Python code (Dream's tokenization_dream.py)
-    sampler: str = "d3llm"
-    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
-    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    max_gen_length: int = 128
-    device: str = "cpu"
-    dtype: str = "float32"
-    torch_threads: int | None = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ingress_num_cpus: float = 0.0
-    num_replicas: int | None = 1
-    autoscaling: Mapping[str, Any] | None = None
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 256
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    request_timeout_s: float = 60.0
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
+    sampler: str = "d3llm"  # the dLLM decoder (d3core.samplers)
+    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))  # its defaults
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))  # overridable params, [low, high]
+    max_gen_length: int = 128  # the longest generation a request may ask for
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "float32"  # weights dtype on the replica
+    torch_threads: int | None = 1  # torch threads per replica (None: torch's default)
+    num_cpus: float = 1.0  # CPUs per model replica
+    num_gpus: float = 0.0  # GPUs per model replica
+    ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
+    num_replicas: int | None = 1  # fixed replicas (None: autoscaling)
+    autoscaling: Mapping[str, Any] | None = None  # Ray Serve autoscaling_config (with num_replicas=None)
+    max_ongoing_requests: int = 32  # requests a replica works on at once
+    max_queued_requests: int = 256  # requests waiting beyond that (-1: unbounded), then 503
+    max_batch_size: int = 16  # sequences decoded together
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    request_timeout_s: float = 60.0  # a request that takes longer fails
+    health_check_period_s: float = 10.0  # seconds between Ray Serve health checks of a replica
+    health_check_timeout_s: float = 30.0  # a health check slower than this fails the replica
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, rule: str, fix: str) -> None:

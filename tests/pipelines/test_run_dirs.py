@@ -288,8 +288,9 @@ def test_one_recipe_is_the_single_source_of_every_stages_defaults():
 
 def test_every_config_field_has_help_text():
     from pipelines.recipes import Recipe
+    from serve_apps.config import ServeConfig
 
-    for cls in (P.TrajectoriesConfig, D.DistillConfig, E.EvaluateConfig, full.FullConfig, Recipe):
+    for cls in (P.TrajectoriesConfig, D.DistillConfig, E.EvaluateConfig, full.FullConfig, Recipe, ServeConfig):
         missing = [f.name for f in dataclasses.fields(cls) if not _cli._help(cls, f.name)]
         assert not missing, f"{cls.__name__} fields without help text: {missing}"
 
