@@ -16,7 +16,6 @@ or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json

@@ -247,8 +247,6 @@ def check_skipped(cfg: FullConfig, recipe: Recipe) -> None:
 
 
 def run(cfg: FullConfig) -> dict:
-    import ray
-
     from pipelines import _cli
 
     _io.require_directory(cfg.run_dir, "run_dir")
@@ -323,6 +321,12 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
     _io.write_bytes(cfg.path("report.md"), markdown(summary, evaluation, cfg).encode())
     logger.info("report: %s", cfg.path("report.md"))
     return summary
+
+
+def _timed(fn) -> dict:
+    t0 = time.perf_counter()
+    out = fn()
+    return {"status": "done", "seconds": round(time.perf_counter() - t0, 1), "result": out}
 
 
 def _cli_data(recipe: Recipe) -> dict:
