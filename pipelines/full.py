@@ -246,6 +246,23 @@ def check_skipped(cfg: FullConfig, recipe: Recipe) -> None:
         claim(recipe.distill, prepare(recipe.distill), overwrite=False)
 
 
+def check_finished(cfg: FullConfig, recipe: Recipe) -> None:
+    """Before Ray: when the trajectories are finished, a student (and an evaluation) of other settings is refused now,
+    not after the cluster work of the stages before it."""
+    manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
+    if not manifest.get("complete") or "distill" in cfg.skip or "distill" in cfg.redo():
+        return
+    from pipelines import distill as D
+
+    if not _io.exists(cfg.path("student", D.SUMMARY)) and F.read_record(recipe.distill.storage_path) is None:
+        return
+    summary = D.claim(recipe.distill, D.prepare(recipe.distill), overwrite=False)
+    if summary is not None and "evaluate" not in cfg.skip and "evaluate" not in cfg.redo():
+        from pipelines.evaluate import prepare as prepare_evaluation
+
+        prepare_evaluation(recipe.evaluate)
+
+
 def run(cfg: FullConfig) -> dict:
     from pipelines import _cli
 
@@ -279,6 +296,7 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
         from pipelines.trajectories import prepare
 
         prepare(recipe.trajectories, overwrite="trajectories" in cfg.redo())  # prompts, teacher, output: before Ray
+    check_finished(cfg, recipe)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
     stages = _io.read_json(cfg.path("stages.json")) or {}
