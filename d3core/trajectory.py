@@ -177,7 +177,11 @@ def read_manifest(uri: str) -> dict | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise TrajectoryFormatError(f"{path}: not valid JSON ({err}); the trajectories output is damaged: "
+                                        "regenerate it (pipelines/trajectories.py --overwrite)") from err
 
 
 def read_shard(uri: str, path: str) -> pa.Table:

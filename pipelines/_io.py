@@ -45,7 +45,11 @@ def read_json(uri: str) -> Any | None:
     if not fs.exists(root):
         return None
     with fs.open(root, "r") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{uri}: not valid JSON ({err}); d3ray writes it atomically, so something else damaged "
+                             "it: redo that stage with --overwrite, or write to a new location") from err
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
-
 from pipelines import _io
 from pipelines import fingerprint as F
 
@@ -291,12 +289,7 @@ def recipe(cfg: DistillConfig, summary: dict) -> dict:
 
 
 def read_summary(out: str) -> dict | None:
-    fs, root = fsspec.core.url_to_fs(out)
-    path = root.rstrip("/") + "/" + SUMMARY
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    return _io.read_json(_io.join(out, SUMMARY))
 
 
 # -- driver ---------------------------------------------------------------------------------------

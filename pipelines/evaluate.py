@@ -328,7 +328,10 @@ def read_done(cfg: EvaluateConfig, cells: list[Cell]) -> dict[str, dict]:
     for cell in cells:
         path = f"{root}/cells/{cell.key(cfg)}.json"
         if fs.exists(path):
-            done[cell.key(cfg)] = json.loads(fs.cat_file(path))
+            try:
+                done[cell.key(cfg)] = json.loads(fs.cat_file(path))
+            except json.JSONDecodeError:  # a damaged cell file is decoded again, never read
+                logger.warning("cell %s is not valid JSON: decoding it again", path)
     return done
 
 

@@ -336,3 +336,15 @@ def test_overwrite_redoes_the_stage_and_everything_downstream():
         full.FullConfig(overwrite=("distil",))
     with pytest.raises(ValueError, match="both skipped and overwritten"):
         full.FullConfig(overwrite=("distill",), skip=("distill",))
+
+
+def test_damaged_records_are_named_not_a_traceback(decoded, tmp_path):
+    out = copy_of(decoded, tmp_path)
+    (out / T.MANIFEST).write_text('{"schema_version": 1, "fingerp')
+    with pytest.raises(T.TrajectoryFormatError, match=r"manifest.json: not valid JSON .*--overwrite"):
+        P.prepare(traj_cfg(out))
+    P.prepare(traj_cfg(out), overwrite=True)  # the way out it names works
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / D.SUMMARY).write_text("{")
+    with pytest.raises(ValueError, match=r"distill_summary.json: not valid JSON"):
+        D.read_summary(str(tmp_path / "student"))
