@@ -394,8 +394,9 @@ def _clear_export(cfg: DistillConfig) -> None:
 def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict:
     """Train (or resume) and export; returns the summary. A finished ``out`` of the same fingerprint is returned.
 
-    ``hooks`` (optional, picklable) is handed to every worker: ``hooks.on_step(step, rank, world)``
-    runs after each optimizer step (tests use it to kill a worker at a chosen point).
+    ``hooks`` (optional, picklable) is handed to every worker: ``hooks.on_start(rank, world)`` runs
+    before the worker reads its rows and ``hooks.on_step(step, rank, world)`` after each optimizer
+    step, where defined (tests use them to kill or slow a worker at a chosen point).
     """
     import ray
     import ray.train

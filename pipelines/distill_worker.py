@@ -175,6 +175,8 @@ def train_loop(config: dict) -> None:
             logger.info("resumed at step %d (epoch %d, %d rows of it consumed) from %s (%d worker(s), now %d)", step,
                         epoch, len(consumed), resume, state["world_size"], size)
 
+    if hooks is not None and hasattr(hooks, "on_start"):
+        hooks.on_start(rank, size)
     rows = load_rows(ray.train.get_dataset_shard("train"))
     per_worker = cfg.batch_size // size
     max_steps, steps_per_epoch = config["max_steps"], config["steps_per_epoch"]
@@ -209,7 +211,7 @@ def train_loop(config: dict) -> None:
             if step % cfg.ckpt_every == 0 or step == max_steps:
                 report(model, optimizer, out, {**meta, "step": step, "epoch": epoch, "consumed": sorted(consumed),
                                                "uses": uses, "history": history, "resumes": resumes})
-            if hooks is not None:
+            if hooks is not None and hasattr(hooks, "on_step"):
                 hooks.on_step(step, rank, size)
         epoch += 1
         consumed = set()

@@ -1,6 +1,6 @@
 """Test-only fault injection for Ray Train workers (production code only offers the ``hooks`` extension point).
 
-``pipelines.distill.run_distill(cfg, hooks=...)`` calls ``hooks.on_step(step, rank, world)`` in every
+``pipelines.distill.run_distill(cfg, hooks=...)`` calls ``hooks.on_start(rank, world)`` and ``hooks.on_step(step, rank, world)`` in every
 worker after every optimizer step. The hooks here kill a worker hard (``os._exit``), once: a marker
 file records that the fault fired, so the restarted worker group runs through.
 """
@@ -44,6 +44,18 @@ class KillWorker:
 
 
 @dataclass(frozen=True)
+class SlowStart:
+    """Worker ``rank`` reaches the dataset ``seconds`` late: another worker asks for rows first."""
+
+    seconds: float
+    rank: int = 0
+
+    def on_start(self, rank: int, world: int) -> None:
+        if rank == self.rank:
+            time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
 class SlowSteps:
     """Sleep ``seconds`` after every step on ``rank``: a worker slowed by a loaded machine."""
 
@@ -53,3 +65,21 @@ class SlowSteps:
     def on_step(self, step: int, rank: int, world: int) -> None:
         if rank == self.rank:
             time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class Both:
+    """Two hooks at once."""
+
+    first: object
+    second: object
+
+    def on_start(self, rank: int, world: int) -> None:
+        for hook in (self.first, self.second):
+            if hasattr(hook, "on_start"):
+                hook.on_start(rank, world)
+
+    def on_step(self, step: int, rank: int, world: int) -> None:
+        for hook in (self.first, self.second):
+            if hasattr(hook, "on_step"):
+                hook.on_step(step, rank, world)

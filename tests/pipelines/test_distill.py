@@ -15,7 +15,7 @@ from d3core import trajectory as T
 from d3core.models.checkpoint import load_pretrained, save_pretrained
 from d3core.models.registry import build_model
 from d3core.models.tiny_tokenizer import save_tokenizer
-from faults import KillWorker, SlowSteps, ship_by_value
+from faults import Both, KillWorker, SlowStart, SlowSteps, ship_by_value
 from trajectory_sets import write_set
 
 ray = pytest.importorskip("ray")
@@ -121,13 +121,17 @@ def test_worker_killed_right_after_a_checkpoint_resumes_from_it(ray_local, teach
 
 @pytest.mark.slow
 def test_the_same_command_twice_gives_the_same_student_bit_for_bit(ray_local, teacher_dir, tmp_path):
-    """Row order through Ray Data depends on timing; the global batches do not. One run is slowed on rank 0."""
+    """Which rows reach which worker through Ray Data depends on timing; the global batches do not.
+
+    The first run's rank 0 reaches the dataset late, the second run's rank 1 (and its rank 0 is slow every step).
+    """
     from pipelines.distill import DistillConfig, run_distill
 
     traj = tmp_path / "traj"
     write_rows(traj, teacher_dir, 48, seed=5, shard_size=8)
     students = []
-    for run, hooks in enumerate((None, SlowSteps(seconds=0.5, rank=0))):
+    for run, hooks in enumerate((SlowStart(seconds=4.0, rank=0), Both(SlowStart(seconds=4.0, rank=1),
+                                                                      SlowSteps(seconds=0.5, rank=0)))):
         out = tmp_path / f"student-{run}"
         cfg = DistillConfig(trajectories=str(traj), out=str(out), num_workers=2, batch_size=8, max_steps=6,
                             lr=1e-3, warmup_steps=1, window_sizes=(8,), ckpt_every=6)
