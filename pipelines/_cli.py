@@ -248,6 +248,12 @@ def merge_repeated(argv: Sequence[str], groups: Sequence[Sequence[str]]) -> list
     return out
 
 
+def stage_section(data: dict, stage: str) -> dict:
+    """A stage CLI's part of a config file: the file's ``stage:`` section when it is a whole recipe (recipe.yaml)."""
+    section = data.get(stage)
+    return dict(section) if isinstance(section, dict) else data
+
+
 def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, preset: str,
           presets: Sequence[str], extra_defaults: Mapping[str, Any] | None = None,
           repeatable: Sequence[Sequence[str]] = ()) -> tuple[Any, dict[str, Any]]:

@@ -488,7 +488,7 @@ def parse_args(argv=None) -> tuple[DistillConfig, bool]:
 
     argv = sys.argv[1:] if argv is None else argv
     preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    default = _cli.apply(get_recipe(preset).distill, data, "config")
+    default = _cli.apply(get_recipe(preset).distill, _cli.stage_section(data, STAGE), "config")
     spec = _cli.ViewSpec(DistillConfig, extra=(
         ("overwrite", bool, False, "clear OUT and the training storage if they hold another run's outputs, "
                                    "then train anew"),))

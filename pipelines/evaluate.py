@@ -560,6 +560,7 @@ def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
     argv = sys.argv[1:] if argv is None else argv
     preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
     base = dataclasses.replace(get_recipe(preset).evaluate, preset=preset)
+    data = _cli.stage_section(data, STAGE)
     if "sweeps" in data:
         data["sweeps"] = parse_sweeps(_sweeps_to_items(data["sweeps"]))
     default = _cli.apply(base, data, "config")

@@ -541,7 +541,7 @@ def parse_args(argv=None) -> tuple[TrajectoriesConfig, bool]:
 
     argv = sys.argv[1:] if argv is None else argv
     preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    default = _cli.apply(get_recipe(preset).trajectories, data, "config")
+    default = _cli.apply(get_recipe(preset).trajectories, _cli.stage_section(data, STAGE), "config")
     spec = _cli.ViewSpec(TrajectoriesConfig, extra=(
         ("overwrite", bool, False, "clear OUT if it holds trajectories of other settings, then decode"),))
     cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))

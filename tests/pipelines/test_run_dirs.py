@@ -348,3 +348,13 @@ def test_damaged_records_are_named_not_a_traceback(decoded, tmp_path):
     (tmp_path / "student" / D.SUMMARY).write_text("{")
     with pytest.raises(ValueError, match=r"distill_summary.json: not valid JSON"):
         D.read_summary(str(tmp_path / "student"))
+
+
+def test_a_run_dirs_recipe_configures_every_stage_cli(tmp_path):
+    cfg = full.parse_args(["--trajectories.seed", "7", "--distill.lr", "1e-4", "--n-eval", "5", "--run-dir",
+                           str(tmp_path / "run")])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_cli.to_yaml(cfg.bound()))
+    assert P.parse_args(["--config", str(path)])[0] == cfg.bound().trajectories
+    assert D.parse_args(["--config", str(path)])[0] == cfg.bound().distill
+    assert E.parse_args(["--config", str(path)])[0] == cfg.bound().evaluate
