@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.trajectory_store import TrajectorySet, read_trajectory_set  # noqa: F401  (the reader)
 
 logger = logging.getLogger("d3ray.distill")
 
@@ -155,87 +156,6 @@ class DistillConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrajectorySet:
-    """The rows distillation trains on, read exactly as the trajectories manifest lists them."""
-
-    table: object  # pyarrow.Table of id, prompt_ids, response_ids, unmask_step (sorted by id)
-    manifest: dict
-    rows_total: int  # before the only_correct filter
-
-    @property
-    def teacher(self) -> str:
-        return self.manifest["decode"]["teacher"]
-
-    @property
-    def gen_length(self) -> int:
-        return int(self.manifest["decode"]["gen_length"])
-
-
-def read_trajectory_set(cfg: DistillConfig) -> TrajectorySet:
-    """The manifest's shards, validated; refuses a missing, incomplete or inconsistent set before any training.
-
-    Only files the manifest lists are read (never temporary files, never a directory listing);
-    every row is checked against the manifest's decode record (token ids within the teacher's
-    vocabulary, unmask steps within the decode's forward passes, teacher and sampler metadata).
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from d3core import trajectory as T
-
-    where = cfg.trajectories
-    fix = "rerun pipelines/trajectories.py with the same settings to finish it, or point --trajectories at a complete run"
-    manifest = T.read_manifest(where)
-    if manifest is None:
-        raise ValueError(f"trajectories={where!r}: no {T.MANIFEST} there, so it is not a trajectories output; run "
-                         "pipelines/trajectories.py first, or point --trajectories at its --out")
-    if "fingerprint" not in manifest or "decode" not in manifest:
-        raise ValueError(f"{where}/{T.MANIFEST} was written by an older d3ray (no fingerprint): regenerate the "
-                         "trajectories with pipelines/trajectories.py --overwrite")
-    shards = manifest["shards"]
-    unfinished = sorted(name for name, entry in shards.items() if not entry.get("complete"))
-    if unfinished or not manifest.get("complete"):
-        raise ValueError(f"trajectories at {where} are incomplete: {len(shards) - len(unfinished)} of {len(shards)} "
-                         f"shards done, missing {unfinished[:5]}{' ...' if len(unfinished) > 5 else ''}; {fix}")
-    fs, root = _io.fs_root(where)
-    missing = sorted(name for name in shards if not fs.exists(f"{root}/{name}"))
-    if missing:
-        raise ValueError(f"trajectories at {where}: the manifest lists shards that are not there: {missing[:5]}; "
-                         f"their rows are lost: rerun pipelines/trajectories.py with the same settings to redo them")
-    extra = sorted(set(p.rsplit("/", 1)[-1] for p in T.list_shards(where)) - set(shards))
-    if extra:
-        raise ValueError(f"trajectories at {where}: shard files the manifest does not list: {extra[:5]}; they come "
-                         "from another run: delete them (or regenerate with pipelines/trajectories.py --overwrite)")
-    from pipelines.trajectories import SHARD_META_KEY, shard_digest
-
-    expected = T.Expected(vocab_size=int(manifest["decode"]["vocab_size"]),
-                          gen_length=int(manifest["decode"]["gen_length"]), nfe=int(manifest["decode"]["nfe"]),
-                          teacher=manifest["decode"]["teacher"], sampler=manifest["decode"]["sampler"],
-                          sampler_params=json.dumps(manifest["decode"]["sampler_params"], sort_keys=True))
-    tables = []
-    for name in sorted(shards):
-        path = f"{root}/{name}"
-        table = T.read_shard(where, path)
-        if shard_digest(path, fs) != manifest["fingerprint_digest"]:
-            raise T.TrajectoryFormatError(f"{path}: written by another run ({SHARD_META_KEY.decode()} "
-                                          f"{shard_digest(path, fs)}, the manifest's is {manifest['fingerprint_digest']}); "
-                                          "regenerate with pipelines/trajectories.py --overwrite")
-        if shards[name].get("rows") is not None and table.num_rows != shards[name]["rows"]:
-            raise T.TrajectoryFormatError(f"{path}: {table.num_rows} rows, the manifest records {shards[name]['rows']}")
-        T.check_rows(table, path, expected)
-        tables.append(table)
-    table = pa.concat_tables(tables)
-    if len(set(table.column("id").to_pylist())) != table.num_rows:
-        raise T.TrajectoryFormatError(f"{where}: row ids repeat across shards")
-    total = table.num_rows
-    if cfg.only_correct:
-        table = table.filter(pc.field("is_correct"))
-    table = table.select(["id", "prompt_ids", "response_ids", "unmask_step"])
-    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
-    return TrajectorySet(table, manifest, total)
-
-
 def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
     """(max steps, steps per epoch): an epoch is every full global batch of the rows (drop-last)."""
     steps_per_epoch = n_rows // cfg.batch_size

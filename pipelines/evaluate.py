@@ -31,47 +31,14 @@ import fsspec
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, SWEEP_AXES, VANILLA, split_sweep_key, sweep_key  # noqa: F401
 
 logger = logging.getLogger("d3ray.evaluate")
 
-DLLM_SAMPLERS = ("vanilla", "fast_dllm", "dparallel", "d3llm")
 USE_VLLM = ("auto", "on", "off")
 AR_NAME = "AR"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 STAGE = "evaluate"
-# What each sampler's sweep varies, by its one unambiguous name: "SAMPLER.AXIS" keys of ``sweeps``.
-# fast_dllm commits tokens whose probability is >= a confidence (higher: stricter, fewer per step);
-# dparallel and d3llm commit tokens whose entropy is <= a threshold in nats (lower: stricter).
-SWEEP_AXES: dict[str, tuple[str, str]] = {
-    "fast_dllm": ("confidence_threshold", "threshold"),
-    "dparallel": ("entropy_threshold", "threshold"),
-    "d3llm": ("entropy_threshold", "threshold"),
-}
-VANILLA = "vanilla"  # the one-token-per-step reference: a sweep key without an axis
-# Fields every sampler shares with the run's decode shape, set by gen_length / block_length only.
-SHAPE_FIELDS = ("gen_length", "block_length")
-
-
-def sweep_key(sampler: str) -> str:
-    return VANILLA if sampler == VANILLA else f"{sampler}.{SWEEP_AXES[sampler][0]}"
-
-
-def split_sweep_key(key: str) -> tuple[str, str | None]:
-    """``"d3llm.entropy_threshold"`` -> ("d3llm", "entropy_threshold"); refuses an unnamed or unknown axis."""
-    if key == VANILLA:
-        return VANILLA, None
-    sampler, _, axis = key.partition(".")
-    if sampler not in SWEEP_AXES:
-        raise ValueError(f"sweeps has {key!r}: sweepable samplers are {DLLM_SAMPLERS} (the AR baseline comes from "
-                         f"ar_model); write one of {[VANILLA, *map(sweep_key, SWEEP_AXES)]}")
-    want = SWEEP_AXES[sampler][0]
-    if axis != want:
-        raise ValueError(f"sweeps has {key!r}: {sampler} sweeps its {want} "
-                         f"({'a probability in (0, 1], higher is stricter' if want.startswith('confidence') else 'in nats, lower is stricter'}); "
-                         f"write {sampler}.{want}=...")
-    return sampler, axis
-
-
 @dataclass(frozen=True)
 class EvaluateConfig:
     """One evaluation sweep (the defaults are the tiny recipe). ``n=0`` evaluates each task's whole test split."""
@@ -462,99 +429,12 @@ def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
 
 
 # -- CLI -------------------------------------------------------------------------------------
-def _pairs_to_dict(items) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, uri = str(item).partition("=")
-        if not sep or not name:
-            raise ValueError(f"--model {item!r}: expected NAME=URI (e.g. student=runs/full/student)")
-        out[name] = uri
-    return out
-
-
-def parse_sweeps(items) -> dict[str, tuple[float, ...]]:
-    """``SAMPLER.AXIS=V1,V2`` items (``;`` also separates them) into ``sweeps``; ``vanilla`` takes no values.
-
-    A bare ``SAMPLER=...`` names that sampler's one axis (``d3llm=0.3`` is ``d3llm.entropy_threshold=0.3``);
-    the config, the saved recipe and the reports always carry the full name.
-    """
-    out: dict[str, tuple[float, ...]] = {}
-    for item in [p for part in items for p in str(part).split(";") if p.strip()]:
-        key, _, values = item.partition("=")
-        key = key.strip()
-        if key in SWEEP_AXES:
-            key = sweep_key(key)
-        split_sweep_key(key)
-        try:
-            out[key] = tuple(float(v) for v in values.split(",") if v.strip())
-        except ValueError as err:
-            raise ValueError(f"sweep {item!r}: {err}; write e.g. d3llm.entropy_threshold=0.3,0.5 vanilla") from err
-    return out
-
-
-def _sweeps_to_items(sweeps) -> tuple[str, ...]:
-    return tuple(k if not v else f"{k}={','.join(f'{x:g}' for x in v)}" for k, v in sweeps.items())
-
-
-def parse_sampler_params(items) -> dict[str, dict]:
-    """``SAMPLER.FIELD=JSON`` items, e.g. ``d3llm.cache_delay_iter=1`` ``fast_dllm.cache="prefix"``."""
-    out: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = str(item).partition("=")
-        sampler, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"sampler param {item!r}: expected SAMPLER.FIELD=VALUE, e.g. d3llm.cache_delay_iter=1")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a bare string (fast_dllm.cache=dual)
-        out.setdefault(sampler, {})[name] = parsed
-    return out
-
-
-def _params_to_items(params) -> tuple[str, ...]:
-    return tuple(f"{s}.{k}={json.dumps(v) if not isinstance(v, str) else v}" for s, d in params.items()
-                 for k, v in d.items())
-
-
-def merged_params(base: dict[str, dict], items) -> dict[str, dict]:
-    """``--param`` items over the recipe's sampler params (a sampler's other params stay as they were)."""
-    out = {k: dict(v) for k, v in base.items()}
-    for sampler, params in parse_sampler_params(items).items():
-        out.setdefault(sampler, {}).update(params)
-    return out
-
-
-def cli_spec(base: EvaluateConfig, hidden=frozenset(), aliases=None):
-    """How EvaluateConfig appears on a command line (evaluate.py, and full.py's --evaluate.* group)."""
-    from pipelines import _cli
-
-    from d3core.samplers import get_sampler
-
-    seq = tuple[str, ...]
-    settable = "; ".join(
-        f"{s}: " + ", ".join(f.name for f in dataclasses.fields(get_sampler(s).params_cls)
-                             if f.name not in (*SHAPE_FIELDS, "threshold"))
-        for s in DLLM_SAMPLERS)
-    helps = {"sampler_params": f"SAMPLER.FIELD=VALUE: fixed params of a sampler's cells, over the recipe's (the "
-                               f"cache included); the fields: {settable}",
-             "sweeps": "SAMPLER.AXIS=V1,V2 ... (vanilla: no values): fast_dllm.confidence_threshold in (0, 1] "
-                       "(higher: stricter), dparallel.entropy_threshold / d3llm.entropy_threshold in nats "
-                       "(lower: stricter); SAMPLER=V1,V2 names that sampler's one axis",
-             "models": "NAME=URI ...: the dLLMs evaluated (paths, fsspec URIs, hub ids)"}
-    return _cli.ViewSpec(EvaluateConfig, hidden=frozenset(hidden), aliases=aliases or {}, helps=helps, transforms={
-        "models": _cli.Transform(seq, lambda d: tuple(f"{k}={v}" for k, v in d.items()), _pairs_to_dict),
-        "sweeps": _cli.Transform(seq, _sweeps_to_items, parse_sweeps),
-        "sampler_params": _cli.Transform(seq, _params_to_items,
-                                         lambda items: merged_params(base.sampler_params, items)),
-    })
-
-
 def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
     """(config, overwrite) from the command line, over the preset's recipe."""
     import sys
 
     from pipelines import _cli
+    from pipelines.evaluate_cli import cli_spec, parse_sweeps, sweeps_to_items
     from pipelines.recipes import RECIPES, get_recipe
 
     argv = sys.argv[1:] if argv is None else argv
@@ -562,7 +442,7 @@ def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
     base = dataclasses.replace(get_recipe(preset).evaluate, preset=preset)
     data = _cli.stage_section(data, STAGE)
     if "sweeps" in data:
-        data["sweeps"] = parse_sweeps(_sweeps_to_items(data["sweeps"]))
+        data["sweeps"] = parse_sweeps(sweeps_to_items(data["sweeps"]))
     default = _cli.apply(base, data, "config")
     spec = dataclasses.replace(cli_spec(default, aliases={"models": ("--model",), "sweeps": ("--sweep",),
                                                  "sampler_params": ("--param",)}),

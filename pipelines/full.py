@@ -398,7 +398,7 @@ def cli_spec(base: Recipe):
     """full.py's command line: the recipe (stage fields that the recipe or the run dir decide are hidden)."""
     from pipelines import _cli
     from pipelines.distill import DistillConfig
-    from pipelines.evaluate import cli_spec as evaluate_spec
+    from pipelines.evaluate_cli import cli_spec as evaluate_spec
     from pipelines.trajectories import TrajectoriesConfig
     from serve_apps.config import ServeConfig
 
@@ -440,7 +440,7 @@ def _split_stages(values) -> tuple[str, ...]:
 def apply_recipe(base: Recipe, data: dict) -> Recipe:
     """``base`` with the values of a config file (the shape of ``recipe.yaml``): shared fields set once."""
     from pipelines import _cli
-    from pipelines.evaluate import _sweeps_to_items, parse_sweeps
+    from pipelines.evaluate_cli import parse_sweeps, sweeps_to_items
     from pipelines.recipes import SHARED, STAGE_FIELDS, build
 
     data = dict(data)
@@ -459,7 +459,7 @@ def apply_recipe(base: Recipe, data: dict) -> Recipe:
                 raise ValueError(f"config: {name}.{key}={value!r} but {key}={top!r}: {key} is one setting shared "
                                  "by every stage; set it once at the top level")
         if name == "evaluate" and "sweeps" in values:
-            values["sweeps"] = parse_sweeps(_sweeps_to_items(values["sweeps"]))
+            values["sweeps"] = parse_sweeps(sweeps_to_items(values["sweeps"]))
         stages[name] = _cli.apply(getattr(base, name), values, name) if values else getattr(base, name)
     return build({"preset": base.preset, **shared, **stages})
 
