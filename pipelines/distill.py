@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import TrajectorySet, read_trajectory_set  # noqa: F401  (the reader)
 
 logger = logging.getLogger("d3ray.distill")
@@ -47,6 +48,7 @@ RESULT_FIELDS = ("masking", "only_correct", "use_gpu", "batch_size", "epochs", "
                  "max_shard_bytes")
 
 
+@preset_keyword("distill")  # DistillConfig(preset="llada-8b", warmup_steps=0)
 @dataclass(frozen=True)
 class DistillConfig:
     """Distillation: which trajectories, which student start, the objective, and the Ray Train layout.

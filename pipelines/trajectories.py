@@ -37,6 +37,7 @@ from d3core import trajectory as T
 from d3core.models.shipped import TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import (  # noqa: F401  (the writer's API, re-exported)
     SAMPLER,
     SHARD_META_KEY,
@@ -57,6 +58,7 @@ logger = logging.getLogger("d3ray.trajectories")
 
 
 
+@preset_keyword("trajectories")  # TrajectoriesConfig(preset="llada-8b", num_gpus_per_actor=0.0)
 @dataclass(frozen=True)
 class TrajectoriesConfig:
     """Teacher trajectories: what to decode, with which teacher, and on how many actors."""

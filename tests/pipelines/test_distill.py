@@ -295,3 +295,46 @@ def test_reconcile_picks_the_newest_complete_checkpoint_on_disk_and_prunes(tmp_p
     assert reconcile(str(run), "mine", num_to_keep=2) == str(run / "checkpoint-step00000004")
     assert [p.rsplit("/", 1)[-1] for p in list_checkpoints(str(run))] == ["checkpoint-step00000002",
                                                                          "checkpoint-step00000004"]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_right_after_a_checkpoint_resumes_from_it(ray_local, teacher_dir, tmp_path):
+    """SIGKILL of the distill driver as soon as a checkpoint lands on disk; the rerun continues from that one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.distill import DistillConfig, run_distill
+    from pipelines.fingerprint import read_record
+    from pipelines.train_checkpoint import list_checkpoints, newest_complete
+
+    traj, out = tmp_path / "traj", tmp_path / "student"
+    write_rows(traj, teacher_dir, 40, seed=6)
+    common = dict(trajectories=str(traj), out=str(out), num_workers=2, batch_size=8, epochs=4, lr=1e-3,
+                  warmup_steps=1, window_sizes=(8,), ckpt_every=2)
+    cfg = DistillConfig(**common)
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "pipelines" / "distill.py"),
+           "--trajectories", str(traj), "--out", str(out), "--num-workers", "2", "--batch-size", "8", "--epochs", "4",
+           "--lr", "1e-3", "--warmup-steps", "1", "--window-sizes", "8", "--ckpt-every", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            digest = (read_record(cfg.storage_path) or {}).get("digest")
+            if digest and any(Path(c, "trainer_state.json").exists() and "00000004" in c
+                              for c in list_checkpoints(cfg.experiment_uri)):
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    newest = newest_complete(cfg.experiment_uri, digest)
+    assert newest is not None and not (out / "distill_summary.json").exists(), "the driver should die mid-run"
+    step = int(newest.rsplit("step", 1)[-1])
+    assert step >= 4
+    summary = run_distill(cfg)
+    assert summary["resumed_from"] == [step]  # the newest checkpoint on disk, whether Ray registered it or not
+    assert summary["steps"] == 20 and summary["row_uses"] == {"rows_used": 40, "min": 4, "max": 4}
+    assert len(list_checkpoints(cfg.experiment_uri)) <= cfg.num_to_keep

@@ -257,7 +257,10 @@ def test_evaluate_refuses_a_missing_model_and_another_evaluations_output(tmp_pat
 
 # -- the config layer -----------------------------------------------------------------------------
 def test_no_sentinels_every_value_means_itself():
-    assert D.DistillConfig(warmup_steps=0).warmup_steps == 0
+    assert D.DistillConfig(warmup_steps=0).warmup_steps == 0  # the two confirmed bugs, verbatim
+    assert P.TrajectoriesConfig(preset="llada-8b", num_gpus_per_actor=0.0).num_gpus_per_actor == 0.0
+    assert D.DistillConfig(preset="llada-8b", warmup_steps=0).warmup_steps == 0
+    assert P.TrajectoriesConfig(preset="llada-8b").num_actors == 8  # the rest is the recipe's
     llada = get_recipe("llada-8b")
     assert dataclasses.replace(llada.trajectories, num_gpus_per_actor=0.0).num_gpus_per_actor == 0.0
     cfg, _ = P.parse_args(["--preset", "llada-8b", "--num-gpus-per-actor", "0", "--prompts", "p.jsonl"])
