@@ -274,7 +274,8 @@ def test_no_sentinels_every_value_means_itself():
 
 def test_one_recipe_is_the_single_source_of_every_stages_defaults():
     r = tiny()
-    assert (r.trajectories, r.distill, r.evaluate) == (P.TrajectoriesConfig(), D.DistillConfig(), E.EvaluateConfig())
+    assert (r.trajectories, r.evaluate) == (P.TrajectoriesConfig(), E.EvaluateConfig())
+    assert r.distill == D.DistillConfig(max_steps=350)  # the main job's 350 steps; else the class defaults
     from serve_apps.config import ServeConfig
 
     for preset in ("tiny", "llada-8b", "dream-7b"):
