@@ -11,14 +11,12 @@ serve config YAML).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -44,34 +42,34 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ServeConfig:
     """Everything that defines a served model; every field is checked on construction."""
 
-    model: str
-    model_name: str
-    preset: str = "custom"
+    model: str  # the checkpoint served: path, fsspec URI, hub id or hf:// URI (HF layout)
+    model_name: str  # the name clients ask for (/v1/models)
+    preset: str = "custom"  # the recipe these settings came from
     tokenizer: str | None = None  # None: the checkpoint directory holds the tokenizer
     trust_remote_code: bool = False  # run the tokenizer's own Python code (Dream's tokenization_dream.py)
-    sampler: str = "d3llm"
-    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
-    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    max_gen_length: int = 112
+    sampler: str = "d3llm"  # the dLLM decoder (d3core.samplers)
+    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))  # its defaults
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))  # overridable params, [low, high]
+    max_gen_length: int = 112  # the longest generation a request may ask for
     max_model_len: int | None = None  # slots per decoder row (prompt + canvas); None: the model's context
-    device: str = "cpu"
-    dtype: str = "float32"
-    torch_threads: int | None = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ingress_num_cpus: float = 0.0
-    num_replicas: int | None = 1
-    autoscaling: Mapping[str, Any] | None = None
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "float32"  # weights dtype on the replica
+    torch_threads: int | None = 1  # torch threads per replica (None: torch's default)
+    num_cpus: float = 1.0  # CPUs per model replica
+    num_gpus: float = 0.0  # GPUs per model replica
+    ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
+    num_replicas: int | None = 1  # fixed replicas (None: autoscaling)
+    autoscaling: Mapping[str, Any] | None = None  # Ray Serve autoscaling_config (with num_replicas=None)
     max_ongoing_requests: int | None = None  # Serve's per-replica limit; None: max_batch_size + max_queued + 8
     max_queued_requests: int = 32  # a replica's admission queue; beyond it requests get a 429 at once
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    max_batch_size: int = 16  # rows decoded together
+    batch_wait_timeout_s: float = 0.01  # how long an idle engine waits for a batch to fill
     continuous: bool = True  # step-level batching; False: request-level (a batch decodes to the end)
-    request_timeout_s: float = 60.0
-    max_request_bytes: int = 2 * 2**20
+    request_timeout_s: float = 60.0  # a request that takes longer fails
+    max_request_bytes: int = 2 * 2**20  # larger bodies get a 413
     api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1 routes (or env D3RAY_API_KEY)
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
+    health_check_period_s: float = 10.0  # seconds between Ray Serve health checks of a replica
+    health_check_timeout_s: float = 30.0  # a health check slower than this fails the replica
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, rule: str, fix: str) -> None:
@@ -204,13 +202,12 @@ class ServeConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
-        base = copy.deepcopy(PRESETS[preset])
+        """The serve settings of the recipe ``preset`` (``pipelines/recipes.py``, the one table of presets)."""
+        base = dataclasses.asdict(preset_config(preset))
         if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
             base["num_replicas"] = None
-        base.update(overrides)
-        return cls(preset=preset, **base)
+        base.update(overrides, preset=preset)
+        return cls(**base)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "ServeConfig":
@@ -242,38 +239,14 @@ def _parse_arg(value: Any) -> Any:
         return value
 
 
-# GPU presets: one GPU per replica, bfloat16, d3LLM's 256-token canvas; `model` must name a local or
-# fsspec checkpoint (the official one or a distilled student).
-_GPU_PRESET: dict = {
-    "model": "",
-    "device": "cuda",
-    "dtype": "bfloat16",
-    "torch_threads": None,
-    "num_cpus": 4.0,
-    "num_gpus": 1.0,
-    "ingress_num_cpus": 1.0,
-    "num_replicas": None,
-    "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
-                       "refresh_interval": 32},
-    "max_gen_length": 1024,
-    "max_model_len": 2048,
-    "max_queued_requests": 64,
-    "max_batch_size": 32,
-    "request_timeout_s": 300.0,
-}
+PRESETS = ("tiny", "llada-8b", "dream-7b")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": str(TINY_TEACHER_DIR),
-        "model_name": "d3ray-tiny",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": 1,
-        "num_cpus": 1.0,
-        "num_gpus": 0.0,
-        "num_replicas": 1,
-    },
-    "llada-8b": {**_GPU_PRESET, "model_name": "d3ray-llada-8b"},  # model: a copy of GSAI-ML/LLaDA-8B-Instruct
-    "dream-7b": {**_GPU_PRESET, "model_name": "d3ray-dream-7b"},  # model: a copy of Dream-org/Dream-v0-Instruct-7B
-}
+
+def preset_config(preset: str) -> "ServeConfig":
+    """The recipe's ServeConfig. Recipes hold every stage's settings (``pipelines/recipes.py``); this is the
+    one place serve_apps reads them, imported here so that nothing else in serve_apps depends on pipelines."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown: choose one of {list(PRESETS)}")
+    from pipelines.recipes import get_recipe
+
+    return get_recipe(preset).serve

@@ -37,7 +37,8 @@ def test_tiny_preset_is_cpu_one_thread_shipped_teacher(cfg):
 
 def test_gpu_presets_need_a_model_uri_and_use_gpus():
     with pytest.raises(ValueError, match="ServeConfig.model=''.*pass model="):
-        ServeConfig.from_preset("llada-8b")
+        ServeConfig.from_preset("llada-8b", model="")
+    assert ServeConfig.from_preset("llada-8b").model == "GSAI-ML/LLaDA-8B-Instruct"  # the recipe's teacher
     cfg = ServeConfig.from_preset("dream-7b", model="/models/dream")
     opts = cfg.deployment_options()
     assert opts["ray_actor_options"]["num_gpus"] == 1.0 and cfg.dtype == "bfloat16"
