@@ -127,8 +127,9 @@ def tiny() -> Recipe:
     """The embedded default: the shipped ~1M-parameter teacher and AR model on 2 CPU cores (~10 minutes).
 
     The stage classes' defaults *are* this recipe (measured on 2 cores: docs/benchmarks.md), but for
-    the main job's 350 distillation steps (5.1 epochs of the ~2230 correct rows of 3000 prompts; a
-    standalone distill.py run defaults to 5 epochs of whatever rows it is given).
+    the 350 distillation steps of the main job and of ``distill.py --preset tiny`` (5.1 epochs of the
+    ~2230 correct rows of 3000 prompts). ``DistillConfig()`` itself trains 5 epochs of whatever rows it
+    is given; on the command line that is ``--max-steps None``.
     """
     return Recipe(preset="tiny", teacher=str(TINY_TEACHER_DIR), ar_model=str(TINY_AR_DIR), prompts=None,
                   trust_remote_code=False, gen_length=48, block_length=16, trajectories=TrajectoriesConfig(),
