@@ -196,6 +196,14 @@ def family_of(model_type: str) -> str:
     return kind if kind in DLLM_FAMILIES else "ar-llada"
 
 
+def checkpoint_family(uri: str) -> str:
+    """The protocol family of the checkpoint at ``uri`` (a local path or fsspec URI with a ``config.json``)."""
+    import fsspec
+
+    with fsspec.open(uri.rstrip("/") + "/config.json", "r", encoding="utf-8") as f:
+        return family_of(str(json.load(f).get("model_type", "")))
+
+
 def ar_family_for(dllm_family: str) -> str:
     """The AR baseline's protocol on the leaderboard of ``dllm_family`` (``llada`` -> ``ar-llada``)."""
     return f"ar-{dllm_family}" if dllm_family in DLLM_FAMILIES else "ar-llada"
