@@ -93,7 +93,8 @@ class Protocol:
         return self.assistant_prefix.replace("{prompt}", stub)
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        """The protocol as plain JSON data (tuples as lists), as cell records store it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _p(family: str, task: str, peer_task: str, fmt: str, **kw) -> Protocol:
