@@ -7,9 +7,10 @@
 Every (model, sampler, threshold, task) combination is one *cell* and one Ray task
 (``num_cpus_per_cell`` CPUs, ``threads_per_cell`` torch threads inside). The AR baseline is one
 cell per task, decoded by vLLM when ``use_vllm`` allows and ``vllm`` imports in the worker,
-otherwise by d3core's ``ar`` sampler. The driver writes each finished cell to
-``out/cells/<cell id>.json`` (the id hashes everything that changes the result), so a rerun
-decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
+otherwise by d3core's ``ar`` sampler. Prompts follow the peers' protocol of each model family
+(``d3core.eval.protocols``). The driver writes each finished cell to ``out/cells/<cell id>.json``
+(the id hashes everything that changes the result) and its per-sample records to
+``<cell id>.samples.jsonl``, so a rerun decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
 table) and ``aup.png`` (accuracy vs TPF) under ``out``. Models are paths, fsspec URIs, hub ids
 or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoint code (Dream).
 """
