@@ -51,3 +51,33 @@ def test_protocol_smoke(task_name, system, teacher, ar_model, tok):
             assert record.verdict is None
     if task_name == "math500" and family == "llada":  # 4 Minerva shots never fit in 128 tokens
         assert report.truncated_prompts == N and all(r.prompt_truncated for r in report.samples)
+
+
+@pytest.fixture(scope="module")
+def tiny_dream(tmp_path_factory):
+    """A random tiny Dream in the official layout (its tokenizer is checkpoint code: trust_remote_code)."""
+    from official_layout import write_dream_checkpoint
+
+    from d3core.models.checkpoint import load_pretrained
+    from d3core.models.tokenizer import load_tokenizer
+
+    path = write_dream_checkpoint(tmp_path_factory.mktemp("dream") / "dream")
+    return load_pretrained(str(path)), load_tokenizer(str(path), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k", "math500", "humaneval", "mbpp"])
+def test_dream_protocol_smoke(task_name, tiny_dream):
+    """A Dream-architecture model gets the dream protocols (chat turn, assistant prefix) from its family."""
+    model, tokenizer = tiny_dream
+    task = get_task(task_name)
+    spec = get_sampler("d3llm")
+    examples = task.examples(N)
+    report = evaluate_task(model, tokenizer, task, spec, spec.params_cls(gen_length=GEN, block_length=GEN,
+                                                                          threshold=0.5), examples,
+                           batch_size=N, generator=torch.Generator().manual_seed(0), truncate_prompts=True)
+    protocol = get_protocol("dream", task_name)
+    assert report.protocol == protocol.describe() and report.n == N
+    for record, example in zip(report.samples, examples):
+        assert record.prompt == task.prompt(tokenizer, example, protocol)
+        assert record.prompt.endswith(task.assistant_prefix(example, protocol) or "<|im_start|>assistant\n")
+        assert (record.verdict is not None) == task.code
