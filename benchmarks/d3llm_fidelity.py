@@ -95,8 +95,8 @@ def main() -> None:
         ref_out = []
         for p in prompts:
             x = torch.tensor([p])
-            common = dict(max_new_tokens=48, block_size=16, mask_id=cfg.mask_id, eos_token_id=eos, threshold=kw["threshold"],
-                          block_add_threshold=kw["block_add_threshold"], early_stop=True,
+            common = dict(max_new_tokens=48, block_size=16, mask_id=cfg.mask_id, eos_token_id=eos,
+                          threshold=kw["threshold"], block_add_threshold=kw["block_add_threshold"], early_stop=True,
                           decoded_token_threshold=kw["decoded_token_threshold"])
             with torch.no_grad():
                 if "cache_delay_iter" in kw:

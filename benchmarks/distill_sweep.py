@@ -95,9 +95,10 @@ def load_rows(trajectories: str) -> list[dict]:
 
     from d3core import trajectory as T
 
-    shards = T.list_shards(trajectories)
-    if not shards:
-        raise FileNotFoundError(f"no trajectory shards under {trajectories!r}: run pipelines/trajectories.py first")
+    manifest = T.read_manifest(trajectories)
+    if manifest is None:
+        raise FileNotFoundError(f"no {T.MANIFEST} under {trajectories!r}: run pipelines/trajectories.py first")
+    shards = [trajectories.rstrip("/") + "/" + name for name in sorted(manifest["shards"])]
     table = pa.concat_tables([T.read_shard(trajectories, p) for p in shards])
     rows = []
     for i, rec in enumerate(table.select(["id", "prompt_ids", "response_ids", "unmask_step", "is_correct"])

@@ -147,7 +147,7 @@ def _op_counter():
 def _models(wide: bool):
     import torch
 
-    from d3core.models.shipped import load_tiny_ar, load_tiny_teacher, load_tiny_tokenizer
+    from d3core.models.shipped import load_tiny_ar, load_tiny_teacher
 
     ar_model = load_tiny_ar()
     if not wide:

@@ -1,14 +1,21 @@
-"""Load test of the OpenAI Serve app over loopback HTTP: replicas 1 vs 2, batching on vs off.
+"""Load test of the OpenAI Serve app over loopback HTTP: request-level vs continuous batching.
 
-Starts a local Ray (``--num-cpus``) and Serve on 127.0.0.1 (a free port), deploys the app once
-per scenario (``num_replicas`` x ``max_batch_size``), and drives it with ``--clients`` concurrent
-clients sending chat requests (temperature 0, synthetic questions) until ``--requests`` are
-done or ``--seconds`` have passed. Writes JSON: per scenario requests/s, latency p50/p99,
-generated tokens/s, mean batch size, TPF and NFE, errors (medians over ``--repeats``
-interleaved rounds, every run kept); plus the speed-up ratios, the command, the hardware and
-the machine load before and after.
+Starts a local Ray (``--num-cpus``) and Serve on 127.0.0.1, and for each batching mode (deployed
+with ``continuous=false`` / ``true``; rounds interleave the modes, ``--repeats`` times):
 
-    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --out runs/bench/serve_load.json
+1. **saturation**: ``--clients`` closed-loop clients for ``--seconds``: completion tokens/s, req/s;
+2. **open loop**: Poisson arrivals at ``--loads`` fractions of the request-level saturation rate
+   (the same absolute rates for both modes), streaming chat requests: p50/p99 latency and time to
+   the first committed token (TTFT), 5xx count;
+3. **overload**: a burst of ``--burst`` concurrent requests: every refusal's latency (target < 1 s)
+   and its ``Retry-After``.
+
+``--kill`` adds a replica-kill run for 1 and 2 replicas: open-loop load, one model replica killed
+mid-run; counts failures, hangs (no answer within the client timeout) and the time until
+requests succeed again. Writes one JSON file with every run, the command, the hardware and the
+machine load.
+
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --out runs/bench/serve_load.json --kill
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import json
 import logging
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -35,25 +42,7 @@ import httpx  # noqa: E402
 logger = logging.getLogger("d3ray.serve_load")
 
 APP = "d3ray-load"
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    num_replicas: int
-    max_batch_size: int
-
-    def __post_init__(self) -> None:
-        if self.num_replicas < 1 or self.max_batch_size < 1:
-            raise ValueError(f"scenario {self.name}: num_replicas and max_batch_size must be >= 1")
-
-
-SCENARIOS = {
-    "r1-batch": Scenario("r1-batch", 1, 16),
-    "r2-batch": Scenario("r2-batch", 2, 16),
-    "r1-nobatch": Scenario("r1-nobatch", 1, 1),
-    "r2-nobatch": Scenario("r2-nobatch", 2, 1),
-}
+MODES = {"request-level": False, "continuous": True}
 
 
 def free_port() -> int:
@@ -62,60 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def percentile(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Median over repeats of every numeric figure; errors summed."""
-    out: dict = {"repeats": len(runs)}
-    for key, value in runs[0].items():
-        if key in ("repeat", "errors"):
-            continue
-        values = [r[key] for r in runs if r[key] is not None]
-        out[key] = round(statistics.median(values), 4) if values and isinstance(value, (int, float)) else value
-    out["errors"] = {k: sum(r["errors"].get(k, 0) for r in runs) for r in runs for k in r["errors"]}
-    return out
-
-
-def sampler_ceiling(preset: str, model: str, questions: list[str], batch: int, rounds: int = 3) -> dict:
-    """In-process, no HTTP: tokens/s of ``batch`` prompts decoded together vs one by one (best of rounds).
-
-    This bounds what request batching can gain on this machine with this sampler.
-    """
-    import torch
-
-    from d3core.models.checkpoint import load_pretrained
-    from d3core.models.tokenizer import load_tokenizer
-    from d3core.samplers import get_sampler
-    from d3core.sft import encode_prompt
-    from serve_apps.config import ServeConfig
-
-    cfg = ServeConfig.from_preset(preset, **({"model": model} if model else {}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.torch_threads or threads)
-    try:
-        net = load_pretrained(cfg.model, device=cfg.device).eval()
-        tok = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code)
-        prompts = [encode_prompt(tok, q) for q in questions[:batch]]
-        spec, params = get_sampler(cfg.sampler), cfg.default_params()
-        best_one, best_all, tokens = float("inf"), float("inf"), 0
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            tokens = sum(spec.generate(net, [p], params).sequences[0].num_generated for p in prompts)
-            best_one = min(best_one, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            together = spec.generate(net, prompts, params)
-            best_all = min(best_all, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return {"batch": batch, "tokens": tokens, "one_by_one_s": round(best_one, 4), "batched_s": round(best_all, 4),
-            "speedup": round(best_one / best_all, 3), "batched_forwards": together.stats.get("batch_forwards"),
-            "mean_nfe": round(together.total_nfe / batch, 2)}
+        return None
+    return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))], 4)
 
 
 def hardware() -> dict:
@@ -129,78 +69,172 @@ def hardware() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "ray": ray.__version__}
 
 
-async def drive(base: str, questions: list[str], model: str, clients: int, requests: int, seconds: float,
-                timeout: float) -> dict:
-    """``clients`` workers share a budget of ``requests``; stops early at ``seconds``."""
-    latencies, tokens, nfe, tpf, batch = [], [], [], [], []
-    errors: dict[str, int] = {}
-    sent = 0
+def body(model: str, question: str, stream: bool) -> dict:
+    out = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": stream}
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+async def one(http: httpx.AsyncClient, base: str, payload: dict) -> dict:
+    """One request; returns status, latency, TTFT (streaming) and completion tokens."""
+    t0 = time.perf_counter()
+    rec = {"status": None, "latency": None, "ttft": None, "tokens": 0, "retry_after": None}
+    try:
+        if not payload["stream"]:
+            r = await http.post(f"{base}/v1/chat/completions", json=payload)
+            rec["status"] = r.status_code
+            if r.status_code == 200:
+                rec["tokens"] = r.json()["usage"]["completion_tokens"]
+            rec["retry_after"] = r.headers.get("retry-after")
+        else:
+            async with http.stream("POST", f"{base}/v1/chat/completions", json=payload) as r:
+                rec["status"] = r.status_code
+                rec["retry_after"] = r.headers.get("retry-after")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        rec["status"] = "stream-error"
+                    for c in event.get("choices", []):
+                        if c.get("delta", {}).get("content") and rec["ttft"] is None:
+                            rec["ttft"] = time.perf_counter() - t0
+                    if event.get("usage"):
+                        rec["tokens"] = event["usage"]["completion_tokens"]
+    except httpx.TimeoutException:
+        rec["status"] = "timeout"
+    except httpx.HTTPError as e:
+        rec["status"] = type(e).__name__
+    rec["latency"] = time.perf_counter() - t0
+    return rec
+
+
+def summary(recs: list[dict], wall: float) -> dict:
+    ok = [r for r in recs if r["status"] == 200]
+    codes: dict[str, int] = {}
+    for r in recs:
+        codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
+    return {"requests": len(recs), "ok": len(ok), "codes": codes, "wall_s": round(wall, 3),
+            "requests_per_s": round(len(ok) / wall, 3), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
+            "latency_p50_s": pct([r["latency"] for r in ok], 50), "latency_p99_s": pct([r["latency"] for r in ok], 99),
+            "ttft_p50_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 50),
+            "ttft_p99_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 99),
+            "server_errors": sum(1 for r in recs if isinstance(r["status"], int) and r["status"] >= 500),
+            "hangs": codes.get("timeout", 0)}
+
+
+async def closed_loop(base: str, model: str, questions: list[str], clients: int, seconds: float,
+                      timeout: float) -> dict:
+    recs: list[dict] = []
+    stop = time.perf_counter() + seconds
     start = time.perf_counter()
-    stop_at = start + seconds
 
-    async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < stop_at:
-            q = questions[sent % len(questions)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(f"{base}/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": q}], "temperature": 0})
-            except httpx.HTTPError as e:
-                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                continue
-            if r.status_code != 200:
-                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
-                continue
-            u = r.json()["usage"]
-            latencies.append(time.perf_counter() - t0)
-            tokens.append(u["completion_tokens"])
-            nfe.append(u["nfe"])
-            tpf.append(u["tpf"])
-            batch.append(u["batch_size"])
+    async def worker(i: int, http: httpx.AsyncClient) -> None:
+        k = i
+        while time.perf_counter() < stop:
+            recs.append(await one(http, base, body(model, questions[k % len(questions)], stream=False)))
+            k += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        await asyncio.gather(*(worker(http) for _ in range(clients)))
-    wall = time.perf_counter() - start
-    done = len(latencies)
-    return {
-        "completed": done, "errors": errors, "wall_s": round(wall, 3),
-        "requests_per_s": round(done / wall, 3),
-        "latency_p50_s": round(percentile(latencies, 50), 4), "latency_p99_s": round(percentile(latencies, 99), 4),
-        "tokens_per_s": round(sum(tokens) / wall, 2),
-        "mean_completion_tokens": round(statistics.fmean(tokens), 2) if tokens else None,
-        "mean_batch_size": round(statistics.fmean(batch), 2) if batch else None,
-        "mean_tpf": round(statistics.fmean(tpf), 3) if tpf else None,
-        "mean_nfe": round(statistics.fmean(nfe), 2) if nfe else None,
-    }
+        await asyncio.gather(*(worker(i, http) for i in range(clients)))
+    return summary(recs, time.perf_counter() - start)
+
+
+async def open_loop(base: str, model: str, questions: list[str], rate: float, seconds: float, timeout: float,
+                    seed: int, during=None) -> dict:
+    """Poisson arrivals at ``rate`` req/s for ``seconds``; ``during(t)`` is awaited once at t = seconds / 3."""
+    rng = random.Random(seed)
+    tasks, stamps = [], []
+    start = time.perf_counter()
+    limits = httpx.Limits(max_connections=1000)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        t, k, fired = 0.0, 0, during is None
+        while t < seconds:
+            t += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
+            if not fired and t >= seconds / 3:
+                fired = True
+                stamps.append(("event", time.perf_counter() - start))
+                await during()
+            tasks.append(asyncio.ensure_future(one(http, base, body(model, questions[k % len(questions)], True))))
+            stamps.append(("sent", time.perf_counter() - start))
+            k += 1
+        recs = list(await asyncio.gather(*tasks))
+    out = summary(recs, time.perf_counter() - start)
+    out.update(rate=rate, arrivals=len(tasks))
+    if during is not None:  # failures around the event, and when requests succeed again
+        event_at = next(s for kind, s in stamps if kind == "event")
+        sent = [s for kind, s in stamps if kind == "sent"]
+        after = [(s, r) for s, r in zip(sent, recs) if s >= event_at]
+        first_ok = next((s for s, r in after if r["status"] == 200), None)
+        out["recovered_after_s"] = None if first_ok is None else round(first_ok - event_at, 3)
+        out["failed"] = sum(1 for r in recs if r["status"] != 200)
+    return out
+
+
+async def burst(base: str, model: str, questions: list[str], n: int, timeout: float) -> dict:
+    slow = {"sampler_params": {"threshold": 0.0}}  # one token per step: the queues fill
+    limits = httpx.Limits(max_connections=n + 4)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        recs = await asyncio.gather(*(one(http, base, {**body(model, questions[i % len(questions)], False), **slow})
+                                      for i in range(n)))
+    refused = [r for r in recs if r["status"] in (429, 503)]
+    out = summary(recs, time.perf_counter() - start)
+    out.update(refused=len(refused), refusal_latency_max_s=pct([r["latency"] for r in refused], 100),
+               refusal_latency_p50_s=pct([r["latency"] for r in refused], 50),
+               refusals_with_retry_after=sum(1 for r in refused if r["retry_after"]))
+    return out
+
+
+def deploy(app_builder, serve, base: str, args, continuous: bool, replicas: int) -> str:
+    build = {"preset": args.preset, "num_replicas": replicas, "max_batch_size": args.max_batch,
+             "request_timeout_s": args.timeout, "continuous": continuous, "max_queued_requests": args.queue}
+    if args.model:
+        build["model"] = args.model
+    serve.run(app_builder(build), name=APP, route_prefix="/")
+    return httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def kill_run(ray, serve, app_builder, base: str, args, questions: list[str], replicas: int, rate: float) -> dict:
+    model = deploy(app_builder, serve, base, args, True, replicas)
+    asyncio.run(closed_loop(base, model, questions, 2, 3, args.timeout))
+
+    async def kill() -> None:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "D3LLMModel" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+        ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=False)
+
+    out = asyncio.run(open_loop(base, model, questions, rate, args.kill_seconds, args.timeout, seed=99, during=kill))
+    out["replicas"] = replicas
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/bench/serve_load.json", help="JSON result path")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list from {list(SCENARIOS)}")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=96, help="requests per scenario (upper bound)")
-    ap.add_argument("--seconds", type=float, default=60.0, help="time bound per scenario")
-    ap.add_argument("--warmup", type=int, default=4, help="requests before each measurement")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds over the scenarios; medians are reported")
-    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    ap.add_argument("--out", default="runs/bench/serve_load.json")
+    ap.add_argument("--clients", type=int, default=32, help="closed-loop clients for the saturation run")
+    ap.add_argument("--seconds", type=float, default=40.0, help="length of each saturation / open-loop run")
+    ap.add_argument("--loads", default="0.5,0.8", help="open-loop rates as fractions of request-level capacity")
+    ap.add_argument("--burst", type=int, default=200, help="concurrent requests of the overload burst")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the two modes")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--queue", type=int, default=32, help="max_queued_requests of the deployment")
+    ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (server and client)")
+    ap.add_argument("--kill", action="store_true", help="also kill a replica under load (1 and 2 replicas)")
+    ap.add_argument("--kill-seconds", type=float, default=30.0)
     ap.add_argument("--model", default="", help="checkpoint URI (default: the preset's)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--no-ceiling", action="store_true", help="skip the in-process batching ceiling")
     args = ap.parse_args(argv)
-    if args.clients < 1 or args.requests < 1 or args.seconds <= 0 or args.repeats < 1:
-        ap.error("--clients, --requests, --seconds and --repeats must be positive")
-    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        ap.error(f"unknown scenarios {unknown}: choose from {list(SCENARIOS)}")
+    loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.burst < 1 or not all(0 < x for x in loads):
+        ap.error("--clients, --seconds, --repeats, --burst and every --loads fraction must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import ray
@@ -209,71 +243,64 @@ def main(argv: list[str] | None = None) -> dict:
     from d3core.eval import synthetic
     from serve_apps.openai_app import app_builder
 
-    questions = [p.question for p in synthetic.generate("test", 64, seed=7)]
+    questions = [p.question for p in synthetic.generate("test", 128, seed=7)]
     load_before = os.getloadavg()
-    ceiling = None if args.no_ceiling else sampler_ceiling(args.preset, args.model, questions, args.clients)
-    if ceiling:
-        logger.info("sampler ceiling: %s", json.dumps(ceiling))
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    runs: dict[str, list[dict]] = {}
-    model_name = None
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    kills = []
     try:
-        for rep, name in [(r, n) for r in range(args.repeats) for n in names]:  # interleaved: drift hits all
-            sc = SCENARIOS[name]
-            build = {"preset": args.preset, "num_replicas": sc.num_replicas, "max_batch_size": sc.max_batch_size,
-                     "request_timeout_s": args.timeout, "max_ongoing_requests": max(32, args.clients)}
-            if args.model:
-                build["model"] = args.model
-            t0 = time.perf_counter()
-            serve.run(app_builder(build), name=APP, route_prefix="/")
-            model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-            logger.info("%s deployed in %.1f s", name, time.perf_counter() - t0)
-            asyncio.run(drive(base, questions, model_name, min(args.clients, args.warmup), args.warmup, 60,
-                              args.timeout + 10))
-            loadavg = os.getloadavg()
-            res = asyncio.run(drive(base, questions, model_name, args.clients, args.requests, args.seconds,
-                                    args.timeout + 10))
-            res.update(num_replicas=sc.num_replicas, max_batch_size=sc.max_batch_size,
-                       loadavg_1m_at_start=round(loadavg[0], 2), repeat=rep)
-            runs.setdefault(name, []).append(res)
-            logger.info("%s (repeat %d): %s", name, rep, json.dumps(res))
+        capacity = None
+        for rep in range(args.repeats):
+            for mode, continuous in MODES.items():  # interleaved: machine drift hits both modes
+                model = deploy(app_builder, serve, base, args, continuous, 1)
+                asyncio.run(closed_loop(base, model, questions, 4, 3, args.timeout))  # warm-up
+                run = {"repeat": rep, "loadavg_1m": round(os.getloadavg()[0], 2)}
+                run["saturation"] = asyncio.run(closed_loop(base, model, questions, args.clients, args.seconds,
+                                                            args.timeout))
+                if capacity is None and mode == "request-level":
+                    capacity = run["saturation"]["requests_per_s"]
+                run["open_loop"] = {str(f): asyncio.run(open_loop(base, model, questions, f * capacity, args.seconds,
+                                                                  args.timeout, seed=rep)) for f in loads}
+                run["overload"] = asyncio.run(burst(base, model, questions, args.burst, args.timeout))
+                runs[mode].append(run)
+                logger.info("%s round %d: %s", mode, rep, json.dumps(run))
+        if args.kill:
+            for replicas in (1, 2):
+                kills.append(kill_run(ray, serve, app_builder, base, args, questions, replicas, 0.5 * capacity))
+                logger.info("kill, %d replicas: %s", replicas, json.dumps(kills[-1]))
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    results = {name: summarize(rs) for name, rs in runs.items()}
+    def med(mode: str, *path) -> float | None:
+        values = []
+        for run in runs[mode]:
+            node = run
+            for key in path:
+                node = node[key]
+            if node is not None:
+                values.append(node)
+        return round(statistics.median(values), 4) if values else None
 
-    def ratio(a: str, b: str, key: str) -> float | None:
-        if a in results and b in results and results[b][key]:
-            return round(results[a][key] / results[b][key], 3)
-        return None
-
-    out = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "hardware": hardware(),
-        "settings": {"clients": args.clients, "requests": args.requests, "seconds": args.seconds,
-                     "num_cpus": args.num_cpus, "preset": args.preset, "model": args.model or "(preset)",
-                     "served_model": model_name, "torch_threads_per_replica": 1 if args.preset == "tiny" else None,
-                     "endpoint": "/v1/chat/completions, temperature 0"},
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "sampler_batching_ceiling": ceiling,
-        "scenarios": results,
-        "runs": runs,
-        "ratios": {
-            "replicas_2_vs_1_rps_batching": ratio("r2-batch", "r1-batch", "requests_per_s"),
-            "replicas_2_vs_1_rps_no_batching": ratio("r2-nobatch", "r1-nobatch", "requests_per_s"),
-            "batching_on_vs_off_tokens_per_s_1_replica": ratio("r1-batch", "r1-nobatch", "tokens_per_s"),
-            "batching_on_vs_off_tokens_per_s_2_replicas": ratio("r2-batch", "r2-nobatch", "tokens_per_s"),
-        },
-    }
+    ratios = {"continuous_vs_request_level_tokens_per_s_at_saturation":
+              round(med("continuous", "saturation", "tokens_per_s") / med("request-level", "saturation",
+                                                                          "tokens_per_s"), 3)}
+    for f in loads:
+        rl, ct = med("request-level", "open_loop", str(f), "latency_p99_s"), med("continuous", "open_loop", str(f),
+                                                                                 "latency_p99_s")
+        ratios[f"continuous_vs_request_level_p99_latency_at_{f}"] = round(ct / rl, 3) if rl and ct else None
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": hardware(),
+           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "capacity_request_level_rps": capacity,
+           "loadavg_before": [round(x, 2) for x in load_before],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs, "kills": kills}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    logger.info("ratios: %s", json.dumps(ratios))
+    logger.info("wrote %s", path)
     return out
 
 

@@ -52,6 +52,8 @@ class Windows:
     head_rows: torch.Tensor  # (NL,) cache row of each logit slot
     head_slots: torch.Tensor  # (NL,) slot whose prediction is wanted
     head_index: torch.Tensor  # (NL,) flat window index of each logit slot (unshifted models)
+    cache_index: torch.Tensor  # (N,) row * capacity + slot: where each window token's K/V go
+    head_prev: torch.Tensor  # (NL,) row * capacity + max(slot - 1, 0): shifted models read that hidden state
     n: int
     T: int
     S: int
@@ -99,6 +101,12 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
+
+    def write(self, i: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """K/V of window tokens into layer ``i`` at flat ``row * capacity + slot`` positions, in place."""
+        shape = (-1,) + tuple(self.keys.shape[3:])
+        self.keys[i].view(shape).index_copy_(0, index, keys)
+        self.values[i].view(shape).index_copy_(0, index, values)
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` over row ``dst`` (compaction when a sequence leaves): one copy per buffer."""

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+UNUSED_STEP = -1  # the unmask step of a generation slot the teacher never revealed
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -91,17 +93,95 @@ def validate_table(table: pa.Table, source: str) -> None:
             raise TrajectoryFormatError(
                 f"{source}: row {rid!r} has {len(r)} response ids but {len(s)} unmask steps; they must match"
             )
-        if s and min(s) < 0:
-            raise TrajectoryFormatError(f"{source}: row {rid!r} has a negative unmask step (a slot never revealed)")
+        if s and min(s) < UNUSED_STEP:
+            raise TrajectoryFormatError(f"{source}: row {rid!r} has unmask step {min(s)}: steps are >= 0, or "
+                                        f"{UNUSED_STEP} for a slot never revealed")
     if len(set(ids)) != len(ids):
         raise TrajectoryFormatError(f"{source}: duplicate ids inside one shard")
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What every row of a trajectory set must agree with (the manifest's record of how it was decoded)."""
+
+    vocab_size: int  # the teacher's vocabulary: every token id lies in [0, vocab_size)
+    gen_length: int  # response slots per row
+    nfe: int  # forward passes of the teacher's decode: unmask steps lie in [0, nfe), or UNUSED_STEP
+    teacher: str
+    sampler: str
+    sampler_params: str  # JSON, as recorded in the rows
+
+
+def _bad_rows(table: pa.Table, mask) -> list[str]:
+    return table.filter(mask).column("id").to_pylist()[:3]
+
+
+def check_rows(table: pa.Table, source: str, expected: Expected) -> None:
+    """Refuse rows that could not have come from the recorded decode: token ids, steps, shapes, metadata.
+
+    Raises :class:`TrajectoryFormatError` naming the shard, a few offending row ids, the rule and
+    the fix. Vectorised (pyarrow.compute), so a shard of thousands of rows checks in milliseconds.
+    """
+    import pyarrow.compute as pc
+
+    fix = "the shard was not written by this teacher's trajectories run: delete it and rerun pipelines/trajectories.py"
+    lengths = pc.list_value_length(table.column("response_ids"))
+    wrong = pc.not_equal(lengths, expected.gen_length)
+    if pc.any(wrong).as_py():
+        raise TrajectoryFormatError(f"{source}: rows {_bad_rows(table, wrong)} have "
+                                    f"{sorted(set(pc.filter(lengths, wrong).to_pylist()))[:3]} response slots, the "
+                                    f"manifest records gen_length={expected.gen_length}; {fix}")
+    for column in ("prompt_ids", "response_ids"):
+        flat = pc.list_flatten(table.column(column))
+        if len(flat) == 0:
+            continue
+        lo, hi = pc.min_max(flat).values()
+        if lo.as_py() < 0 or hi.as_py() >= expected.vocab_size:
+            mins = pa.array([min(v) if v else 0 for v in table.column(column).to_pylist()])
+            maxs = pa.array([max(v) if v else 0 for v in table.column(column).to_pylist()])
+            bad = pc.or_(pc.less(mins, 0), pc.greater_equal(maxs, expected.vocab_size))
+            raise TrajectoryFormatError(f"{source}: {column} of rows {_bad_rows(table, bad)} hold ids in "
+                                        f"[{lo.as_py()}, {hi.as_py()}], outside the teacher's vocabulary "
+                                        f"[0, {expected.vocab_size}); {fix}")
+    steps = pc.list_flatten(table.column("unmask_step"))
+    if len(steps):
+        lo, hi = pc.min_max(steps).values()
+        if lo.as_py() < UNUSED_STEP or hi.as_py() >= expected.nfe:
+            per_row = table.column("unmask_step").to_pylist()
+            bad = pa.array([bool(s) and (min(s) < UNUSED_STEP or max(s) >= expected.nfe) for s in per_row])
+            raise TrajectoryFormatError(f"{source}: unmask_step of rows {_bad_rows(table, bad)} lie in "
+                                        f"[{lo.as_py()}, {hi.as_py()}]; the teacher's decode made {expected.nfe} "
+                                        f"forward passes, so steps lie in [0, {expected.nfe}) (or {UNUSED_STEP} "
+                                        f"for a slot never revealed); {fix}")
+    for column in ("teacher", "sampler", "sampler_params"):
+        want = getattr(expected, column)
+        other = pc.not_equal(table.column(column), want)
+        if pc.any(other).as_py():
+            found = sorted(set(pc.filter(table.column(column), other).to_pylist()))[:2]
+            raise TrajectoryFormatError(f"{source}: rows {_bad_rows(table, other)} record {column} {found}, the "
+                                        f"manifest records {want!r}: the shard comes from another decode; {fix}")
+
+
 def list_shards(uri: str) -> list[str]:
+    """Every ``*.parquet`` file directly under ``uri`` (to find files a manifest does not list; never to read)."""
     fs, root = fsspec.core.url_to_fs(uri)
     if not fs.exists(root):
         return []
-    return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
+    return sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet")
+                  and not p.rsplit("/", 1)[-1].startswith(".tmp-"))
+
+
+def read_manifest(uri: str) -> dict | None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = root.rstrip("/") + "/" + MANIFEST
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise TrajectoryFormatError(f"{path}: not valid JSON ({err}); the trajectories output is damaged: "
+                                        "regenerate it (pipelines/trajectories.py --overwrite)") from err
 
 
 def read_shard(uri: str, path: str) -> pa.Table:
@@ -117,13 +197,16 @@ def read_shard(uri: str, path: str) -> pa.Table:
 
 
 def read_trajectories(uri: str) -> list[TrajectoryRow]:
-    """Every row of every shard under ``uri``, validated; ids must be unique across shards."""
-    shards = list_shards(uri)
-    if not shards:
-        raise FileNotFoundError(f"no trajectory shards (*.parquet) under {uri!r}")
+    """Every row of the shards ``uri``'s manifest lists, validated; ids must be unique across shards."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} under {uri!r}: not a trajectories output (pipelines/trajectories.py "
+                                "writes one); readers follow the manifest, never a directory listing")
+    fs, root = fsspec.core.url_to_fs(uri)
     rows: list[TrajectoryRow] = []
     seen: dict[str, str] = {}
-    for path in shards:
+    for name in sorted(manifest["shards"]):
+        path = root.rstrip("/") + "/" + name
         for rec in read_shard(uri, path).to_pylist():
             if rec["id"] in seen:
                 raise TrajectoryFormatError(f"id {rec['id']!r} appears in both {seen[rec['id']]} and {path}")

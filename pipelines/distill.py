@@ -21,127 +21,123 @@ A teacher whose tokenizer is remote code (Dream) needs ``--trust-remote-code``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
+from pipelines import _io
+from pipelines import fingerprint as F
+from pipelines.preset_defaults import preset_keyword
+from pipelines.trajectory_store import TrajectorySet, read_trajectory_set  # noqa: F401  (the reader)
 
 logger = logging.getLogger("d3ray.distill")
 
+STAGE = "distill"
 SUMMARY = "distill_summary.json"
-
-PRESETS: dict[str, dict] = {
-    # tiny: chosen by a sweep and measured on 2 CPU cores (docs/benchmarks.md); certainty forcing weighted
-    # up (6 vs 2) because the tiny teacher starts far less certain than an 8B one, and the window grows
-    # to the whole 48-slot response. 5 epochs ~ the 350 steps the main job runs on 3000 prompts' rows.
-    # 8B presets follow d3LLM's recipe.
-    # export_dtype: the published student's weights (bf16 like the official 8B/7B checkpoints on GPU presets).
-    "tiny": dict(num_workers=2, use_gpu=False, threads_per_worker=1, batch_size=32, epochs=5, lr=2e-4,
-                 warmup_steps=20, window_sizes=(16, 48), ckpt_every=50, entropy_weight=6.0, export_dtype="float32"),
-    "llada-8b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
-                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0,
-                     export_dtype="bfloat16"),
-    "dream-7b": dict(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
-                     warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0,
-                     export_dtype="bfloat16"),
-}
+RUN_NAME = "distill"  # Ray Train's run (experiment) name under the storage path
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# DistillConfig fields that decide the student (the rest decide where and how fast it is made).
+RESULT_FIELDS = ("masking", "only_correct", "use_gpu", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
+                 "weight_decay", "grad_clip", "window_sizes", "mask_ratio_min", "mask_ratio_max", "entropy_weight",
+                 "entropy_temperature", "lora_rank", "lora_alpha", "lora_targets", "seed", "export_dtype",
+                 "max_shard_bytes")
 
 
+@preset_keyword("distill")  # DistillConfig(preset="llada-8b", warmup_steps=0)
 @dataclass(frozen=True)
 class DistillConfig:
-    trajectories: str = "runs/trajectories"
-    out: str = "runs/student"
-    preset: str = "tiny"
-    init: str = ""  # student initialisation (a dLLM checkpoint: path, URI, hub id); empty: the trajectories' teacher
-    storage: str = ""  # Ray Train storage (local path or s3:// / gs://); empty: <dir of OUT>/_train/<name> (local)
+    """Distillation: which trajectories, which student start, the objective, and the Ray Train layout.
+
+    The defaults are the tiny recipe (chosen by a sweep and measured on 2 CPU cores,
+    docs/benchmarks.md): certainty forcing weighted up (6 vs d3LLM's 2) because the tiny teacher
+    starts far less certain than an 8B one, and the window grows to the whole 48-slot response.
+    """
+
+    trajectories: str = "runs/trajectories"  # trajectories output (its manifest.json lists the shards read)
+    out: str = "runs/student"  # the exported student (HF layout, publishable as is)
+    init: str | None = None  # student start (a dLLM checkpoint); None: the trajectories' teacher
+    storage: str | None = None  # Ray Train storage (path, s3://, gs://); None: <dir of OUT>/_train/<name of OUT>
     trust_remote_code: bool = False  # the teacher's tokenizer is Python shipped with it (Dream): allow it
-    export_dtype: str = ""  # dtype of the exported weights; empty: the preset's
+    export_dtype: str = "float32"  # dtype of the exported weights (bfloat16 like the official 8B checkpoints)
     max_shard_bytes: int = 5 * 10**9  # export: shard the safetensors above this size (transformers' "5GB")
-    push_to_hub: str = ""  # after the export, upload it to this hub model repo (ORG/NAME)
-    masking: str = "trajectory"  # or "random" (dParallel fallback)
-    only_correct: bool = True
-    num_workers: int = 0  # 0 / -1 / (): the preset's value
-    use_gpu: bool | None = None
-    threads_per_worker: int = 0
-    batch_size: int = 0
-    epochs: int = 0
-    max_steps: int = 0  # 0: epochs * steps per epoch
-    lr: float = 0.0
-    warmup_steps: int = -1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    window_sizes: tuple[int, ...] = ()
-    mask_ratio_min: float = 0.0
-    mask_ratio_max: float = 0.8
-    entropy_weight: float = -1.0  # -1: the preset's value
-    entropy_temperature: float = 0.5
-    ckpt_every: int = 0
+    push_to_hub: str | None = None  # after the export, upload it to this hub model repo (ORG/NAME)
+    masking: str = "trajectory"  # trajectory (d3LLM pseudo-trajectories) or random (dParallel's masking)
+    only_correct: bool = True  # train on the rows the task's scorer marked correct only
+    num_workers: int = 2  # Ray Train workers (FSDP2 ranks)
+    use_gpu: bool = False  # one GPU per worker, bf16 params with fp32 reduction (NCCL); False: CPU, gloo
+    threads_per_worker: int = 1  # torch threads per worker (and CPUs it reserves on GPU presets)
+    batch_size: int = 32  # global batch (rows per optimizer step, split evenly over the workers)
+    epochs: int = 5  # passes over the rows (each row used at most once per epoch)
+    max_steps: int | None = None  # stop after this many optimizer steps; None: epochs x steps per epoch
+    lr: float = 2e-4  # peak learning rate (linear warmup, then cosine to 10% of it)
+    warmup_steps: int = 20  # linear warmup steps (0: none)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip
+    window_sizes: tuple[int, ...] = (16, 48)  # masking window per epoch (interpolated within one), <= gen_length
+    mask_ratio_min: float = 0.0  # mask ratio range of a view, 0 <= min <= max <= 1
+    mask_ratio_max: float = 0.8  # upper end of the mask ratio range
+    entropy_weight: float = 6.0  # certainty-forcing weight (0 turns it off)
+    entropy_temperature: float = 0.5  # temperature of the certainty-forcing entropy (> 0)
+    ckpt_every: int = 50  # a sharded checkpoint every this many steps (and at the last)
+    num_to_keep: int = 2  # checkpoints kept on disk
     lora_rank: int = 0  # 0: full fine-tuning; > 0: peft LoRA on lora_targets, merged on export
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    max_failures: int = 2
-    seed: int = 0
-    fault_at_step: int = -1  # tests: one worker exits hard once at this step
-    fault_marker: str = ""
-    extra: dict = field(default_factory=dict)
+    lora_alpha: float = 16.0  # LoRA scaling (alpha / rank)
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get adapters
+    max_failures: int = 2  # worker-group restarts (from the newest checkpoint) before the run fails
+    seed: int = 0  # seeds the row order and the masking
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}: must be one of {sorted(PRESETS)}")
-        for name, default in PRESETS[self.preset].items():
-            value = getattr(self, name)
-            if name == "use_gpu":
-                unset = value is None
-            elif name == "export_dtype":
-                unset = value == ""
-            elif name == "entropy_weight":
-                unset = value == -1.0
-            else:
-                unset = value in (0, -1, ())
-            if unset:
-                object.__setattr__(self, name, default)
-        object.__setattr__(self, "window_sizes", tuple(int(k) for k in self.window_sizes))
+        if not self.trajectories or not self.out:
+            raise ValueError(f"trajectories={self.trajectories!r}, out={self.out!r}: both must name a directory")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype={self.export_dtype!r}: must be one of {EXPORT_DTYPES}")
         if self.max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
-        if self.push_to_hub:
+        if self.init is not None and not self.init:
+            raise ValueError("init='': give a checkpoint, or None to start from the trajectories' teacher")
+        if self.push_to_hub is not None:
             from d3core.models.hub import HubRef
 
             HubRef(self.push_to_hub)  # ORG/NAME or a ValueError naming the form
             if "://" in self.out and not self.out.startswith("file://"):
                 raise ValueError(f"push_to_hub={self.push_to_hub!r} uploads a local export, but out={self.out!r} "
                                  "is remote: export locally, or upload with `hf upload` from a copy")
-        if self.masking not in ("trajectory", "random"):
-            raise ValueError(f"masking={self.masking!r}: must be 'trajectory' or 'random'")
-        for name in ("num_workers", "threads_per_worker", "batch_size", "epochs", "ckpt_every"):
+        for name in ("num_workers", "threads_per_worker", "batch_size", "epochs", "ckpt_every", "num_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: "
                              "the global batch is split evenly over the workers")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no LoRA)")
-        if self.lora_rank:
-            from d3core.distill.lora import LoraSettings
-
-            LoraSettings(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
-        if self.entropy_weight < 0:
-            raise ValueError(f"entropy_weight={self.entropy_weight}: must be >= 0 (0 turns certainty forcing off)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: must be >= 1, or None for epochs x steps per epoch")
+        if self.warmup_steps < 0 or self.max_failures < 0 or self.lora_rank < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}, max_failures={self.max_failures}, lora_rank="
+                             f"{self.lora_rank}: must be >= 0")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr={self.lr}: must lie in (0, 1)")
-        if self.max_steps < 0 or self.warmup_steps < 0:
-            raise ValueError(f"max_steps={self.max_steps}, warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ValueError(f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}: need weight_decay >= 0 "
+                             "and grad_clip > 0")
+        self.objective()  # window sizes, mask ratios, masking and loss weights, checked by d3core
+        if self.lora_rank:
+            self.lora()
         if not self.storage and "://" in self.out and not self.out.startswith("file://"):
             raise ValueError(f"out={self.out!r} is remote: pass --storage (a local path, s3:// or gs:// URI) for "
                              "Ray Train's checkpoints")
+
+    def objective(self):
+        from d3core.distill.losses import LossWeights
+        from d3core.distill.objective import DistillObjective
+
+        return DistillObjective(masking=self.masking, window_sizes=tuple(self.window_sizes),
+                                mask_ratio_min=self.mask_ratio_min, mask_ratio_max=self.mask_ratio_max,
+                                weights=LossWeights(entropy_weight=self.entropy_weight,
+                                                    entropy_temperature=self.entropy_temperature))
 
     def lora(self):
         from d3core.distill.lora import LoraSettings
@@ -156,45 +152,16 @@ class DistillConfig:
         out = Path(self.out.removeprefix("file://")).resolve()
         return str(out.parent / "_train" / out.name)
 
-    def worker_cfg(self) -> dict:
-        keys = ("masking", "use_gpu", "threads_per_worker", "batch_size", "lr", "warmup_steps", "weight_decay",
-                "grad_clip", "mask_ratio_min", "mask_ratio_max", "ckpt_every", "seed", "fault_at_step",
-                "fault_marker")
-        out = {k: getattr(self, k) for k in keys}
-        out["window_sizes"] = list(self.window_sizes)
-        out["lora"] = self.lora() and dataclasses.asdict(self.lora())
-        out["loss_weights"] = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
-        return out
+    @property
+    def experiment_uri(self) -> str:
+        return _io.join(self.storage_path, RUN_NAME)
 
 
 # -- data ---------------------------------------------------------------------------------------
-def load_trajectory_table(cfg: DistillConfig):
-    """Every validated shard as one table (correct rows only unless told otherwise)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from d3core import trajectory as T
-
-    shards = T.list_shards(cfg.trajectories)
-    if not shards:
-        raise FileNotFoundError(f"no trajectory shards under {cfg.trajectories!r}: run pipelines/trajectories.py "
-                                "first, or point --trajectories at its --out")
-    table = pa.concat_tables([T.read_shard(cfg.trajectories, p) for p in shards])
-    if len(set(table.column("id").to_pylist())) != table.num_rows:
-        raise T.TrajectoryFormatError(f"{cfg.trajectories}: row ids repeat across shards")
-    if cfg.only_correct:
-        table = table.filter(pc.field("is_correct"))
-    teachers = sorted(set(table.column("teacher").to_pylist()))
-    if table.num_rows < cfg.batch_size:
-        raise ValueError(f"{table.num_rows} usable trajectory rows < batch_size={cfg.batch_size}: generate more "
-                         "trajectories or lower --batch-size")
-    return table.select(["id", "prompt_ids", "response_ids", "unmask_step"]), teachers
-
-
 def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
-    per_worker = cfg.batch_size // cfg.num_workers
-    steps_per_epoch = (n_rows // cfg.num_workers) // per_worker
-    return (cfg.max_steps or cfg.epochs * steps_per_epoch), steps_per_epoch
+    """(max steps, steps per epoch): an epoch is every full global batch of the rows (drop-last)."""
+    steps_per_epoch = n_rows // cfg.batch_size
+    return (cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch), steps_per_epoch
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -240,76 +207,181 @@ def recipe(cfg: DistillConfig, summary: dict) -> dict:
             "lr (peak, cosine)": cfg.lr, "warmup steps": cfg.warmup_steps, "weight decay": cfg.weight_decay,
             "window sizes": list(cfg.window_sizes), "mask ratio": [cfg.mask_ratio_min, cfg.mask_ratio_max],
             "fine-tuning": f"LoRA rank {lora.rank}, alpha {lora.alpha} on {list(lora.targets)}, merged" if lora
-            else "full", "weights": cfg.export_dtype, "preset": cfg.preset, "seed": cfg.seed}
+            else "full", "weights": cfg.export_dtype, "seed": cfg.seed}
 
 
 def read_summary(out: str) -> dict | None:
-    fs, root = fsspec.core.url_to_fs(out)
-    path = root.rstrip("/") + "/" + SUMMARY
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    return _io.read_json(_io.join(out, SUMMARY))
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def run_distill(cfg: DistillConfig) -> dict:
-    """Train (or resume) and export; returns the summary. A finished ``out`` is returned as is."""
+@dataclass(frozen=True)
+class Plan:
+    """What a distillation run will do, worked out on the driver before Ray starts."""
+
+    data: TrajectorySet
+    init: str
+    fingerprint: dict
+    max_steps: int
+    steps_per_epoch: int
+
+    @property
+    def digest(self) -> str:
+        return F.digest(self.fingerprint)
+
+
+def fingerprint(cfg: DistillConfig, data: TrajectorySet, init: str) -> dict:
+    """The trajectories' own fingerprint, the student's start, and every setting that decides the student."""
+    return {"stage": STAGE, "trajectories": data.manifest["fingerprint"],
+            "init": F.checkpoint_identity(init, cfg.trust_remote_code),
+            "settings": {name: _plain(getattr(cfg, name)) for name in RESULT_FIELDS}}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def prepare(cfg: DistillConfig) -> Plan:
+    """Every check that needs no cluster: paths, the trajectory set, the student's start, the plan."""
+    from d3core.models.checkpoint import load_config
+
+    _io.require_directory(cfg.out, "out")
+    _io.require_directory(cfg.storage_path, "storage")
+    data = read_trajectory_set(cfg)
+    init = cfg.init or data.teacher
+    _check_teacher(init, cfg)
+    arch = load_config(init)
+    vocab = int(data.manifest["decode"]["vocab_size"])
+    if arch.vocab_size < vocab:
+        raise ValueError(f"init={init!r} has a vocabulary of {arch.vocab_size} tokens, the trajectories' teacher "
+                         f"{vocab}: the student must read every token id of the rows; start from the teacher")
+    if max(cfg.window_sizes) > data.gen_length:
+        raise ValueError(f"window_sizes={list(cfg.window_sizes)}: the trajectories have gen_length={data.gen_length}, "
+                         "and a window covers at most the whole response; lower them")
+    n = data.table.num_rows
+    if n < cfg.batch_size:
+        raise ValueError(f"{n} usable trajectory rows (of {data.rows_total}) < batch_size={cfg.batch_size}: generate "
+                         "more trajectories or lower --batch-size")
+    max_steps, steps_per_epoch = plan(cfg, n)
+    return Plan(data, init, fingerprint(cfg, data, init), max_steps, steps_per_epoch)
+
+
+def claim(cfg: DistillConfig, plan_: Plan, overwrite: bool) -> dict | None:
+    """The finished summary to reuse (same fingerprint), or None to train; refuses other runs' outputs.
+
+    Looks at the export (``distill_summary.json``) and at Ray Train's storage (the checkpoints'
+    ``trainer_state.json`` and the storage's fingerprint record); ``overwrite`` clears both.
+    """
+    from pipelines import train_checkpoint as C
+
+    summary = read_summary(cfg.out)
+    recorded = F.read_record(cfg.storage_path)
+    if overwrite:
+        _clear_export(cfg)
+        _io.remove_tree(cfg.storage_path)
+        return None
+    if summary is not None:
+        F.check(STAGE, cfg.out, summary.get("fingerprint", {"summary": "written by an older d3ray"}),
+                plan_.fingerprint)
+        return summary
+    if recorded is not None:
+        F.check(STAGE, cfg.storage_path, recorded.get("fingerprint"), plan_.fingerprint, option="--storage")
+    for ckpt in C.list_checkpoints(cfg.experiment_uri):
+        state = C.read_state_or_none(ckpt)
+        if state is not None and state.get("fingerprint_digest") not in (None, plan_.digest):
+            F.check(STAGE, cfg.storage_path, state.get("fingerprint", {"digest": state["fingerprint_digest"]}),
+                    plan_.fingerprint, option="--storage")
+    return None
+
+
+_EXPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".py", ".jinja", ".tiktoken", ".md")
+
+
+def _clear_export(cfg: DistillConfig) -> None:
+    """Remove a previous export from ``cfg.out``; refuse when the directory holds files no export writes."""
+    fs, root = _io.fs_root(cfg.out)
+    if not fs.exists(root):
+        return
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    foreign = [n for n in names if not (n.endswith(_EXPORT_SUFFIXES) or n.upper().startswith(("LICENSE", "NOTICE"))
+                                        or n.startswith(_io.TMP_PREFIX))]
+    if foreign:
+        raise ValueError(f"out={cfg.out!r} holds files a student export never writes ({foreign[:5]}); d3ray clears "
+                         "only its own outputs: choose another --out, or move those files")
+    if names:
+        logger.warning("clearing the previous export in %s (%d files)", cfg.out, len(names))
+    _io.remove_tree(cfg.out)
+
+
+def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict:
+    """Train (or resume) and export; returns the summary. A finished ``out`` of the same fingerprint is returned.
+
+    ``hooks`` (optional, picklable) is handed to every worker: ``hooks.on_start(rank, world)`` runs
+    before the worker reads its rows and ``hooks.on_step(step, rank, world)`` after each optimizer
+    step, where defined (tests use them to kill or slow a worker at a chosen point).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines import train_checkpoint as C
+    from pipelines.cluster import require_gpus
     from pipelines.distill_worker import train_loop
-    from pipelines.train_checkpoint import checkpoint_uri, read_trainer_state
 
-    done = read_summary(cfg.out)
+    plan_ = prepare(cfg)
+    done = claim(cfg, plan_, overwrite)
     if done is not None:
-        logger.info("student already exported at %s (%s); skipping", cfg.out, SUMMARY)
+        logger.info("student already exported at %s with these settings (%s); skipping", cfg.out, SUMMARY)
         return done
-    table, teachers = load_trajectory_table(cfg)
-    init = cfg.init or _teacher_uri(teachers)
-    _check_teacher(init, cfg)
-    max_steps, steps_per_epoch = plan(cfg, table.num_rows)
-    if max_steps < 1:
-        raise ValueError(f"{table.num_rows} rows give 0 steps at batch_size={cfg.batch_size}")
+    F.write_record(cfg.storage_path, STAGE, plan_.fingerprint, {"out": cfg.out, "trajectories": cfg.trajectories})
+    C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    ds = ray.data.from_arrow(table)
-    logger.info("distilling %s from %d trajectories (%s masking): %d steps, %d per epoch, %d workers", init,
-                table.num_rows, cfg.masking, max_steps, steps_per_epoch, cfg.num_workers)
+    if cfg.use_gpu:
+        require_gpus(cfg.num_workers, "num_workers (use_gpu=True)")
+    table = plan_.data.table
+    logger.info("distilling %s from %d trajectories (%s masking): %d steps, %d per epoch, %d workers", plan_.init,
+                table.num_rows, cfg.masking, plan_.max_steps, plan_.steps_per_epoch, cfg.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.worker_cfg(), "init": init, "max_steps": max_steps,
-                           "steps_per_epoch": steps_per_epoch, "storage_path": cfg.storage_path},
+        train_loop_config={"cfg": cfg, "init": plan_.init, "max_steps": plan_.max_steps,
+                           "steps_per_epoch": plan_.steps_per_epoch, "fingerprint": plan_.fingerprint,
+                           "hooks": hooks},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.threads_per_worker if cfg.use_gpu else 1}),
         run_config=ray.train.RunConfig(
-            name="distill", storage_path=cfg.storage_path,
+            name=RUN_NAME, storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        # every worker reads every row and takes its slice of each global batch (train_loop): the
+        # batches are then fixed by (seed, epoch, row id), whatever order the rows stream in
+        datasets={"train": ray.data.from_arrow(table)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    trainer.fit()
     train_seconds = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"training under {cfg.storage_path} ended without a checkpoint; see the worker logs")
-    checkpoint = checkpoint_uri(result.checkpoint, cfg.storage_path)
-    state = read_trainer_state(checkpoint)
+    newest = C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
+    if newest is None:
+        raise RuntimeError(f"training under {cfg.storage_path} ended without a complete checkpoint; see the worker logs")
+    state = C.read_trainer_state(newest)
+    if state["step"] != plan_.max_steps:
+        raise RuntimeError(f"the newest checkpoint {newest} is at step {state['step']} of {plan_.max_steps}: "
+                           "training stopped early; rerun to resume it")
     uses = list(state["uses"].values())
-    summary = {"config": dataclasses.asdict(cfg), "init": init, "rows": table.num_rows, "steps": state["step"],
-               "optimizer_steps": state["optimizer_steps"], "resumed_from": state["resumes"], "checkpoint": checkpoint,
+    summary = {"config": dataclasses.asdict(cfg), "init": plan_.init, "rows": table.num_rows,
+               "fingerprint": plan_.fingerprint, "fingerprint_digest": plan_.digest, "steps": state["step"],
+               "optimizer_steps": state["optimizer_steps"], "resumed_from": state["resumes"], "checkpoint": newest,
                "row_uses": {"rows_used": len(uses), "min": min(uses, default=0), "max": max(uses, default=0)},
-               "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "train_seconds": train_seconds,
+               "max_steps": plan_.max_steps, "steps_per_epoch": plan_.steps_per_epoch, "train_seconds": train_seconds,
                "final_metrics": state["history"][-1] if state["history"] else {}, "history": state["history"]}
     t0 = time.perf_counter()
-    summary["files"] = export_student(cfg, checkpoint, init, summary)
+    _clear_export(cfg)  # a crashed export's files of another layout must not linger
+    summary["files"] = export_student(cfg, newest, plan_.init, summary)
     summary["export_seconds"] = time.perf_counter() - t0
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    with fs.open(root.rstrip("/") + "/" + SUMMARY, "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    _io.write_json(_io.join(cfg.out, SUMMARY), summary)  # written last: its presence marks the stage done
     logger.info("exported the student to %s after %d steps in %.0f s", cfg.out, state["step"], train_seconds)
     if cfg.push_to_hub:
         from d3core.models.export import push_to_hub
@@ -319,42 +391,47 @@ def run_distill(cfg: DistillConfig) -> dict:
 
 
 def _check_teacher(init: str, cfg: DistillConfig) -> None:
-    """Before any training: the teacher resolves, and a remote-code tokenizer has the flag it needs."""
+    """Before any training: the student's start resolves, and a remote-code tokenizer has the flag it needs."""
     from d3core.models.hub import resolve_checkpoint
     from d3core.models.tokenizer import check_remote_code
 
-    check_remote_code(resolve_checkpoint(init, weights=False, trust_remote_code=cfg.trust_remote_code),
-                      cfg.trust_remote_code)
+    local = resolve_checkpoint(init, weights=False, trust_remote_code=cfg.trust_remote_code)
+    if not _io.exists(_io.join(local, "config.json")):
+        raise ValueError(f"init={init!r}: no checkpoint there (no config.json; not a path, fsspec URI or hub id of an "
+                         "HF-layout checkpoint); fix --init, or leave it unset to start from the trajectories' teacher")
+    check_remote_code(local, cfg.trust_remote_code)
 
 
-def _teacher_uri(teachers: list[str]) -> str:
-    if len(teachers) != 1:
-        raise ValueError(f"trajectories come from teachers {teachers}: pass --init to choose the student's start")
-    return teachers[0]
+# -- CLI -----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> tuple[DistillConfig, bool]:
+    """(config, overwrite) from the command line, over the preset's recipe."""
+    from pipelines import _cli
+    from pipelines.recipes import RECIPES, get_recipe
 
-
-def parse_args(argv: list[str] | None = None) -> DistillConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DistillConfig):
-        if f.name in ("extra", "fault_at_step", "fault_marker"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("window_sizes", "lora_targets"):
-            p.add_argument(flag, type=int if f.name == "window_sizes" else str, nargs="+", default=f.default)
-        elif f.name in ("use_gpu", "only_correct"):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        elif f.name == "trust_remote_code":
-            p.add_argument(flag, action="store_true", help="run the teacher tokenizer's own Python code (Dream)")
-        else:
-            p.add_argument(flag, type=type(f.default) if f.default is not None else str, default=f.default)
-    return DistillConfig(**vars(p.parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else argv
+    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
+    default = _cli.apply(get_recipe(preset).distill, _cli.stage_section(data, STAGE), "config")
+    spec = _cli.ViewSpec(DistillConfig, extra=(
+        ("overwrite", bool, False, "clear OUT and the training storage if they hold another run's outputs, "
+                                   "then train anew"),))
+    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
+    return cfg, extras["overwrite"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipelines import _cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    summary = run_distill(parse_args(argv))
-    print(json.dumps({k: summary[k] for k in ("init", "rows", "steps", "train_seconds")}, indent=2))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    def go():
+        cfg, overwrite = parse_args(argv)
+        logger.info("distill config:\n%s", _cli.to_yaml(cfg))
+        summary = run_distill(cfg, overwrite)
+        print(json.dumps({k: summary[k] for k in ("init", "rows", "steps", "train_seconds")}, indent=2))
+
+    _cli.run_main(go)
 
 
 if __name__ == "__main__":

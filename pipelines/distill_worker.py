@@ -1,25 +1,27 @@
 """The Ray Train worker of ``pipelines/distill.py``: FSDP2 student, exact data-parallel loss, checkpoints.
 
-Data semantics (documented in docs/distill.md): a worker reads its split of the trajectory
-dataset once (``get_dataset_shard``), then every epoch visits its rows in a seeded order
-that depends only on ``(seed, epoch, row id)``. A step takes ``batch_size / world`` rows
-per worker; an epoch ends when any worker cannot fill its part (drop-last), so every row is
-used at most once per epoch. A checkpoint records the step, the epoch and the ids consumed
-so far in that epoch; a resumed run skips exactly those ids, whichever worker now holds them.
-Checkpoints are sharded (``pipelines/train_checkpoint.py``): each rank writes its own FSDP2
-shards of the model and optimizer, and a resumed run may have another number of workers.
+Data semantics (documented in docs/distill.md): every worker reads every trajectory row once
+(the dataset is not split, ``DataConfig(datasets_to_split=[])``), and every epoch orders the
+rows by a hash of ``(seed, epoch, row id)``. Step ``s`` of an epoch takes the next
+``batch_size`` rows of that order, and rank ``r`` trains on rows ``[r*b, (r+1)*b)`` of it
+(``b = batch_size / world``); an epoch ends when a full global batch no longer fits
+(drop-last), so every row is used at most once per epoch. The global batch of every step
+is therefore fixed by the seed and the rows alone: not by the order rows stream in, the
+load on the machine, or the number of workers. A checkpoint records the step, the epoch and
+the ids consumed so far in that epoch (identical on every rank); a resumed run continues the
+same order. Checkpoints are sharded (``pipelines/train_checkpoint.py``): each rank writes its
+own FSDP2 shards of the model and optimizer, and a resumed run may have another number of
+workers. A restarted worker group resumes from the newest complete checkpoint on disk, also
+one the Ray Train controller had not registered yet.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -102,106 +104,98 @@ def distill_step(model, optimizer, objective, rows: list[dict], step: int, max_s
     return out
 
 
-def full_model_state(model) -> dict:
-    """The unsharded model state dict (gathered on every rank): for the diagnostic probe only, never checkpoints."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def optimizer_steps(optimizer) -> int:
     """How many updates the optimizer's state has seen (AdamW's per-parameter ``step``)."""
     return max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
 
 
-def gather_ids(ids: list[str]) -> list[str]:
-    return sorted({i for part in _gather(list(ids)) for i in part})
+def choose_resume(experiment_uri: str, digest: str, num_to_keep: int) -> str | None:
+    """Rank 0 picks the newest complete checkpoint on disk (and tidies the rest); every rank gets its URI."""
+    from pipelines.train_checkpoint import reconcile
+
+    rank, size = world()
+    choice = [reconcile(experiment_uri, digest, num_to_keep) if rank == 0 else None]
+    if size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
-def gather_uses(base: dict[str, int], local: dict[str, int]) -> dict[str, int]:
-    """``base`` (identical on every rank) plus every worker's uses since the last checkpoint."""
-    total = dict(base)
-    for part in _gather(local):
-        for row_id, n in part.items():
-            total[row_id] = total.get(row_id, 0) + n
-    return total
+def load_rows(shard) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every row of the (unsplit) dataset, compactly: id -> (prompt ids, response ids, unmask steps)."""
+    rows = {}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pandas"):
+        for i, p, r, s in zip(batch["id"], batch["prompt_ids"], batch["response_ids"], batch["unmask_step"]):
+            rows[str(i)] = (torch.as_tensor(p, dtype=torch.int32), torch.as_tensor(r, dtype=torch.int32),
+                            torch.as_tensor(s, dtype=torch.int16))
+    return rows
 
 
-def _gather(obj) -> list:
-    _, size = world()
-    if size == 1:
-        return [obj]
-    out: list = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
+def as_row(row_id: str, row: tuple) -> dict:
+    p, r, s = row
+    return dict(id=row_id, prompt_ids=p.tolist(), response_ids=r.tolist(), unmask_step=s.tolist())
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point (``train_loop_per_worker``)."""
+    """Ray Train entry point (``train_loop_per_worker``); ``config["cfg"]`` is the DistillConfig itself."""
     import ray.train
 
-    from d3core.distill.losses import LossWeights
-    from d3core.distill.objective import DistillObjective
     from d3core.models.checkpoint import load_pretrained
-    from pipelines.train_checkpoint import checkpoint_uri, load_checkpoint
+    from pipelines.fingerprint import digest as fingerprint_digest
+    from pipelines.train_checkpoint import load_checkpoint
 
     cfg = config["cfg"]
-    torch.set_num_threads(cfg["threads_per_worker"])
+    hooks = config.get("hooks")
+    digest = fingerprint_digest(config["fingerprint"])
+    torch.set_num_threads(cfg.threads_per_worker)
     rank, size = world()
-    use_gpu = cfg["use_gpu"] and torch.cuda.is_available()
+    use_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{ray.train.get_context().get_local_rank()}") if use_gpu else torch.device("cpu")
-    objective = DistillObjective(masking=cfg["masking"], window_sizes=tuple(cfg["window_sizes"]),
-                                 mask_ratio_min=cfg["mask_ratio_min"], mask_ratio_max=cfg["mask_ratio_max"],
-                                 weights=LossWeights(**cfg["loss_weights"]))
+    objective = cfg.objective()
     model = load_pretrained(config["init"], device=device).train()
-    if cfg["lora"]:
-        from d3core.distill.lora import LoraSettings, apply_lora
+    if cfg.lora_rank:
+        from d3core.distill.lora import apply_lora
 
-        lora = dict(cfg["lora"], targets=tuple(cfg["lora"]["targets"]))
-        model = apply_lora(model, LoraSettings(**lora))
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same on every rank and every run
+        model = apply_lora(model, cfg.lora())
     model = shard_model(model, use_gpu)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                                  betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step, epoch, consumed = 0, 0, set()
-    uses: dict[str, int] = {}  # every row's uses up to the last checkpoint (the audit of the data semantics)
-    new_uses: dict[str, int] = {}  # this worker's uses since then
+    uses: dict[str, int] = {}  # every row's uses so far (the audit of the data semantics)
     history: list[dict] = []  # per-step metrics (identical on every rank: they are all-reduced)
     resumes: list[int] = []  # the step of every checkpoint this run was resumed from
-    checkpoint = ray.train.get_checkpoint()  # v2: the latest one, after a restart or in a rerun of the same run
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint_uri(checkpoint, config["storage_path"]), model, optimizer)
+    resume = choose_resume(cfg.experiment_uri, digest, cfg.num_to_keep)
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer)
         step, epoch, consumed = state["step"], state["epoch"], set(state["consumed"])
         uses = dict(state["uses"])
         history = list(state["history"])
         resumes = [*state.get("resumes", []), step]
         if rank == 0:
-            logger.info("resumed at step %d (epoch %d, %d rows of it consumed) from %d worker(s) on %d", step, epoch,
-                        len(consumed), state["world_size"], size)
+            logger.info("resumed at step %d (epoch %d, %d rows of it consumed) from %s (%d worker(s), now %d)", step,
+                        epoch, len(consumed), resume, state["world_size"], size)
 
-    rows = [dict(id=str(i), prompt_ids=list(map(int, p)), response_ids=list(map(int, r)),
-                 unmask_step=list(map(int, s)))
-            for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=1024, batch_format="pandas")
-            for i, p, r, s in zip(batch["id"], batch["prompt_ids"], batch["response_ids"], batch["unmask_step"])]
-    per_worker = cfg["batch_size"] // size
+    if hooks is not None and hasattr(hooks, "on_start"):
+        hooks.on_start(rank, size)
+    rows = load_rows(ray.train.get_dataset_shard("train"))
+    per_worker = cfg.batch_size // size
     max_steps, steps_per_epoch = config["max_steps"], config["steps_per_epoch"]
-    fault_step = cfg["fault_at_step"]  # tests only: one worker exits hard once at this step
+    meta = {"fingerprint": config["fingerprint"], "fingerprint_digest": digest}
     t_last = time.perf_counter()
     while step < max_steps:
-        pending = [r for r in epoch_order(rows, cfg["seed"], epoch) if r["id"] not in consumed]
+        pending = [i for i in sorted(rows, key=lambda i: _order_key(cfg.seed, epoch, i)) if i not in consumed]
         pos = 0
-        while step < max_steps:
-            take = pending[pos: pos + per_worker]
-            enough = all_reduce(torch.tensor(1 if len(take) == per_worker else 0), dist.ReduceOp.MIN)
-            if not int(enough):
-                break
-            pos += per_worker
+        while step < max_steps and pos + cfg.batch_size <= len(pending):
+            batch_ids = pending[pos: pos + cfg.batch_size]
+            pos += cfg.batch_size
+            take = [as_row(i, rows[i]) for i in batch_ids[rank * per_worker:(rank + 1) * per_worker]]
             progress = epoch + min((step - epoch * steps_per_epoch) / max(steps_per_epoch, 1), 0.999)
-            lr = lr_at(step, max_steps, cfg["lr"], cfg["warmup_steps"])
-            out = distill_step(model, optimizer, objective, take, step, max_steps, progress, cfg["seed"], lr,
-                               cfg["grad_clip"])
-            consumed.update(r["id"] for r in take)
-            for r in take:
-                new_uses[r["id"]] = new_uses.get(r["id"], 0) + 1
+            lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps)
+            out = distill_step(model, optimizer, objective, take, step, max_steps, progress, cfg.seed, lr,
+                               cfg.grad_clip)
+            consumed.update(batch_ids)
+            for i in batch_ids:
+                uses[i] = uses.get(i, 0) + 1
             step += 1
             now = time.perf_counter()
             out.update(step=step, epoch=epoch, lr=lr, workers=size,
@@ -214,66 +208,24 @@ def train_loop(config: dict) -> None:
             # Report (metrics + checkpoint) only at checkpoint steps: Ray Train v2 hands each report to
             # its controller through a one-slot queue that the controller drains on its own poll
             # interval, so reporting every step throttles a fast step to that interval (~2 s).
-            if step % cfg["ckpt_every"] == 0 or step == max_steps:
-                uses, new_uses = gather_uses(uses, new_uses), {}
-                report(model, optimizer, out, step, epoch, consumed, uses, history, resumes)
-            if step == fault_step and rank == size - 1 and _first_fault(cfg["fault_marker"]):
-                # Ray Train v2 registers a reported checkpoint when its controller next polls the
-                # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a worker that dies
-                # sooner takes its last report with it. Wait that long, like a crash well after it.
-                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
-                logger.warning("fault injection: worker %d exits at step %d", rank, step)
-                os._exit(1)
+            if step % cfg.ckpt_every == 0 or step == max_steps:
+                report(model, optimizer, out, {**meta, "step": step, "epoch": epoch, "consumed": sorted(consumed),
+                                               "uses": uses, "history": history, "resumes": resumes})
+            if hooks is not None and hasattr(hooks, "on_step"):
+                hooks.on_step(step, rank, size)
         epoch += 1
         consumed = set()
 
 
-def _first_fault(marker_path: str) -> bool:
-    """Fault injection (tests) fires once: a marker file records that it has."""
-    marker = Path(marker_path)
-    if marker.exists():
-        return False
-    marker.write_text(json.dumps({"fired": True}))
-    return True
-
-
-def report(model, optimizer, metrics: dict, step: int, epoch: int, consumed: set[str],
-           uses: dict[str, int], history: list[dict], resumes: list[int]) -> None:
+def report(model, optimizer, metrics: dict, state: dict) -> None:
     """Report metrics with a sharded checkpoint: every rank writes its own shards, Ray merges the directories."""
     import ray.train
 
-    from pipelines.train_checkpoint import save_checkpoint
+    from pipelines.train_checkpoint import checkpoint_dir_name, save_checkpoint
 
-    ids = gather_ids(sorted(consumed))
     _, size = world()
-    state = {"step": step, "epoch": epoch, "consumed": ids, "uses": uses, "history": history, "resumes": resumes,
-             "optimizer_steps": optimizer_steps(optimizer), "world_size": size}
+    state = {**state, "optimizer_steps": optimizer_steps(optimizer), "world_size": size}
     with tempfile.TemporaryDirectory(prefix="d3ray-ckpt-") as d:
         save_checkpoint(d, model, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint-step{step:08d}")
-
-
-def probe_step(config: dict) -> None:
-    """Diagnostic worker: one step on ``rows[rank::world]`` of a fixed global batch.
-
-    Reports the loss parts and writes the updated full state dict to ``config["dump"]``, so
-    the same batch on 1 and on N workers can be compared (tests/pipelines/test_distill.py).
-    """
-    import ray.train
-
-    from d3core.distill.losses import LossWeights
-    from d3core.distill.objective import DistillObjective
-    from d3core.models.checkpoint import load_pretrained
-
-    torch.set_num_threads(1)
-    rank, size = world()
-    model = shard_model(load_pretrained(config["init"]).train(), use_gpu=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    objective = DistillObjective(masking=config["masking"], window_sizes=(8,), weights=LossWeights(entropy_weight=1.0))
-    out = distill_step(model, optimizer, objective, config["rows"][rank::size], step=3, max_steps=10,
-                       epoch_progress=0.3, seed=0, lr=1e-2, grad_clip=1e9)
-    model_sd = full_model_state(model)
-    if rank == 0:
-        torch.save({"metrics": out, "model": model_sd}, config["dump"])
-    ray.train.report(out)
+                         checkpoint_dir_name=checkpoint_dir_name(state["step"]))

@@ -17,7 +17,6 @@ or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,88 +29,78 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
+from pipelines import _io
+from pipelines import fingerprint as F
+from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, SWEEP_AXES, VANILLA, split_sweep_key, sweep_key  # noqa: F401
+
 logger = logging.getLogger("d3ray.evaluate")
 
-DLLM_SAMPLERS = ("vanilla", "fast_dllm", "dparallel", "d3llm")
 USE_VLLM = ("auto", "on", "off")
 AR_NAME = "AR"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-PRESETS: dict[str, dict] = {
-    # the embedded default: the synthetic task, thresholds spanning each sampler's useful range
-    "tiny": dict(
-        tasks=("synthetic",),
-        sweeps={"vanilla": (), "fast_dllm": (0.95, 0.9, 0.7, 0.5), "dparallel": (0.1, 0.3, 0.5, 1.0),
-                "d3llm": (0.1, 0.3, 0.5, 1.0)},
-        sampler_params={"d3llm": {"cache_delay_iter": 2}, "fast_dllm": {"cache": "dual"}},
-        n=100, batch_size=50, gen_length=48, block_length=16, num_cpus_per_cell=1.0, num_gpus_per_cell=0.0),
-    # d3LLM's settings (research digest 2.6 / 5): 256 new tokens, block 32, the five leaderboard tasks
-    "llada-8b": dict(
-        tasks=("gsm8k", "math500", "mbpp", "humaneval", "long_gsm8k"),
-        sweeps={"vanilla": (), "fast_dllm": (0.95, 0.9, 0.8, 0.7), "dparallel": (0.3, 0.4, 0.5, 0.6),
-                "d3llm": (0.3, 0.4, 0.5, 0.6)},
-        sampler_params={"d3llm": {"cache_delay_iter": 2}, "fast_dllm": {"cache": "dual"}},
-        n=0, batch_size=16, gen_length=256, block_length=32, num_cpus_per_cell=4.0, num_gpus_per_cell=1.0),
-    "dream-7b": dict(
-        tasks=("gsm8k", "math500", "mbpp", "humaneval", "long_gsm8k"),
-        sweeps={"vanilla": (), "fast_dllm": (0.95, 0.9, 0.8, 0.7), "dparallel": (0.3, 0.4, 0.45, 0.5),
-                "d3llm": (0.3, 0.4, 0.45, 0.5)},
-        sampler_params={"d3llm": {"cache_delay_iter": 1}, "fast_dllm": {"cache": "dual"}},
-        n=0, batch_size=16, gen_length=256, block_length=32, num_cpus_per_cell=4.0, num_gpus_per_cell=1.0),
-}
-
-
+STAGE = "evaluate"
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """One evaluation sweep. ``n=0`` evaluates the whole test split of each task."""
+    """One evaluation sweep (the defaults are the tiny recipe). ``n=0`` evaluates each task's whole test split."""
 
-    models: dict[str, str]  # display name -> dLLM checkpoint URI
-    ar_model: str | None  # AR baseline (HF causal-LM directory) or None
-    out: str  # fsspec URI of the output directory
-    tasks: tuple[str, ...] = ("synthetic",)
-    sweeps: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(PRESETS["tiny"]["sweeps"]))
-    n: int = 100
-    batch_size: int = 50
-    gen_length: int = 48
-    block_length: int = 16
-    sampler_params: dict[str, dict] = field(default_factory=dict)  # fixed extra params per sampler
-    num_cpus_per_cell: float = 1.0
-    num_gpus_per_cell: float = 0.0
-    threads_per_cell: int = 1
-    use_vllm: str = "auto"
-    seed: int = 0
-    prompt_style: str = "auto"
+    models: dict[str, str] = field(default_factory=lambda: {"teacher": str(TINY_TEACHER_DIR)})  # NAME -> dLLM checkpoint
+    ar_model: str | None = str(TINY_AR_DIR)  # AR baseline (HF causal LM); None: no AR baseline
+    out: str = "runs/eval"  # output directory (fsspec URI): cells/, report.json, report.md, aup.png
+    tasks: tuple[str, ...] = ("synthetic",)  # evaluation tasks (d3core.eval.tasks.TASK_NAMES)
+    # SAMPLER.AXIS -> values swept (vanilla: no values); fast_dllm.confidence_threshold in (0, 1],
+    # dparallel.entropy_threshold / d3llm.entropy_threshold in nats
+    sweeps: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "vanilla": (), "fast_dllm.confidence_threshold": (0.95, 0.9, 0.7, 0.5),
+        "dparallel.entropy_threshold": (0.1, 0.3, 0.5, 1.0), "d3llm.entropy_threshold": (0.1, 0.3, 0.5, 1.0)})
+    n: int = 100  # problems per task (0: the whole test split)
+    batch_size: int = 50  # problems decoded together in one cell
+    gen_length: int = 48  # generation slots per problem
+    block_length: int = 16  # block size of the semi-autoregressive decoders (divides gen_length)
+    # SAMPLER -> fixed params of its cells (fields of its params class other than the shape and the swept axis)
+    sampler_params: dict[str, dict] = field(default_factory=lambda: {"d3llm": {"cache_delay_iter": 2},
+                                                                     "fast_dllm": {"cache": "dual"}})
+    num_cpus_per_cell: float = 1.0  # CPUs each cell (a Ray task) reserves
+    num_gpus_per_cell: float = 0.0  # > 0: one GPU share per cell (needs GPUs in the cluster)
+    threads_per_cell: int = 1  # torch threads inside each cell
+    use_vllm: str = "auto"  # AR baseline through vLLM: auto (when it imports), on, off
+    seed: int = 0  # seeds the task's example order and sampling
+    prompt_style: str = "auto"  # how problems are put to the model (d3core.eval.tasks.STYLES; auto: per model)
     anchor_vanilla: bool = False  # True: start each parallel curve at the model's vanilla accuracy, TPF 1
-    unit_tpf_single: bool = True
+    unit_tpf_single: bool = True  # AUP: one-token-per-step decoders (vanilla, AR) enter at TPF 1
     sandbox_timeout_s: float = 10.0  # CPU seconds per program (all its processes)
-    code_workers: int = 1
+    code_workers: int = 1  # sandboxed programs judged in parallel (code tasks)
     trust_remote_code: bool = False  # tokenizers defined by checkpoint code (Dream) may run
-    preset: str = "custom"
+    preset: str = "tiny"  # the recipe these settings came from (recorded in the report)
 
     def __post_init__(self) -> None:
         from d3core.eval.tasks import STYLES, TASK_NAMES
 
         if not self.models:
             raise ValueError("models is empty: give at least one display name -> checkpoint URI")
-        for name in self.models:
+        for name, uri in self.models.items():
             if not _NAME.match(name) or name == AR_NAME:
                 raise ValueError(f"model name {name!r}: use letters, digits, '_', '-', '.' only, and not "
                                  f"{AR_NAME!r} (reserved for the AR baseline)")
+            if not isinstance(uri, str) or not uri:
+                raise ValueError(f"models[{name!r}]={uri!r}: give a checkpoint path, fsspec URI or hub id")
+        if not self.out:
+            raise ValueError("out='': give the output directory (a path or fsspec URI)")
         bad = [t for t in self.tasks if t not in TASK_NAMES]
         if not self.tasks or bad:
             raise ValueError(f"tasks={self.tasks}: each must be one of {TASK_NAMES}")
-        for sampler, thresholds in self.sweeps.items():
-            if sampler not in DLLM_SAMPLERS:
-                raise ValueError(f"sweeps has sampler {sampler!r}: sweepable samplers are {DLLM_SAMPLERS} "
-                                 "(the AR baseline comes from ar_model)")
-            if sampler != "vanilla" and not thresholds:
-                raise ValueError(f"sweeps[{sampler!r}] is empty: give at least one threshold")
-            if any(not t > 0 for t in thresholds):
-                raise ValueError(f"sweeps[{sampler!r}]={thresholds}: thresholds must be > 0")
-        object.__setattr__(self, "sweeps", {k: tuple(float(t) for t in v) for k, v in self.sweeps.items()})
-        object.__setattr__(self, "tasks", tuple(self.tasks))
+        for key, values in self.sweeps.items():
+            sampler, _ = split_sweep_key(key)
+            if sampler != VANILLA and not values:
+                raise ValueError(f"sweeps[{key!r}] is empty: give at least one value")
+            if sampler == VANILLA and values:
+                raise ValueError(f"sweeps['vanilla']={values}: vanilla has no threshold; give it no values")
+            if any(not v > 0 for v in values):
+                raise ValueError(f"sweeps[{key!r}]={values}: thresholds must be > 0")
         if not self.sweeps and self.ar_model is None:
             raise ValueError("nothing to evaluate: give sweeps or an ar_model")
+        if self.ar_model is not None and not self.ar_model:
+            raise ValueError("ar_model='': give the AR baseline's checkpoint, or None for no AR baseline")
         if self.n < 0 or self.batch_size < 1:
             raise ValueError(f"n={self.n}, batch_size={self.batch_size}: need n >= 0 (0 = all) and batch_size >= 1")
         if self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length:
@@ -128,13 +117,24 @@ class EvaluateConfig:
         if self.code_workers < 1 or not self.sandbox_timeout_s > 0:
             raise ValueError(f"code_workers={self.code_workers}, sandbox_timeout_s={self.sandbox_timeout_s}: "
                              "both must be positive")
+        for sampler, params in self.sampler_params.items():
+            if sampler not in DLLM_SAMPLERS:
+                raise ValueError(f"sampler_params has {sampler!r}: use one of {DLLM_SAMPLERS}")
+            fixed = sorted(set(params) & {*SHAPE_FIELDS, "threshold"})
+            if fixed:
+                raise ValueError(f"sampler_params[{sampler!r}] sets {fixed}: the decode shape comes from gen_length / "
+                                 "block_length and the threshold from sweeps; set them there")
         self._check_sampler_params()
+
+    def sweep_values(self) -> dict[str, tuple[float, ...]]:
+        """sampler -> values of its sweep axis (vanilla: ())."""
+        return {split_sweep_key(k)[0]: v for k, v in self.sweeps.items()}
 
     def _check_sampler_params(self) -> None:
         """Build every cell's sampler params now, so a bad threshold fails before any Ray task starts."""
         from d3core.samplers import get_sampler
 
-        for sampler, thresholds in self.sweeps.items():
+        for sampler, thresholds in self.sweep_values().items():
             cls = get_sampler(sampler).params_cls
             for t in thresholds or (None,):
                 try:
@@ -142,22 +142,16 @@ class EvaluateConfig:
                 except TypeError as err:
                     raise ValueError(f"sampler_params[{sampler!r}]={self.sampler_params.get(sampler)}: {err}; use "
                                      f"fields of {cls.__name__}") from err
+                except ValueError as err:
+                    axis = sweep_key(sampler)
+                    raise ValueError(f"{axis}={t}: {err}" if t is not None else str(err)) from err
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "EvaluateConfig":
-        """A preset's settings with ``overrides``; ``tiny`` defaults to the shipped teacher and AR model."""
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r}: must be one of {sorted(PRESETS)}")
-        values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset].items()}
-        if preset == "tiny":
-            from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
+        """The recipe ``preset``'s evaluation settings with ``overrides`` (pipelines/recipes.py)."""
+        from pipelines.recipes import get_recipe
 
-            values.update(models={"teacher": str(TINY_TEACHER_DIR)}, ar_model=str(TINY_AR_DIR))
-        values.update(out="runs/eval", preset=preset)
-        values.update(overrides)
-        if "models" not in values or "ar_model" not in values:
-            raise ValueError(f"preset {preset!r} has no default models: pass models={{name: URI}} and ar_model")
-        return cls(**values)
+        return dataclasses.replace(get_recipe(preset).evaluate, **overrides)
 
 
 @dataclass(frozen=True)
@@ -165,8 +159,9 @@ class Cell:
     model: str
     uri: str
     sampler: str  # "ar" for the AR baseline
-    threshold: float | None
+    threshold: float | None  # the value of the sampler's sweep axis (SWEEP_AXES); None: vanilla, AR
     task: str
+    identity: str = ""  # fingerprint digest of the checkpoint's identity (its content, not its location)
 
     def key(self, cfg: EvaluateConfig) -> str:
         """A readable, unique id: changes whenever anything that changes the result changes."""
@@ -179,19 +174,51 @@ class Cell:
         return f"{self.task}__{self.model}__{self.sampler}{thr}__{digest}"
 
 
-def plan_cells(cfg: EvaluateConfig) -> list[Cell]:
-    """Every cell of the sweep, slowest first (one-token-per-step decoders, then low thresholds)."""
+def plan_cells(cfg: EvaluateConfig, identities: dict[str, str] | None = None) -> list[Cell]:
+    """Every cell of the sweep, slowest first (one-token-per-step decoders, then low thresholds).
+
+    ``identities`` (checkpoint URI -> identity digest, :func:`model_identities`) goes into each
+    cell and so into its key: a checkpoint whose content changed gets new cells.
+    """
+    ids = identities or {}
     cells = []
     for task in cfg.tasks:
         if cfg.ar_model is not None:
-            cells.append(Cell(AR_NAME, cfg.ar_model, "ar", None, task))
+            cells.append(Cell(AR_NAME, cfg.ar_model, "ar", None, task, ids.get(cfg.ar_model, "")))
         for name, uri in cfg.models.items():
-            for sampler, thresholds in cfg.sweeps.items():
-                if sampler == "vanilla":
-                    cells.append(Cell(name, uri, "vanilla", None, task))
+            for sampler, thresholds in cfg.sweep_values().items():
+                if sampler == VANILLA:
+                    cells.append(Cell(name, uri, VANILLA, None, task, ids.get(uri, "")))
                 else:
-                    cells += [Cell(name, uri, sampler, t, task) for t in thresholds]
+                    cells += [Cell(name, uri, sampler, t, task, ids.get(uri, "")) for t in thresholds]
     return cells
+
+
+def model_identities(cfg: EvaluateConfig) -> dict[str, dict]:
+    """Checkpoint URI -> identity (content hash, hub commit, or the d3ray student's fingerprint), on the driver.
+
+    Also the check that every model exists: a name that is no checkpoint fails here, before Ray.
+    """
+    out = {}
+    named = [*cfg.models.items(), *([(AR_NAME, cfg.ar_model)] if cfg.ar_model else [])]
+    for name, uri in named:
+        try:
+            out[uri] = F.checkpoint_identity(uri, cfg.trust_remote_code)
+        except FileNotFoundError as err:
+            what = "ar_model" if name == AR_NAME else f"model {name}={uri}"
+            raise ValueError(f"{what}: {err}") from err
+    return out
+
+
+def fingerprint(cfg: EvaluateConfig, identities: dict[str, dict]) -> dict:
+    """Every model's identity and every setting that decides the report's numbers."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("models", "ar_model", "out", "num_cpus_per_cell", "num_gpus_per_cell", "code_workers",
+                             "trust_remote_code", "preset")}
+    settings["sweeps"] = {k: list(v) for k, v in cfg.sweeps.items()}
+    settings["tasks"] = list(cfg.tasks)
+    return {"stage": STAGE, "models": {name: identities[uri] for name, uri in cfg.models.items()},
+            "ar_model": identities.get(cfg.ar_model) if cfg.ar_model else None, "settings": settings}
 
 
 # -- one cell (runs inside a Ray task) ---------------------------------------------------------
@@ -223,7 +250,7 @@ def _ar_backend(cfg: EvaluateConfig, cell: Cell, device: str):
     return load_ar_model(cell.uri, device=device), get_sampler("ar"), "d3core-ar"
 
 
-def run_cell(cfg_json: str, cell_json: str) -> dict:
+def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
     """Load the cell's model, decode the task's first ``n`` examples, score them; returns the cell record.
 
     The record's ``samples`` are the per-sample records (:mod:`d3core.eval.records`); the driver
@@ -240,8 +267,6 @@ def run_cell(cfg_json: str, cell_json: str) -> dict:
     from d3core.models.tokenizer import load_tokenizer
     from d3core.samplers import get_sampler
 
-    cfg = config_from_json(cfg_json)
-    cell = Cell(**json.loads(cell_json))
     torch.set_num_threads(cfg.threads_per_cell)
     device = "cuda" if cfg.num_gpus_per_cell > 0 and torch.cuda.is_available() else "cpu"
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -279,17 +304,6 @@ def _ar_protocol(cfg: EvaluateConfig, cell: Cell):
     return get_protocol(ar_family_for(family), cell.task)
 
 
-def config_to_json(cfg: EvaluateConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg))
-
-
-def config_from_json(text: str) -> EvaluateConfig:
-    raw = json.loads(text)
-    raw["tasks"] = tuple(raw["tasks"])
-    raw["sweeps"] = {k: tuple(v) for k, v in raw["sweeps"].items()}
-    return EvaluateConfig(**raw)
-
-
 # -- the driver ------------------------------------------------------------------------------
 def _cells_dir(cfg: EvaluateConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(cfg.out)
@@ -311,7 +325,10 @@ def read_done(cfg: EvaluateConfig, cells: list[Cell]) -> dict[str, dict]:
     for cell in cells:
         path = f"{root}/cells/{cell.key(cfg)}.json"
         if fs.exists(path):
-            done[cell.key(cfg)] = json.loads(fs.cat_file(path))
+            try:
+                done[cell.key(cfg)] = json.loads(fs.cat_file(path))
+            except json.JSONDecodeError:  # a damaged cell file is decoded again, never read
+                logger.warning("cell %s is not valid JSON: decoding it again", path)
     return done
 
 
@@ -349,16 +366,19 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
     from d3core.eval.vllm_ar import CPU_ENV
 
     _ray_init()
+    if cfg.num_gpus_per_cell > 0:
+        from pipelines.cluster import require_gpus
+
+        require_gpus(cfg.num_gpus_per_cell, "num_gpus_per_cell")
     fs, root = _cells_dir(cfg)
     remote = ray.remote(run_cell)
-    cfg_json = config_to_json(cfg)
     refs = {}
     for cell in pending:
         options = {"num_cpus": cfg.num_cpus_per_cell, "num_gpus": cfg.num_gpus_per_cell, "max_retries": 0}
         if cell.sampler == "ar":
             options["runtime_env"] = {"env_vars": CPU_ENV if cfg.num_gpus_per_cell == 0 else
                                       {"VLLM_HOST_IP": "127.0.0.1"}}
-        refs[remote.options(**options).remote(cfg_json, json.dumps(dataclasses.asdict(cell)))] = cell
+        refs[remote.options(**options).remote(cfg, cell)] = cell
     bar = tqdm(total=len(refs), desc="evaluation cells", unit="cell")
     waiting = list(refs)
     while waiting:
@@ -382,14 +402,46 @@ def check_tokenizers(cfg: EvaluateConfig) -> None:
                           cfg.trust_remote_code)
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict:
-    """Run the missing cells, then write ``report.json``, ``report.md`` and ``aup.png``; returns the report."""
+_OWN_FILES = ("cells", "report.json", "report.md", "aup.png", F.RECORD)
+
+
+def prepare(cfg: EvaluateConfig, overwrite: bool = False) -> dict[str, str]:
+    """Before any cell: the output is a directory of this evaluation (or cleared), every model exists.
+
+    Returns checkpoint URI -> identity digest for :func:`plan_cells`.
+    """
+    _io.require_directory(cfg.out, "out")
+    identities = model_identities(cfg)
+    check_tokenizers(cfg)
+    fp = fingerprint(cfg, identities)
+    fs, root = _io.fs_root(cfg.out)
+    if overwrite and fs.exists(root):
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        foreign = [n for n in names if n not in _OWN_FILES and not n.startswith(_io.TMP_PREFIX)
+                   and ".tmp-" not in n]
+        if foreign:
+            raise ValueError(f"--overwrite {STAGE}: {cfg.out} also holds files evaluation never writes "
+                             f"({foreign[:5]}); it clears only its own outputs: choose another --out, or move them")
+        logger.warning("--overwrite: clearing %s", cfg.out)
+        _io.remove_tree(cfg.out)
+    recorded = F.read_record(cfg.out)
+    F.check(STAGE, cfg.out, recorded.get("fingerprint") if recorded else None, fp)
+    F.write_record(cfg.out, STAGE, fp, {"models": dict(cfg.models), "ar_model": cfg.ar_model})
+    return {uri: F.digest(identity) for uri, identity in identities.items()}
+
+
+def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
+    """Run the missing cells, then write ``report.json``, ``report.md`` and ``aup.png``; returns the report.
+
+    Refuses an ``out`` that holds an evaluation of other models or settings (:mod:`pipelines.fingerprint`);
+    ``overwrite`` clears it first.
+    """
     from d3core.eval.plots import plot_report
     from d3core.eval.report import build_report, to_markdown
 
     t0 = time.perf_counter()
-    check_tokenizers(cfg)
-    cells = plan_cells(cfg)
+    identities = prepare(cfg, overwrite)
+    cells = plan_cells(cfg, identities)
     done = read_done(cfg, cells)
     pending = [c for c in cells if c.key(cfg) not in done]
     logger.info("%d cells: %d already written, %d to run", len(cells), len(done), len(pending))
@@ -409,7 +461,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     report = build_report(results, anchor_vanilla=cfg.anchor_vanilla, unit_tpf_single=cfg.unit_tpf_single,
                           meta=meta, samples=[read_samples(cfg, c) for c in cells], seed=cfg.seed)
     report["samples"] = {c.key(cfg): f"cells/{c.key(cfg)}.samples.jsonl" for c in cells}
-    report["config"] = json.loads(config_to_json(cfg))
+    report["config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    report["fingerprint_digest"] = F.read_record(cfg.out)["digest"]
     report["wall_seconds"] = time.perf_counter() - t0
     fs, root = _cells_dir(cfg)
     _write(fs, f"{root}/report.json", json.dumps(report, indent=1).encode())
@@ -420,68 +473,46 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
 
 # -- CLI -------------------------------------------------------------------------------------
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--{what} {item!r}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
+def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
+    """(config, overwrite) from the command line, over the preset's recipe."""
+    import sys
 
+    from pipelines import _cli
+    from pipelines.evaluate_cli import cli_spec, parse_sweeps, sweeps_to_items
+    from pipelines.recipes import RECIPES, get_recipe
 
-def parse_args(argv=None) -> EvaluateConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--model", action="append", default=[], help="NAME=URI (repeatable); replaces the preset's models")
-    p.add_argument("--ar-model", default=None, help="AR baseline directory, or 'none'")
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--tasks", default=None, help="comma-separated task names")
-    p.add_argument("--sweep", action="append", default=[],
-                   help="SAMPLER=T1,T2,... (repeatable; 'vanilla=' adds vanilla); replaces the preset's sweeps")
-    p.add_argument("--param", action="append", default=[],
-                   help="SAMPLER.FIELD=JSON fixed sampler parameter, e.g. d3llm.cache_delay_iter=1")
-    for name in ("n", "batch_size", "gen_length", "block_length", "threads_per_cell", "seed", "code_workers"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("num_cpus_per_cell", "num_gpus_per_cell", "sandbox_timeout_s"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    p.add_argument("--use-vllm", choices=USE_VLLM, default=None)
-    p.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow tokenizers defined by the checkpoint's own Python code (Dream)")
-    p.add_argument("--prompt-style", default=None)
-    args = p.parse_args(argv)
-    overrides: dict = {"out": args.out}
-    if args.model:
-        overrides["models"] = _pairs(args.model, "model")
-    if args.ar_model is not None:
-        overrides["ar_model"] = None if args.ar_model.lower() == "none" else args.ar_model
-    if args.tasks:
-        overrides["tasks"] = tuple(t for t in args.tasks.split(",") if t)
-    if args.sweep:
-        overrides["sweeps"] = {k: tuple(float(t) for t in v.split(",") if t) for k, v in
-                               _pairs(args.sweep, "sweep").items()}
-    if args.param:
-        params = {k: dict(v) for k, v in PRESETS[args.preset].get("sampler_params", {}).items()}
-        for k, v in _pairs(args.param, "param").items():
-            sampler, _, name = k.partition(".")
-            params.setdefault(sampler, {})[name] = json.loads(v)
-        overrides["sampler_params"] = params
-    for name in ("n", "batch_size", "gen_length", "block_length", "threads_per_cell", "seed", "code_workers",
-                 "num_cpus_per_cell", "num_gpus_per_cell", "sandbox_timeout_s", "use_vllm", "prompt_style",
-                 "trust_remote_code"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    return EvaluateConfig.from_preset(args.preset, **overrides)
+    argv = sys.argv[1:] if argv is None else argv
+    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
+    base = dataclasses.replace(get_recipe(preset).evaluate, preset=preset)
+    data = _cli.stage_section(data, STAGE)
+    if "sweeps" in data:
+        data["sweeps"] = parse_sweeps(sweeps_to_items(data["sweeps"]))
+    default = _cli.apply(base, data, "config")
+    spec = dataclasses.replace(cli_spec(default, aliases={"models": ("--model",), "sweeps": ("--sweep",),
+                                                 "sampler_params": ("--param",)}),
+                               extra=(("overwrite", bool, False, "clear OUT if it holds another evaluation"),))
+    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES), repeatable=(
+        ("--models", "--model"), ("--sweeps", "--sweep"), ("--sampler-params", "--param")))
+    return cfg, extras["overwrite"]
 
 
 def main(argv=None) -> dict:
+    from pipelines import _cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    report = run_evaluation(parse_args(argv))
-    for task, systems in report["aup"].items():
-        for system, value in systems.items():
-            print(f"{task:12s} {system:28s} AUP {value:8.2f}")
-    return report
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    def go():
+        cfg, overwrite = parse_args(argv)
+        logger.info("evaluate config:\n%s", _cli.to_yaml(cfg))
+        report = run_evaluation(cfg, overwrite)
+        for task, systems in report["aup"].items():
+            for system, value in systems.items():
+                print(f"{task:12s} {system:28s} AUP {value:8.2f}")
+        return report
+
+    return _cli.run_main(go)
 
 
 if __name__ == "__main__":

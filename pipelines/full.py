@@ -5,6 +5,16 @@
     python pipelines/full.py --preset llada-8b --teacher GSAI-ML/LLaDA-8B-Instruct \\
         --ar-model meta-llama/Llama-3.1-8B-Instruct --prompts s3://b/train.jsonl --run-dir s3://b/run
 
+Settings come from one recipe (``--preset``, ``pipelines/recipes.py``), changed by ``--config FILE.yaml``
+and by flags: the shared ones at the top (``--teacher``, ``--gen-length``, ...), any stage's field
+as ``--STAGE.FIELD`` (``--trajectories.seed 1``, ``--distill.lr 1e-4``,
+``--evaluate.sampler-params d3llm.cache_delay_iter=1``), and short forms of the usual ones
+(``--n-prompts``, ``--distill-steps``, ``--n-eval``, ``--sweeps``, ``--param``). The resolved recipe
+is printed and saved as ``RUN_DIR/recipe.yaml`` (``--config RUN_DIR/recipe.yaml`` repeats the run).
+Every stage output records the fingerprint of what made it; a rerun with other settings refuses,
+naming the differing fields, unless given a new ``--run-dir`` or ``--overwrite STAGE`` (which redoes
+that stage and everything downstream of it).
+
 Stages (each skippable with ``--skip``, each resumable from its own outputs):
 
 1. ``pretrain`` (``--pretrain``, tiny only): rebuild the embedded teacher and AR model; off by
@@ -30,95 +40,91 @@ resolved where they are loaded (each worker's HF cache), never downloaded whole 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import fsspec
+from pipelines import _io
+from pipelines import fingerprint as F
+from pipelines.recipes import RECIPES, Recipe, get_recipe
 
 logger = logging.getLogger("d3ray.full")
 
 STAGES = ("pretrain", "trajectories", "distill", "evaluate", "serve")
+DOWNSTREAM = {"trajectories": ("trajectories", "distill", "evaluate"), "distill": ("distill", "evaluate"),
+              "evaluate": ("evaluate",)}
 PARALLEL_SAMPLERS = ("fast_dllm", "dparallel", "d3llm")
-
-PRESETS: dict[str, dict] = {
-    # Sized for about 10 minutes on 2 CPU cores (docs/benchmarks.md has the measured stage times).
-    "tiny": dict(n_prompts=3000, n_eval=100, distill_steps=350),
-    "llada-8b": dict(n_prompts=0, n_eval=0, distill_steps=0),
-    "dream-7b": dict(n_prompts=0, n_eval=0, distill_steps=0),
-}
+RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass(frozen=True)
 class FullConfig:
-    preset: str = "tiny"
-    run_dir: str = "runs/full"
-    teacher: str = ""  # dLLM checkpoint: path, fsspec URI, HF hub id or hf:// URI; tiny: the shipped teacher
-    ar_model: str = ""  # AR baseline (HF causal LM); tiny: the shipped AR model
-    prompts: str = ""  # JSONL/Parquet of id, prompt, answer, task for trajectories; tiny: synthetic train split
-    skip: tuple[str, ...] = ()
-    pretrain: bool = False
-    serve: bool = False
-    n_prompts: int = 0  # 0: the preset's value (0 there: every prompt)
-    n_eval: int = -1  # problems per task; -1: the preset's value (0: whole test split)
-    distill_steps: int = -1  # -1: the preset's value (0: the preset's epochs)
-    masking: str = "trajectory"
-    sweeps: str = ""  # e.g. "d3llm=0.3,0.5;vanilla=" to replace the preset's evaluation sweep
-    trust_remote_code: bool = False  # tokenizers defined by the checkpoint's own code (Dream) may run
-    push_to_hub: str = ""  # after evaluation, upload the student (with its model card) to this hub repo
+    """One run of the main job: the recipe, where it goes, and which stages run."""
+
+    run_dir: str = "runs/full"  # fsspec URI of the run directory (every stage's output lies under it)
+    skip: tuple[str, ...] = ()  # stages not to run: pretrain, trajectories, distill, evaluate, serve
+    overwrite: tuple[str, ...] = ()  # stages to redo (with everything downstream) although outputs exist
+    pretrain: bool = False  # tiny only: retrain the embedded models first (hours on 2 CPU cores)
+    serve: bool = False  # deploy the student on Ray Serve on 127.0.0.1 and query it once
+    push_to_hub: str | None = None  # after evaluation, upload the student (with its model card) to this hub repo
+    recipe: Recipe = field(default_factory=lambda: get_recipe("tiny"))  # every stage's settings
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}: must be one of {sorted(PRESETS)}")
-        skip = tuple(s for s in self.skip if s)
-        object.__setattr__(self, "skip", skip)
-        unknown = [s for s in skip if s not in STAGES]
-        if unknown:
-            raise ValueError(f"skip={list(skip)}: unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        if self.preset != "tiny":
-            if not self.teacher or not self.ar_model:
-                raise ValueError(f"preset={self.preset!r} needs --teacher (e.g. GSAI-ML/LLaDA-8B-Instruct or a "
-                                 "path/URI) and --ar-model (an HF causal LM): no 8B weights ship with d3ray")
-            if not self.prompts and "trajectories" not in skip:
-                raise ValueError(f"preset={self.preset!r} needs --prompts (JSONL/Parquet of id, prompt, answer, task) "
+        for name in ("skip", "overwrite"):
+            unknown = [s for s in getattr(self, name) if s not in STAGES]
+            if unknown:
+                raise ValueError(f"{name}={list(getattr(self, name))}: unknown stage(s) {unknown}; stages are "
+                                 f"{list(STAGES)}")
+        bad = [s for s in self.overwrite if s not in DOWNSTREAM]
+        if bad:
+            raise ValueError(f"overwrite={list(self.overwrite)}: only {list(DOWNSTREAM)} keep outputs to redo")
+        both = sorted(set(self.overwrite) & set(self.skip))
+        if both:
+            raise ValueError(f"{both} both skipped and overwritten: drop one of --skip / --overwrite")
+        if not self.run_dir:
+            raise ValueError("run_dir='': give the run directory (a path or fsspec URI)")
+        r = self.recipe
+        if r.preset != "tiny":
+            if r.prompts is None and "trajectories" not in self.skip:
+                raise ValueError(f"preset={r.preset!r} needs --prompts (JSONL/Parquet of id, prompt, answer, task) "
                                  "for the teacher's trajectories; d3ray ships test sets only")
             if self.pretrain:
                 raise ValueError("--pretrain rebuilds the embedded tiny models only; drop it for "
-                                 f"preset={self.preset!r}")
-        for name, default in PRESETS[self.preset].items():
-            if getattr(self, name) in (-1,) or (name == "n_prompts" and self.n_prompts == 0):
-                object.__setattr__(self, name, default)
-        self.sweep_dict()  # parse early so a bad --sweeps fails before any stage runs
-        if self.push_to_hub:
+                                 f"preset={r.preset!r}")
+        if self.pretrain and "://" in self.run_dir:
+            raise ValueError(f"run_dir={self.run_dir!r}: --pretrain writes local checkpoints; use a local run dir")
+        if self.push_to_hub is not None:
             from d3core.models.hub import HubRef
 
             HubRef(self.push_to_hub)
             if "://" in self.run_dir and not self.run_dir.startswith("file://"):
                 raise ValueError(f"push_to_hub={self.push_to_hub!r} uploads a local student, but run_dir="
                                  f"{self.run_dir!r} is remote: upload with `hf upload` from a local copy instead")
-        if self.n_prompts < 0 or self.n_eval < 0 or self.distill_steps < 0:
-            raise ValueError(f"n_prompts={self.n_prompts}, n_eval={self.n_eval}, distill_steps="
-                             f"{self.distill_steps}: must be >= 0")
-
-    def sweep_dict(self) -> dict[str, tuple[float, ...]] | None:
-        if not self.sweeps:
-            return None
-        out = {}
-        for part in self.sweeps.split(";"):
-            name, _, values = part.partition("=")
-            try:
-                out[name.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
-            except ValueError as err:
-                raise ValueError(f"sweeps={self.sweeps!r}: {err}; write 'sampler=t1,t2;sampler2=t3'") from err
-        return out
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.run_dir.rstrip("/"), *parts])
+        return _io.join(self.run_dir, *parts)
+
+    def redo(self) -> set[str]:
+        """The stages ``--overwrite`` redoes: each one named and everything downstream of it."""
+        return {s for name in self.overwrite for s in DOWNSTREAM[name]}
+
+    def bound(self) -> Recipe:
+        """The recipe with every location under ``run_dir`` (what the stages actually run with)."""
+        r = self.recipe
+        local = "://" not in self.run_dir or self.run_dir.startswith("file://")
+        models = {"teacher": r.teacher}
+        if "distill" not in self.skip or _io.exists(self.path("student", "config.json")):
+            models["student"] = self.path("student")
+        return dataclasses.replace(
+            r, trajectories=dataclasses.replace(r.trajectories, out=self.path("trajectories")),
+            distill=dataclasses.replace(r.distill, trajectories=self.path("trajectories"), out=self.path("student"),
+                                        storage=None if local else self.path("_train"), push_to_hub=None),
+            evaluate=dataclasses.replace(r.evaluate, out=self.path("eval"), models=models, preset=r.preset),
+            serve=dataclasses.replace(r.serve, model=self.path("student")))
 
 
 def hardware() -> dict:
@@ -133,8 +139,6 @@ def stage_pretrain(cfg: FullConfig) -> dict:
     """Retrain the embedded models (hours on 2 CPU cores; minutes on a GPU) into RUN_DIR/pretrain (local)."""
     from pipelines.pretrain import PretrainConfig, train
 
-    if "://" in cfg.run_dir:
-        raise ValueError(f"run_dir={cfg.run_dir!r}: --pretrain writes local checkpoints; use a local run dir")
     out = {}
     for kind in ("ar", "dllm"):
         target = cfg.path("pretrain", kind)
@@ -145,47 +149,32 @@ def stage_pretrain(cfg: FullConfig) -> dict:
     return out
 
 
-def stage_trajectories(cfg: FullConfig, teacher: str) -> dict:
-    from pipelines.trajectories import TrajectoriesConfig
-    from pipelines.trajectories import run as trajectories
+def stage_trajectories(cfg: FullConfig, recipe: Recipe) -> dict:
+    from pipelines.trajectories import run
 
-    tcfg = TrajectoriesConfig(out=cfg.path("trajectories"), preset=cfg.preset, teacher=teacher, prompts=cfg.prompts,
-                              n_prompts=cfg.n_prompts or 10**9, trust_remote_code=cfg.trust_remote_code)
-    return trajectories(tcfg)
+    return run(recipe.trajectories, overwrite="trajectories" in cfg.redo())
 
 
-def stage_distill(cfg: FullConfig, teacher: str) -> dict:
-    from pipelines.distill import DistillConfig, run_distill
+def stage_distill(cfg: FullConfig, recipe: Recipe) -> dict:
+    from pipelines.distill import run_distill
 
-    dcfg = DistillConfig(trajectories=cfg.path("trajectories"), out=cfg.path("student"), preset=cfg.preset,
-                         init=teacher, masking=cfg.masking, max_steps=cfg.distill_steps,
-                         storage="" if "://" not in cfg.run_dir else cfg.path("_train"),
-                         trust_remote_code=cfg.trust_remote_code)
-    summary = run_distill(dcfg)
-    return {k: summary[k] for k in ("rows", "steps", "train_seconds", "row_uses")}
+    summary = run_distill(recipe.distill, overwrite="distill" in cfg.redo())
+    return {k: summary[k] for k in ("rows", "steps", "train_seconds", "row_uses", "fingerprint_digest")}
 
 
-def stage_evaluate(cfg: FullConfig, teacher: str, ar_model: str) -> dict:
-    from pipelines.evaluate import EvaluateConfig, run_evaluation
+def stage_evaluate(cfg: FullConfig, recipe: Recipe) -> dict:
+    from pipelines.evaluate import run_evaluation
 
-    models = {"teacher": teacher}
-    if "distill" not in cfg.skip or _exists(cfg.path("student", "config.json")):
-        models["student"] = cfg.path("student")
-    overrides = {"models": models, "ar_model": ar_model, "out": cfg.path("eval"),
-                 "trust_remote_code": cfg.trust_remote_code}
-    if cfg.n_eval:
-        overrides["n"] = cfg.n_eval
-    if cfg.sweep_dict() is not None:
-        overrides["sweeps"] = cfg.sweep_dict()
-    report = run_evaluation(EvaluateConfig.from_preset(cfg.preset, **overrides))
-    if "student" in models and _exists(cfg.path("student", "README.md")):
+    report = run_evaluation(recipe.evaluate, overwrite="evaluate" in cfg.redo())
+    if "student" in recipe.evaluate.models and _io.exists(cfg.path("student", "README.md")):
         from d3core.models.export import set_evaluation
 
         try:
             set_evaluation(cfg.path("student"), card_evaluation(report))
         except ValueError as err:  # a card without d3ray's evaluation section (an older export): leave it
             logger.warning("student model card not updated: %s", err)
-    return {"aup": report["aup"], "wall_seconds": report["wall_seconds"]}
+    return {"aup": report["aup"], "wall_seconds": report["wall_seconds"],
+            "fingerprint_digest": report.get("fingerprint_digest")}
 
 
 def card_evaluation(report: dict) -> str:
@@ -203,7 +192,8 @@ def card_evaluation(report: dict) -> str:
     return "\n".join(lines)
 
 
-def stage_serve(cfg: FullConfig) -> dict:
+
+def stage_serve(cfg: FullConfig, recipe: Recipe) -> dict:
     """Deploy the student on 127.0.0.1, send one chat completion, shut the app down."""
     import socket
 
@@ -213,15 +203,14 @@ def stage_serve(cfg: FullConfig) -> dict:
         raise ImportError("--serve queries the deployed app over HTTP with httpx: pip install 'd3ray[serve]'") from err
     from ray import serve
 
-    from serve_apps.openai_app import app_builder
+    from serve_apps.openai_app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(app_builder({"preset": cfg.preset, "model": cfg.path("student"),
-                               "trust_remote_code": cfg.trust_remote_code}), name="d3ray-smoke", route_prefix="/")
+        serve.run(build_app(recipe.serve), name="d3ray-smoke", route_prefix="/")
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
         name = models["data"][0]["id"]
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
@@ -234,53 +223,91 @@ def stage_serve(cfg: FullConfig) -> dict:
 
 
 def _smoke_question(cfg: FullConfig) -> str:
-    if cfg.preset == "tiny":
+    if cfg.recipe.preset == "tiny":
         from d3core.eval import synthetic
 
         return synthetic.generate("test", 1, seed=0)[0].question
     return "What is 12 times 7? Answer with a number."
 
 
+
 # -- driver ----------------------------------------------------------------------------------------
-def _exists(uri: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(uri)
-    return fs.exists(root)
+def check_skipped(cfg: FullConfig, recipe: Recipe) -> None:
+    """Outputs of skipped stages that a later stage reads must be what this recipe would make."""
+    runs = [s for s in ("trajectories", "distill", "evaluate") if s not in cfg.skip]
+    if "trajectories" in cfg.skip and any(s in runs for s in ("distill", "evaluate")) \
+            and _io.exists(cfg.path("trajectories", "manifest.json")):
+        from pipelines.trajectories import prepare
+
+        prepare(recipe.trajectories)  # refuses (OutputMismatch) trajectories of other settings
+    if "distill" in cfg.skip and "evaluate" in runs and _io.exists(cfg.path("student", "distill_summary.json")):
+        from pipelines.distill import claim, prepare
+
+        claim(recipe.distill, prepare(recipe.distill), overwrite=False)
 
 
-def _read_json(uri: str) -> dict:
-    if not _exists(uri):
-        return {}
-    with fsspec.open(uri, "r") as f:
-        return json.load(f)
+def check_finished(cfg: FullConfig, recipe: Recipe) -> None:
+    """Before Ray: when the trajectories are finished, a student (and an evaluation) of other settings is refused now,
+    not after the cluster work of the stages before it."""
+    manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
+    if not manifest.get("complete") or "distill" in cfg.skip or "distill" in cfg.redo():
+        return
+    from pipelines import distill as D
 
+    if not _io.exists(cfg.path("student", D.SUMMARY)) and F.read_record(recipe.distill.storage_path) is None:
+        return
+    summary = D.claim(recipe.distill, D.prepare(recipe.distill), overwrite=False)
+    if summary is not None and "evaluate" not in cfg.skip and "evaluate" not in cfg.redo():
+        from pipelines.evaluate import prepare as prepare_evaluation
 
-def _write_text(uri: str, text: str) -> None:
-    fs, root = fsspec.core.url_to_fs(uri)
-    fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(root, "w") as f:
-        f.write(text)
+        prepare_evaluation(recipe.evaluate)
 
 
 def run(cfg: FullConfig) -> dict:
+    from pipelines import _cli
+
+    _io.require_directory(cfg.run_dir, "run_dir")
+    recipe = cfg.bound()
+    text = _cli.to_yaml(recipe)
+    logger.info("recipe (%s):\n%s", cfg.path(RECIPE_FILE), text)
+    previous = _read_text(cfg.path(RECIPE_FILE))
+    _io.write_bytes(cfg.path(RECIPE_FILE), text.encode())
+    try:
+        return _run(cfg, recipe)
+    except F.OutputMismatch:
+        if previous is not None:  # the run dir still holds the outputs of the recipe it had
+            _io.write_bytes(cfg.path(RECIPE_FILE), previous.encode())
+        raise
+
+
+def _read_text(uri: str) -> str | None:
+    if not _io.exists(uri):
+        return None
+    fs, root = _io.fs_root(uri)
+    with fs.open(root, "r") as f:
+        return f.read()
+
+
+def _run(cfg: FullConfig, recipe: Recipe) -> dict:
     import ray
 
+    check_skipped(cfg, recipe)
+    if "trajectories" not in cfg.skip:
+        from pipelines.trajectories import prepare
+
+        prepare(recipe.trajectories, overwrite="trajectories" in cfg.redo())  # prompts, teacher, output: before Ray
+    check_finished(cfg, recipe)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
-    stages = _read_json(cfg.path("stages.json"))
-    teacher, ar_model = cfg.teacher, cfg.ar_model  # resolved where they are loaded, not here
-    if cfg.preset == "tiny":
-        from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
-
-        if cfg.pretrain and "pretrain" not in cfg.skip:
-            stages["pretrain"] = _timed(lambda: stage_pretrain(cfg))
-            teacher = teacher or cfg.path("pretrain", "dllm")
-            ar_model = ar_model or cfg.path("pretrain", "ar")
-        teacher, ar_model = teacher or str(TINY_TEACHER_DIR), ar_model or str(TINY_AR_DIR)
-    plan = [("trajectories", lambda: stage_trajectories(cfg, teacher)),
-            ("distill", lambda: stage_distill(cfg, teacher)),
-            ("evaluate", lambda: stage_evaluate(cfg, teacher, ar_model))]
+    stages = _io.read_json(cfg.path("stages.json")) or {}
+    teacher, ar_model = recipe.teacher, recipe.ar_model
+    if cfg.pretrain and "pretrain" not in cfg.skip:
+        stages["pretrain"] = _timed(lambda: stage_pretrain(cfg))
+    plan = [("trajectories", lambda: stage_trajectories(cfg, recipe)),
+            ("distill", lambda: stage_distill(cfg, recipe)),
+            ("evaluate", lambda: stage_evaluate(cfg, recipe))]
     if cfg.serve:
-        plan.append(("serve", lambda: stage_serve(cfg)))
+        plan.append(("serve", lambda: stage_serve(cfg, recipe)))
     for name, fn in plan:
         if name in cfg.skip:
             logger.info("stage %s: skipped (--skip)", name)
@@ -289,24 +316,30 @@ def run(cfg: FullConfig) -> dict:
         logger.info("stage %s: starting", name)
         previous = stages.get(name, {})
         result = _timed(fn)
-        if previous.get("status") == "done":  # finished earlier: keep its time, note this cheap re-check
-            result = {**previous, "rechecked_seconds": result["seconds"]}
+        redone = name in cfg.redo()
+        digest = (result.get("result") or {}).get("fingerprint_digest") if isinstance(result.get("result"), dict) \
+            else None
+        if previous.get("status") == "done" and not redone and digest is not None \
+                and (previous.get("result") or {}).get("fingerprint_digest") == digest:
+            result = {**previous, "rechecked_seconds": result["seconds"]}  # finished earlier: keep its time
         stages[name] = result
-        _write_text(cfg.path("stages.json"), json.dumps(stages, indent=2, default=str))
+        _io.write_json(cfg.path("stages.json"), stages)
         logger.info("stage %s: done in %.0f s", name, result["seconds"])
-    summary = {"config": dataclasses.asdict(cfg), "hardware": hardware(), "teacher": teacher, "ar_model": ar_model,
-               "stages": stages}
+    manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
+    made_by = (manifest.get("provenance") or {}).get("teacher", teacher)
+    summary = {"recipe": _cli_data(recipe), "run_dir": cfg.run_dir, "hardware": hardware(),
+               "teacher": made_by, "ar_model": ar_model, "stages": stages}
     if cfg.push_to_hub:
         from d3core.models.export import push_to_hub
 
         summary["published"] = push_to_hub(cfg.path("student"), cfg.push_to_hub)
-    evaluation = _read_json(cfg.path("eval", "report.json"))
+    evaluation = _io.read_json(cfg.path("eval", "report.json")) or {}
     from d3core.eval.records import run_metadata
 
     summary["provenance"] = run_metadata({"evaluation": evaluation.get("config", {}).get("seed")})
     summary["student_beats_teacher"] = compare(evaluation)
-    _write_text(cfg.path("report.json"), json.dumps(summary, indent=2, default=str))
-    _write_text(cfg.path("report.md"), markdown(summary, evaluation, cfg))
+    _io.write_json(cfg.path("report.json"), summary)
+    _io.write_bytes(cfg.path("report.md"), markdown(summary, evaluation, cfg).encode())
     logger.info("report: %s", cfg.path("report.md"))
     return summary
 
@@ -315,6 +348,12 @@ def _timed(fn) -> dict:
     t0 = time.perf_counter()
     out = fn()
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 1), "result": out}
+
+
+def _cli_data(recipe: Recipe) -> dict:
+    from pipelines import _cli
+
+    return _cli.to_data(recipe)
 
 
 def compare(evaluation: dict) -> dict:
@@ -331,7 +370,7 @@ def compare(evaluation: dict) -> dict:
 
 def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
     hw = summary["hardware"]
-    lines = [f"# d3ray run ({cfg.preset})", "",
+    lines = [f"# d3ray run ({cfg.recipe.preset})", "",
              f"Hardware: {hw['cpu']}, {hw['cores']} CPU cores, GPUs: {', '.join(hw['gpus']) or 'none'}; "
              f"torch {hw['torch']}. Teacher: `{summary['teacher']}`.", "",
              "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
@@ -363,35 +402,104 @@ def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+# -- CLI -------------------------------------------------------------------------------------------
+def cli_spec(base: Recipe):
+    """full.py's command line: the recipe (stage fields that the recipe or the run dir decide are hidden)."""
+    from pipelines import _cli
+    from pipelines.distill import DistillConfig
+    from pipelines.evaluate_cli import cli_spec as evaluate_spec
+    from pipelines.trajectories import TrajectoriesConfig
+    from serve_apps.config import ServeConfig
+
+    shared = {"teacher", "prompts", "trust_remote_code", "gen_length", "block_length"}
+    from pipelines.recipes import build
+
+    return _cli.ViewSpec(Recipe, hidden=frozenset({"preset"}), build=build, nested={
+        "trajectories": _cli.ViewSpec(TrajectoriesConfig, hidden=frozenset({"out", *shared}),
+                                      aliases={"n_prompts": ("--n-prompts",)}),
+        "distill": _cli.ViewSpec(DistillConfig, hidden=frozenset({"trajectories", "out", "storage", "push_to_hub",
+                                                                  "trust_remote_code"}),
+                                 aliases={"max_steps": ("--distill-steps",), "masking": ("--masking",)}),
+        "evaluate": evaluate_spec(base.evaluate, hidden={"models", "ar_model", "out", "gen_length", "block_length",
+                                          "trust_remote_code", "preset"},
+                                  aliases={"n": ("--n-eval",), "sweeps": ("--sweeps",),
+                                           "sampler_params": ("--param",)}),
+        "serve": _cli.ViewSpec(ServeConfig, hidden=frozenset({"model", "trust_remote_code", "preset", "tokenizer",
+                                                              "sampler_params", "limits", "autoscaling"})),
+    }, extra=(
+        ("run_dir", str, "runs/full", "fsspec URI of the run directory (every stage's output lies under it)"),
+        ("skip", tuple[str, ...], (), f"stages not to run: {', '.join(STAGES)}"),
+        ("overwrite", tuple[str, ...], (), "stages to redo although their outputs exist (each also redoes "
+                                           "everything downstream): trajectories, distill, evaluate"),
+        ("pretrain", bool, False, "tiny only: retrain the embedded models first (hours on 2 CPU cores)"),
+        ("serve_smoke", bool, False, "deploy the student on Ray Serve on 127.0.0.1 and query it once "
+                                     "(also --serve)"),
+        ("push_to_hub", str | None, None, "after evaluation, upload the student directory (model card "
+                                          "included) to this hub repo ORG/NAME"),
+    ))
+
+
+_RUN_KEYS = ("run_dir", "skip", "overwrite", "pretrain", "serve_smoke", "push_to_hub")
+
+
+def _split_stages(values) -> tuple[str, ...]:
+    return tuple(s.strip() for v in values for s in str(v).split(",") if s.strip())
+
+
+def apply_recipe(base: Recipe, data: dict) -> Recipe:
+    """``base`` with the values of a config file (the shape of ``recipe.yaml``): shared fields set once."""
+    from pipelines import _cli
+    from pipelines.evaluate_cli import parse_sweeps, sweeps_to_items
+    from pipelines.recipes import SHARED, STAGE_FIELDS, build
+
+    data = dict(data)
+    unknown = sorted(set(data) - set(SHARED) - set(STAGE_FIELDS))
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {unknown}; a recipe has {[*SHARED, *STAGE_FIELDS]} and the run's "
+                         f"{list(_RUN_KEYS[:-2]) + ['serve (a bool)', 'push_to_hub']}")
+    shared = {name: data.get(name, getattr(base, name)) for name in SHARED}
+    stages = {}
+    for name in STAGE_FIELDS:
+        values = dict(data.get(name) or {})
+        for key, value in values.items():  # a stage's copy of a shared field must say the same as the top
+            top = shared["teacher"] if (name, key) == ("evaluate", "models") else shared.get(key)
+            same = value.get("teacher") == top if (name, key) == ("evaluate", "models") else value == top
+            if key in SHARED and not same:
+                raise ValueError(f"config: {name}.{key}={value!r} but {key}={top!r}: {key} is one setting shared "
+                                 "by every stage; set it once at the top level")
+        if name == "evaluate" and "sweeps" in values:
+            values["sweeps"] = parse_sweeps(sweeps_to_items(values["sweeps"]))
+        stages[name] = _cli.apply(getattr(base, name), values, name) if values else getattr(base, name)
+    return build({"preset": base.preset, **shared, **stages})
+
+
 def parse_args(argv=None) -> FullConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--run-dir", default="runs/full", help="fsspec URI of the run directory")
-    p.add_argument("--teacher", default="", help="dLLM teacher: path, fsspec URI, hub id (ORG/NAME) or hf:// URI")
-    p.add_argument("--ar-model", default="", help="AR baseline (HF causal LM): path, hub id or hf:// URI")
-    p.add_argument("--prompts", default="", help="JSONL/Parquet of id, prompt, answer at any fsspec URI")
-    p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {','.join(STAGES)}")
-    p.add_argument("--pretrain", action="store_true", help="tiny only: retrain the embedded models first")
-    p.add_argument("--serve", action="store_true", help="deploy the student on Ray Serve and query it once")
-    p.add_argument("--n-prompts", type=int, default=0)
-    p.add_argument("--n-eval", type=int, default=-1)
-    p.add_argument("--distill-steps", type=int, default=-1)
-    p.add_argument("--masking", default="trajectory", choices=("trajectory", "random"))
-    p.add_argument("--sweeps", default="", help="replace the evaluation sweep, e.g. 'd3llm=0.3,0.5;vanilla='")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let tokenizers defined by the checkpoint's own Python code run (Dream needs it)")
-    p.add_argument("--push-to-hub", default="", metavar="ORG/NAME",
-                   help="after evaluation, upload the student directory (model card included) to this hub repo")
-    args = vars(p.parse_args(argv))
-    args["skip"] = tuple(s.strip() for s in args["skip"].split(",") if s.strip())
-    return FullConfig(**args)
+    from pipelines import _cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--serve-smoke" if a == "--serve" else a for a in argv]
+    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
+    run_values = {k: data.pop(k) for k in _RUN_KEYS if k in data}
+    if "serve" in data and isinstance(data["serve"], bool):
+        run_values["serve_smoke"] = data.pop("serve")
+    default = apply_recipe(get_recipe(preset), data)
+    extra_defaults = {"run_dir": "runs/full", **run_values}
+    parsed, extras = _cli.parse(cli_spec(default), default, rest, __doc__, preset, list(RECIPES),
+                                extra_defaults=extra_defaults, repeatable=(
+                                    ("--evaluate.sweeps", "--sweeps"), ("--evaluate.sampler-params", "--param")))
+    return FullConfig(run_dir=extras["run_dir"], skip=_split_stages(extras["skip"]),
+                      overwrite=_split_stages(extras["overwrite"]), pretrain=extras["pretrain"],
+                      serve=extras["serve_smoke"], push_to_hub=extras["push_to_hub"], recipe=parsed)
 
 
 def main(argv=None) -> dict:
+    from pipelines import _cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return run(parse_args(argv))
+    return _cli.run_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

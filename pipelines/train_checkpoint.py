@@ -18,13 +18,22 @@ Ray Train v2 (``RAY_TRAIN_V2_ENABLED``, the default in Ray 2.60) specifics:
   storage (the controller restores its checkpoint list from storage);
 - a checkpoint in object storage is read in place through fsspec (:func:`checkpoint_uri`),
   never downloaded whole with ``as_directory()``: each rank reads only its byte ranges, and
-  the driver's export reads only the model's tensors, not the optimizer's.
+  the driver's export reads only the model's tensors, not the optimizer's;
+- the controller *registers* a reported checkpoint only when it next polls the workers (every
+  ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), and ``ray.train.get_checkpoint()``
+  knows registered ones only. A worker or driver killed sooner leaves a complete checkpoint on
+  disk that Ray never heard of. So resume does not ask Ray: :func:`newest_complete` scans the
+  run's directory, :func:`verify` checks each candidate (trainer state of this run's
+  fingerprint, DCP metadata, every shard file it references at its full size), and
+  :func:`reconcile` deletes incomplete and superseded unregistered directories, keeping at most
+  ``num_to_keep`` (Ray deletes the registered ones it no longer keeps itself).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from typing import Callable
 
@@ -36,6 +45,9 @@ import torch.distributed.checkpoint as dcp
 logger = logging.getLogger("d3ray.distill")
 
 TRAINER_STATE = "trainer_state.json"
+DCP_METADATA = ".metadata"
+CHECKPOINT_DIR = re.compile(r"checkpoint-step(\d{8})$")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of registered checkpoints
 MODEL, OPTIM = "model", "optim"
 # Export reads the training checkpoint in groups of at most this many bytes (as stored, fp32).
 EXPORT_GROUP_BYTES = 2**30
@@ -90,6 +102,98 @@ def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: torch.optim.Opt
 def read_trainer_state(uri: str) -> dict:
     with fsspec.open(uri.rstrip("/") + "/" + TRAINER_STATE, "r") as f:
         return json.load(f)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-step{step:08d}"
+
+
+def list_checkpoints(experiment_uri: str) -> list[str]:
+    """URIs of the checkpoint directories under a Ray Train run directory, oldest step first."""
+    fs, root = fsspec.core.url_to_fs(experiment_uri)
+    if not fs.exists(root):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    steps = sorted((int(m.group(1)), n) for n in names if (m := CHECKPOINT_DIR.match(n)))
+    return [experiment_uri.rstrip("/") + "/" + n for _, n in steps]
+
+
+def read_state_or_none(uri: str) -> dict | None:
+    try:
+        return read_trainer_state(uri)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+def verify(uri: str, digest: str) -> dict | None:
+    """The trainer state of a complete checkpoint of the run with fingerprint ``digest``, else None.
+
+    Complete: ``trainer_state.json`` parses and names ``digest``, DCP's ``.metadata`` reads, and every
+    file it references exists and is long enough for every byte range stored in it (a rank that
+    died mid-upload leaves its file missing or short).
+    """
+    state = read_state_or_none(uri)
+    if state is None or state.get("fingerprint_digest") != digest:
+        return None
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        meta = _reader(uri).read_metadata()
+    except (FileNotFoundError, OSError, EOFError, RuntimeError, ValueError) as err:
+        logger.warning("checkpoint %s: unreadable DCP metadata (%s)", uri, type(err).__name__)
+        return None
+    needed: dict[str, int] = {}
+    for item in (meta.storage_data or {}).values():
+        rel = str(item.relative_path)
+        needed[rel] = max(needed.get(rel, 0), int(item.offset) + int(item.length))
+    for rel, size in needed.items():
+        path = root.rstrip("/") + "/" + rel
+        if not fs.exists(path) or int(fs.size(path)) < size:
+            logger.warning("checkpoint %s: %s is missing or short (needs %d bytes)", uri, rel, size)
+            return None
+    return state
+
+
+def registered(experiment_uri: str) -> set[str]:
+    """Names of the checkpoint directories Ray Train's controller registered (its snapshot in storage)."""
+    fs, root = fsspec.core.url_to_fs(experiment_uri)
+    path = root.rstrip("/") + "/" + RAY_SNAPSHOT
+    if not fs.exists(path):
+        return set()
+    try:
+        with fs.open(path, "r") as f:
+            snapshot = json.load(f)
+        return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:  # a Ray version with another layout: delete nothing
+        logger.warning("cannot read Ray's checkpoint list %s (%s): keeping every checkpoint", path, err)
+        return {"*"}
+
+
+def newest_complete(experiment_uri: str, digest: str) -> str | None:
+    for uri in reversed(list_checkpoints(experiment_uri)):
+        if verify(uri, digest) is not None:
+            return uri
+    return None
+
+
+def reconcile(experiment_uri: str, digest: str, num_to_keep: int) -> str | None:
+    """The newest complete checkpoint on disk (None: none); deletes what no resume will read.
+
+    Deleted: incomplete directories, and unregistered complete ones that are not among the newest
+    ``num_to_keep`` (Ray's controller never deletes what it never registered). Registered ones are
+    Ray's to delete (its snapshot must keep pointing at existing directories).
+    """
+    names = registered(experiment_uri)
+    checkpoints = list_checkpoints(experiment_uri)
+    complete = [uri for uri in checkpoints if verify(uri, digest) is not None]
+    keep = set(complete[-num_to_keep:])
+    fs, _ = fsspec.core.url_to_fs(experiment_uri)
+    for uri in checkpoints:
+        name = uri.rsplit("/", 1)[-1]
+        if uri in keep or name in names or "*" in names:
+            continue
+        logger.info("removing checkpoint %s (%s)", uri, "superseded" if uri in complete else "incomplete")
+        fs.rm(fsspec.core.url_to_fs(uri)[1], recursive=True)
+    return complete[-1] if complete else None
 
 
 def stored_model_tensors(uri: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

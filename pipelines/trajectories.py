@@ -20,13 +20,11 @@ Python shipped with the checkpoint (Dream) needs ``--trust-remote-code``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
 import io
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -36,52 +34,68 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from d3core import trajectory as T
+from d3core.models.shipped import TINY_TEACHER_DIR
+from pipelines import _io
+from pipelines import fingerprint as F
+from pipelines.preset_defaults import preset_keyword
+from pipelines.trajectory_store import (  # noqa: F401  (the writer's API, re-exported)
+    SAMPLER,
+    SHARD_META_KEY,
+    STAGE,
+    check_shard,
+    claim,
+    complete_shards,
+    expected_rows,
+    fingerprint,
+    plan_shards,
+    shard_digest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 
 logger = logging.getLogger("d3ray.trajectories")
 
-PRESETS = {
-    # CPU actors for the embedded model; GPU presets put one teacher replica on each GPU.
-    "tiny": dict(num_actors=2, num_cpus_per_actor=0.5, num_gpus_per_actor=0.0, batch_size=125, gen_length=48,
-                 block_length=16),
-    "llada-8b": dict(num_actors=8, num_cpus_per_actor=4.0, num_gpus_per_actor=1.0, batch_size=16, gen_length=256,
-                     block_length=32),
-    "dream-7b": dict(num_actors=8, num_cpus_per_actor=4.0, num_gpus_per_actor=1.0, batch_size=16, gen_length=256,
-                     block_length=32),
-}
 
 
+@preset_keyword("trajectories")  # TrajectoriesConfig(preset="llada-8b", num_gpus_per_actor=0.0)
 @dataclass(frozen=True)
 class TrajectoriesConfig:
-    out: str = "runs/trajectories"
-    preset: str = "tiny"
-    teacher: str = ""  # checkpoint: path, fsspec URI, hub id or hf:// URI; empty = the shipped tiny teacher
+    """Teacher trajectories: what to decode, with which teacher, and on how many actors."""
+
+    out: str = "runs/trajectories"  # output directory (fsspec URI): Parquet shards and manifest.json
+    teacher: str = str(TINY_TEACHER_DIR)  # dLLM checkpoint: path, fsspec URI, hub id (ORG/NAME) or hf:// URI
     trust_remote_code: bool = False  # run the teacher tokenizer's own Python code (Dream's tokenization_dream.py)
-    prompts: str = ""  # JSONL/Parquet URI with id, prompt, answer; empty = synthetic train split
-    n_prompts: int = 2000
-    seed: int = 0
-    shard_size: int = 250
-    num_actors: int = 0  # 0: the preset's value (likewise below)
-    num_cpus_per_actor: float = -1.0
-    num_gpus_per_actor: float = -1.0
-    batch_size: int = 0
-    gen_length: int = 0
-    block_length: int = 0
-    max_attempts: int = 1
-    filter_correct: bool = False
+    prompts: str | None = None  # JSONL/Parquet of id, prompt, answer, task at any fsspec URI; None: synthetic split
+    n_prompts: int | None = 3000  # the first N prompts; None: every record of the prompts file
+    seed: int = 0  # seeds the synthetic split and the decode's sampling (retries)
+    shard_size: int = 250  # prompts per Parquet shard (a shard is the unit of resume)
+    num_actors: int = 2  # decoder actors (each loads the teacher once)
+    num_cpus_per_actor: float = 0.5  # CPUs each actor reserves (0.5 on 2 cores leaves room for the writers)
+    num_gpus_per_actor: float = 0.0  # > 0: one teacher replica per GPU share (needs GPUs in the cluster)
+    batch_size: int = 125  # prompts decoded together by one actor
+    gen_length: int = 48  # generation slots per prompt
+    block_length: int = 16  # block size of the semi-autoregressive decode (divides gen_length)
+    max_attempts: int = 1  # decode attempts per prompt; a retry of a wrong answer runs 0.1 hotter
+    filter_correct: bool = False  # keep only rows the task's scorer marks correct
     keep_all: bool = False  # accept a prompt set without a task (no scorer): keep every row, is_correct=False
-    threads_per_actor: int = 1
+    threads_per_actor: int = 1  # torch threads inside each actor
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}: must be one of {sorted(PRESETS)}")
-        for name, default in PRESETS[self.preset].items():
-            value = getattr(self, name)
-            if value in (0, -1.0):
-                object.__setattr__(self, name, default)
-        if self.n_prompts < 1 or self.shard_size < 1:
-            raise ValueError(f"n_prompts={self.n_prompts}, shard_size={self.shard_size}: both must be >= 1")
-        if self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError(f"num_actors={self.num_actors}, batch_size={self.batch_size}: both must be >= 1")
+        if not self.out:
+            raise ValueError("out='': give the output directory (a path or fsspec URI)")
+        if not self.teacher:
+            raise ValueError("teacher='': give the teacher checkpoint (path, fsspec URI, hub id or hf:// URI)")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts='': give a JSONL/Parquet prompt file, or None for the synthetic split")
+        if self.n_prompts is not None and self.n_prompts < 1:
+            raise ValueError(f"n_prompts={self.n_prompts}: must be >= 1 (or None: every record of the prompt file)")
+        for name in ("shard_size", "num_actors", "batch_size", "threads_per_actor", "gen_length", "block_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.num_cpus_per_actor > 0 or self.num_gpus_per_actor < 0:
+            raise ValueError(f"num_cpus_per_actor={self.num_cpus_per_actor}, num_gpus_per_actor="
+                             f"{self.num_gpus_per_actor}: need CPUs > 0 and GPUs >= 0 (0: decode on CPU)")
         if not 1 <= self.max_attempts <= 10:
             raise ValueError(f"max_attempts={self.max_attempts}: must lie in [1, 10] (temperature rises 0.1 a try)")
         if self.gen_length % self.block_length:
@@ -92,18 +106,34 @@ class TrajectoriesConfig:
                              "wrong rows; drop --keep-all or those options")
 
     def sampler_params(self) -> dict:
+        """The teacher decode's parameters (recorded in every row): one token per step, in block order."""
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.gen_length,
                 "remasking": "low_confidence"}
 
+    def nfe(self) -> int:
+        return self.gen_length  # one forward per step, one step per generation slot
+
 
 # -- prompts ---------------------------------------------------------------------------------
-def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
-    """``[{"id", "prompt_ids", "answer", "task"}]`` in a stable order (``task`` None: no scorer)."""
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of a run in their stable order, and where they came from (for the fingerprint)."""
+
+    prompts: list[dict]  # [{"id", "prompt_ids", "answer", "task"}]; task None: no scorer
+    source: dict  # {"file_sha256": ...} or {"synthetic": "train", "seed": ...}
+
+    def fingerprint(self) -> dict:
+        planned = [[p["id"], p["prompt_ids"], p["answer"], p["task"]] for p in self.prompts]
+        return {**self.source, "count": len(self.prompts), "planned_sha256": F.digest(planned)}
+
+
+def load_prompt_set(cfg: TrajectoriesConfig) -> PromptSet:
     from d3core.sft import encode_prompt
 
     tok = _tokenizer(cfg)  # the teacher's own tokenizer, for the synthetic split as for a prompt file
-    if cfg.prompts:
-        records = _read_records(cfg.prompts)[: cfg.n_prompts]
+    if cfg.prompts is not None:
+        records, sha = _read_records(cfg.prompts)
+        records = records[: cfg.n_prompts] if cfg.n_prompts is not None else records
         out = []
         for i, rec in enumerate(records):
             if "id" not in rec or "prompt" not in rec:
@@ -111,15 +141,27 @@ def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
             out.append({"id": str(rec["id"]), "prompt_ids": encode_prompt(tok, rec["prompt"]),
                         "answer": str(rec.get("answer", "")), "task": rec.get("task")})
         _check_task(cfg, out)
+        source = {"file_sha256": sha}
     else:
         from d3core.eval import synthetic
 
+        if cfg.n_prompts is None:
+            raise ValueError("prompts=None (the synthetic split) with n_prompts=None (every record): the synthetic "
+                             "split has no end; give --prompts FILE, or --n-prompts N")
         out = [{"id": p.id, "prompt_ids": encode_prompt(tok, p.question), "answer": str(p.target),
                 "task": "synthetic"} for p in synthetic.generate("train", cfg.n_prompts, seed=cfg.seed)]
+        source = {"synthetic": "train", "seed": cfg.seed}
+    if not out:
+        raise ValueError(f"{cfg.prompts}: no prompt records; the file must hold at least one")
     ids = [r["id"] for r in out]
     if len(set(ids)) != len(ids):
         raise ValueError("prompt ids are not unique: trajectories are joined by id, make them unique")
-    return out
+    return PromptSet(out, source)
+
+
+def load_prompts(cfg: TrajectoriesConfig) -> list[dict]:
+    """``[{"id", "prompt_ids", "answer", "task"}]`` in a stable order (``task`` None: no scorer)."""
+    return load_prompt_set(cfg).prompts
 
 
 def _check_task(cfg: TrajectoriesConfig, records: list[dict]) -> None:
@@ -171,37 +213,61 @@ def make_scorer(task_name: str | None, ids: list[str], answers: list[str]):
     return score
 
 
-def _read_records(uri: str) -> list[dict]:
+def _read_records(uri: str) -> tuple[list[dict], str]:
+    """The records of a JSONL or Parquet prompt file and the file's sha256; errors name the file and line."""
+    if not _io.exists(uri):
+        raise ValueError(f"prompts={uri!r}: no such file; give a JSONL/Parquet of id, prompt, answer, task")
+    if _io.fs_root(uri)[0].isdir(_io.fs_root(uri)[1]):
+        raise ValueError(f"prompts={uri!r} is a directory: give one JSONL or Parquet file")
     with fsspec.open(uri, "rb") as f:
         data = f.read()
+    sha = F.bytes_sha256(data)
     if uri.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist(), sha
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"prompts={uri!r}: not a readable Parquet file ({err})") from err
+    records = []
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts={uri!r}: not UTF-8 text ({err}); write JSONL (one JSON object per line)") from err
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{uri} line {number}: not valid JSON ({err.msg} at column {err.colno}); each line "
+                             "must be one JSON object with id, prompt, answer, task: fix or remove that line") \
+                from err
+        if not isinstance(rec, dict):
+            raise ValueError(f"{uri} line {number}: a JSON {type(rec).__name__}, not an object with id, prompt, "
+                             "answer, task")
+        records.append(rec)
+    return records, sha
 
 
 def _tokenizer(cfg: TrajectoriesConfig):
-    from d3core.models.shipped import TINY_TEACHER_DIR
     from d3core.models.tokenizer import load_tokenizer
 
-    return load_tokenizer(cfg.teacher or str(TINY_TEACHER_DIR), cfg.trust_remote_code)
+    return load_tokenizer(cfg.teacher, cfg.trust_remote_code)
 
 
 # -- the actor ----------------------------------------------------------------------------------
 class TeacherDecoder:
     """Ray Data actor: loads the teacher once, decodes whole shards (one input row per shard)."""
 
-    def __init__(self, cfg_json: str) -> None:
+    def __init__(self, cfg: TrajectoriesConfig) -> None:
         import torch
 
         from d3core.models.checkpoint import load_pretrained
-        from d3core.models.shipped import TINY_TEACHER_DIR
 
-        self.cfg = TrajectoriesConfig(**json.loads(cfg_json))
-        torch.set_num_threads(self.cfg.threads_per_actor)
-        device = "cuda" if self.cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.teacher_uri = self.cfg.teacher or str(TINY_TEACHER_DIR)
-        self.model = load_pretrained(self.teacher_uri, device=device)
-        self.tok = _tokenizer(self.cfg)
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads_per_actor)
+        device = "cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.model = load_pretrained(cfg.teacher, device=device)
+        self.tok = _tokenizer(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [self.decode_shard(row) for row in batch.to_pylist()]
@@ -209,7 +275,7 @@ class TeacherDecoder:
 
     def decode_shard(self, shard: dict) -> pa.Table:
         rows = decode_prompts(self.model, self.tok, self.cfg, shard["ids"], shard["prompt_ids"], shard["answers"],
-                              teacher_name=self.teacher_uri, task=shard["task"])
+                              teacher_name=self.cfg.teacher, task=shard["task"])
         table = T.to_table(rows)
         table = table.append_column("shard", pa.array([shard["shard"]] * len(rows), pa.int32()))
         return table.append_column("shard_rows", pa.array([len(rows)] * len(rows), pa.int32()))
@@ -256,84 +322,49 @@ def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, t
     return rows
 
 
-# -- shards, manifest, driver -------------------------------------------------------------------
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.parquet"
+def check_resources(cfg: TrajectoriesConfig) -> None:
+    """Before any actor starts: the cluster has the GPUs the actors ask for (a request no node can meet waits forever)."""
+    from pipelines.cluster import require_gpus
+
+    if cfg.num_gpus_per_actor > 0:
+        require_gpus(cfg.num_gpus_per_actor, "num_gpus_per_actor")
 
 
-def plan_shards(prompts: list[dict], shard_size: int) -> list[dict]:
-    return [{"shard": k, "ids": [p["id"] for p in prompts[i:i + shard_size]],
-             "prompt_ids": [p["prompt_ids"] for p in prompts[i:i + shard_size]],
-             "answers": [p["answer"] for p in prompts[i:i + shard_size]],
-             "task": prompts[i]["task"]}
-            for k, i in enumerate(range(0, len(prompts), shard_size))]
+def prepare(cfg: TrajectoriesConfig, overwrite: bool = False) -> tuple:
+    """Everything up to the first decode, on the driver: prompts, teacher, fingerprint, the output dir."""
+    from d3core.models.checkpoint import load_config
+
+    _io.require_directory(cfg.out, "out")
+    vocab_size = load_config(cfg.teacher).vocab_size  # also: the teacher exists (a clear error if not)
+    prompt_set = load_prompt_set(cfg)
+    fp = fingerprint(cfg, prompt_set)
+    shards = plan_shards(prompt_set.prompts, cfg.shard_size)
+    claim(cfg, fp, shards, overwrite)
+    return prompt_set, fp, shards, vocab_size
 
 
-def complete_shards(cfg: TrajectoriesConfig, shards: list[dict]) -> set[int]:
-    """Shards whose file exists, validates, and holds exactly the planned ids (or a filtered subset)."""
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    done = set()
-    for shard in shards:
-        path = root.rstrip("/") + "/" + shard_name(shard["shard"])
-        if not fs.exists(path):
-            continue
-        try:
-            ids = T.read_shard(cfg.out, path).column("id").to_pylist()
-        except T.TrajectoryFormatError as err:
-            logger.warning("rewriting %s: %s", path, err)
-            continue
-        planned = set(shard["ids"])
-        if set(ids) == planned or (cfg.filter_correct and set(ids) <= planned):
-            done.add(shard["shard"])
-    return done
-
-
-def write_shard(cfg: TrajectoriesConfig, k: int, table: pa.Table) -> None:
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    fs.makedirs(root, exist_ok=True)
-    final = root.rstrip("/") + "/" + shard_name(k)
-    tmp = root.rstrip("/") + f"/.tmp-{shard_name(k)}"
-    buf = io.BytesIO()
-    pq.write_table(table.select([f.name for f in T.SCHEMA]), buf)
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, final)
-
-
-def write_manifest(cfg: TrajectoriesConfig, shards: list[dict], done: set[int], stats: dict) -> None:
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    fs.makedirs(root, exist_ok=True)
-    manifest = {
-        "schema_version": T.SCHEMA_VERSION,
-        "config": dataclasses.asdict(cfg),
-        "prompt_set_sha256": hashlib.sha256(json.dumps([s["ids"] for s in shards]).encode()).hexdigest(),
-        "shards": {shard_name(s["shard"]): {"rows_planned": len(s["ids"]), "complete": s["shard"] in done}
-                   for s in shards},
-        "complete": len(done) == len(shards),
-        "stats": stats,
-    }
-    with fs.open(root.rstrip("/") + "/manifest.json", "w") as f:
-        json.dump(manifest, f, indent=2)
-
-
-def run(cfg: TrajectoriesConfig) -> dict:
+def run(cfg: TrajectoriesConfig, overwrite: bool = False) -> dict:
+    """Decode the missing shards; returns this run's stats. Finished shards of the same settings are kept."""
     import ray
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    prompts = load_prompts(cfg)
-    shards = plan_shards(prompts, cfg.shard_size)
-    done = complete_shards(cfg, shards)
+    prompt_set, fp, shards, vocab_size = prepare(cfg, overwrite)
+    digest = F.digest(fp)
+    expected = expected_rows(cfg, vocab_size)
+    done = complete_shards(cfg, shards, digest, expected)
     pending = [s for s in shards if s["shard"] not in done]
-    logger.info("%d prompts in %d shards; %d already complete, %d to decode", len(prompts), len(shards), len(done),
-                len(pending))
-    stats = {"rows": 0, "correct": 0, "tokens": 0}
+    logger.info("%d prompts in %d shards; %d already complete, %d to decode", len(prompt_set.prompts), len(shards),
+                len(done), len(pending))
+    stats = {"rows": 0, "correct": 0, "tokens": 0, "fingerprint_digest": digest}
+    write_manifest(cfg, shards, done, stats, fp, vocab_size)
     if pending:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
+        check_resources(cfg)
         ds = ray.data.from_items(pending).map_batches(
             TeacherDecoder,
-            fn_constructor_kwargs={"cfg_json": json.dumps(dataclasses.asdict(cfg))},
+            fn_constructor_kwargs={"cfg": cfg},
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(pending))),
@@ -348,48 +379,61 @@ def run(cfg: TrajectoriesConfig) -> dict:
                 buffers.setdefault(k, []).append(part)
                 table = pa.concat_tables(buffers[k])
                 if table.num_rows >= table.column("shard_rows")[0].as_py():
-                    _finish(cfg, k, table, stats)
-                    done.add(k)
+                    done[k] = _finish(cfg, k, table, stats, digest, expected)
                     del buffers[k]
                     bar.update(1)
-                    write_manifest(cfg, shards, done, stats)
+                    write_manifest(cfg, shards, done, stats, fp, vocab_size)
         bar.close()
     stats["wall_seconds"] = time.perf_counter() - t0
     stats["rows_per_second"] = stats["rows"] / stats["wall_seconds"] if stats["rows"] else 0.0
     stats["tokens_per_second"] = stats["tokens"] / stats["wall_seconds"] if stats["tokens"] else 0.0
     stats["correct_fraction"] = stats["correct"] / stats["rows"] if stats["rows"] else None
-    write_manifest(cfg, shards, done, stats)
+    write_manifest(cfg, shards, done, stats, fp, vocab_size)
     logger.info("trajectories: %s", json.dumps(stats))
     return stats
 
 
-def _finish(cfg: TrajectoriesConfig, k: int, table: pa.Table, stats: dict) -> None:
+def _finish(cfg: TrajectoriesConfig, k: int, table: pa.Table, stats: dict, digest: str, expected: T.Expected) -> int:
     logger.debug("shard %d decoded (%d rows)", k, table.num_rows)
     table = table.drop_columns(["shard", "shard_rows"])
     if cfg.filter_correct:  # keep only rows whose answer the teacher got right (after retries)
         table = table.filter(table.column("is_correct"))
-    write_shard(cfg, k, table)
+    T.check_rows(table, f"decoded shard {k}", expected)
+    write_shard(cfg, k, table, digest)
     stats["rows"] += table.num_rows
     stats["correct"] += sum(table.column("is_correct").to_pylist())
     stats["tokens"] += sum(len(r) for r in table.column("response_ids").to_pylist())
+    return table.num_rows
 
 
-def parse_args(argv=None) -> TrajectoriesConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrajectoriesConfig):
-        kind = type(f.default)
-        if kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=f.default)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    return TrajectoriesConfig(**vars(parser.parse_args(argv)))
+# -- CLI -----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> tuple[TrajectoriesConfig, bool]:
+    """(config, overwrite) from the command line, over the preset's recipe."""
+    from pipelines import _cli
+    from pipelines.recipes import RECIPES, get_recipe
+
+    argv = sys.argv[1:] if argv is None else argv
+    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
+    default = _cli.apply(get_recipe(preset).trajectories, _cli.stage_section(data, STAGE), "config")
+    spec = _cli.ViewSpec(TrajectoriesConfig, extra=(
+        ("overwrite", bool, False, "clear OUT if it holds trajectories of other settings, then decode"),))
+    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
+    return cfg, extras["overwrite"]
 
 
 def main(argv=None) -> None:
+    from pipelines import _cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    run(parse_args(argv))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    def go():
+        cfg, overwrite = parse_args(argv)
+        logger.info("trajectories config:\n%s", _cli.to_yaml(cfg))
+        return run(cfg, overwrite)
+
+    _cli.run_main(go)
 
 
 if __name__ == "__main__":

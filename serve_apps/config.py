@@ -11,14 +11,12 @@ serve config YAML).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -44,30 +42,34 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ServeConfig:
     """Everything that defines a served model; every field is checked on construction."""
 
-    model: str
-    model_name: str
-    preset: str = "custom"
+    model: str  # the checkpoint served: path, fsspec URI, hub id or hf:// URI (HF layout)
+    model_name: str  # the name clients ask for (/v1/models)
+    preset: str = "custom"  # the recipe these settings came from
     tokenizer: str | None = None  # None: the checkpoint directory holds the tokenizer
     trust_remote_code: bool = False  # run the tokenizer's own Python code (Dream's tokenization_dream.py)
-    sampler: str = "d3llm"
-    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))
-    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    max_gen_length: int = 128
-    device: str = "cpu"
-    dtype: str = "float32"
-    torch_threads: int | None = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ingress_num_cpus: float = 0.0
-    num_replicas: int | None = 1
-    autoscaling: Mapping[str, Any] | None = None
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 256
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    request_timeout_s: float = 60.0
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
+    sampler: str = "d3llm"  # the dLLM decoder (d3core.samplers)
+    sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))  # its defaults
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))  # overridable params, [low, high]
+    max_gen_length: int = 112  # the longest generation a request may ask for
+    max_model_len: int | None = None  # slots per decoder row (prompt + canvas); None: the model's context
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "float32"  # weights dtype on the replica
+    torch_threads: int | None = 1  # torch threads per replica (None: torch's default)
+    num_cpus: float = 1.0  # CPUs per model replica
+    num_gpus: float = 0.0  # GPUs per model replica
+    ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
+    num_replicas: int | None = 1  # fixed replicas (None: autoscaling)
+    autoscaling: Mapping[str, Any] | None = None  # Ray Serve autoscaling_config (with num_replicas=None)
+    max_ongoing_requests: int | None = None  # Serve's per-replica limit; None: max_batch_size + max_queued + 8
+    max_queued_requests: int = 32  # a replica's admission queue; beyond it requests get a 429 at once
+    max_batch_size: int = 16  # rows decoded together
+    batch_wait_timeout_s: float = 0.01  # how long an idle engine waits for a batch to fill
+    continuous: bool = True  # step-level batching; False: request-level (a batch decodes to the end)
+    request_timeout_s: float = 60.0  # a request that takes longer fails
+    max_request_bytes: int = 2 * 2**20  # larger bodies get a 413
+    api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1 routes (or env D3RAY_API_KEY)
+    health_check_period_s: float = 10.0  # seconds between Ray Serve health checks of a replica
+    health_check_timeout_s: float = 30.0  # a health check slower than this fails the replica
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, rule: str, fix: str) -> None:
@@ -81,7 +83,8 @@ class ServeConfig:
                  "write trust_remote_code: true (YAML) or trust_remote_code=true (serve run)")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             fail("model_name", self.model_name, "must be a non-empty name", "pass model_name=<served name>")
-        if self.sampler not in SAMPLERS or SAMPLERS[self.sampler].autoregressive or SAMPLERS[self.sampler].needs_verifier:
+        spec = SAMPLERS.get(self.sampler)
+        if spec is None or spec.autoregressive or spec.needs_verifier:
             usable = sorted(k for k, s in SAMPLERS.items() if not (s.autoregressive or s.needs_verifier))
             fail("sampler", self.sampler, "must name a registered dLLM sampler without a verifier",
                  f"choose one of {usable}")
@@ -128,16 +131,27 @@ class ServeConfig:
             if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
                 fail("autoscaling", dict(self.autoscaling), "needs ints 0 <= min_replicas <= max_replicas, max >= 1",
                      "fix the replica bounds")
-        for name in ("max_ongoing_requests", "max_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                fail(name, value, "must be a positive int", "use e.g. 16")
-        if not isinstance(self.max_queued_requests, int) or (self.max_queued_requests < 1
-                                                              and self.max_queued_requests != -1):
-            fail("max_queued_requests", self.max_queued_requests, "must be a positive int or -1 (unbounded)",
-                 "use e.g. 256")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            fail("max_batch_size", self.max_batch_size, "must be a positive int", "use e.g. 16")
+        if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 1:
+            fail("max_queued_requests", self.max_queued_requests, "must be a positive int (the admission queue "
+                 "of a replica; beyond it a request gets 429 at once)", "use e.g. 32")
         if self.batch_wait_timeout_s < 0:
             fail("batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0", "use e.g. 0.01")
+        if self.max_ongoing_requests is not None and (not isinstance(self.max_ongoing_requests, int)
+                                                      or self.max_ongoing_requests < self.max_batch_size):
+            fail("max_ongoing_requests", self.max_ongoing_requests, f"must be an int >= max_batch_size "
+                 f"{self.max_batch_size} (a replica must accept a full batch)", "raise it, or None to derive it")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
+                                               or self.max_model_len <= self.max_gen_length):
+            fail("max_model_len", self.max_model_len, f"must be an int > max_gen_length {self.max_gen_length}",
+                 "leave room for the prompt, or use None for the model's context")
+        if not isinstance(self.continuous, bool):
+            fail("continuous", self.continuous, "must be true or false", "write continuous: true")
+        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
+            fail("max_request_bytes", self.max_request_bytes, "must be an int >= 1024", "use e.g. 2097152")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            fail("api_key", "<hidden>", "must be a non-empty string or None", "set a key or leave it unset")
         for name in ("request_timeout_s", "health_check_period_s", "health_check_timeout_s"):
             if getattr(self, name) <= 0:
                 fail(name, getattr(self, name), "must be > 0 seconds", "use a positive number")
@@ -149,15 +163,34 @@ class ServeConfig:
     def default_params(self):
         return SAMPLERS[self.sampler].params_cls(**self.sampler_params)
 
+    def __repr__(self) -> str:  # never log the API key
+        fields = ", ".join(f"{f.name}={'<hidden>' if f.name == 'api_key' and self.api_key else getattr(self, f.name)!r}"
+                           for f in dataclasses.fields(self))
+        return f"ServeConfig({fields})"
+
+    @property
+    def max_replicas(self) -> int:
+        return self.num_replicas if self.num_replicas is not None else int(self.autoscaling.get("max_replicas", 1))
+
+    @property
+    def replica_ongoing(self) -> int:
+        """Calls a replica takes at once: its rows, its admission queue, and room for quick refusals."""
+        return self.max_ongoing_requests or self.max_batch_size + self.max_queued_requests + 8
+
     def deployment_options(self) -> dict[str, Any]:
-        """Ray Serve options of the model deployment."""
+        """Ray Serve options of the model deployment.
+
+        A replica accepts more calls than it decodes so that its engine, not Serve's router, decides
+        what waits: overflow beyond the admission queue is refused at once. The router's own queue
+        only absorbs bursts while requests are being assigned.
+        """
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": self.replica_ongoing,
+            "max_queued_requests": 2 * self.replica_ongoing,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
@@ -169,13 +202,12 @@ class ServeConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is unknown: choose one of {sorted(PRESETS)}")
-        base = copy.deepcopy(PRESETS[preset])
+        """The serve settings of the recipe ``preset`` (``pipelines/recipes.py``, the one table of presets)."""
+        base = dataclasses.asdict(preset_config(preset))
         if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
             base["num_replicas"] = None
-        base.update(overrides)
-        return cls(preset=preset, **base)
+        base.update(overrides, preset=preset)
+        return cls(**base)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "ServeConfig":
@@ -207,37 +239,14 @@ def _parse_arg(value: Any) -> Any:
         return value
 
 
-# GPU presets: one GPU per replica, bfloat16, d3LLM's 256-token canvas; `model` must name a local or
-# fsspec checkpoint (the official one or a distilled student).
-_GPU_PRESET: dict = {
-    "model": "",
-    "device": "cuda",
-    "dtype": "bfloat16",
-    "torch_threads": None,
-    "num_cpus": 4.0,
-    "num_gpus": 1.0,
-    "ingress_num_cpus": 1.0,
-    "num_replicas": None,
-    "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-    "sampler_params": {"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
-                       "refresh_interval": 32},
-    "max_gen_length": 1024,
-    "max_ongoing_requests": 64,
-    "max_batch_size": 32,
-    "request_timeout_s": 300.0,
-}
+PRESETS = ("tiny", "llada-8b", "dream-7b")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": str(TINY_TEACHER_DIR),
-        "model_name": "d3ray-tiny",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": 1,
-        "num_cpus": 1.0,
-        "num_gpus": 0.0,
-        "num_replicas": 1,
-    },
-    "llada-8b": {**_GPU_PRESET, "model_name": "d3ray-llada-8b"},  # model: a copy of GSAI-ML/LLaDA-8B-Instruct
-    "dream-7b": {**_GPU_PRESET, "model_name": "d3ray-dream-7b"},  # model: a copy of Dream-org/Dream-v0-Instruct-7B
-}
+
+def preset_config(preset: str) -> "ServeConfig":
+    """The recipe's ServeConfig. Recipes hold every stage's settings (``pipelines/recipes.py``); this is the
+    one place serve_apps reads them, imported here so that nothing else in serve_apps depends on pipelines."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown: choose one of {list(PRESETS)}")
+    from pipelines.recipes import get_recipe
+
+    return get_recipe(preset).serve

@@ -1,32 +1,44 @@
-"""Dynamic batching decoder around a d3core sampler; asyncio only, no Ray Serve dependency.
+"""Continuous step-level batching on d3core's decode engine; asyncio front, one decode thread, no Ray.
 
-Concurrent requests queue in one engine; a scheduler task forms a batch from the oldest request
-and every queued request that shares its decoding parameters (a sampler decodes a batch with
-one parameter set), waits up to ``batch_wait_timeout_s`` for the batch to fill, and decodes it on
-a single worker thread so the event loop stays free. Streaming requests receive, after every
-decoding step, the newly committed tokens of their row: the contiguous committed prefix before
-the first mask or EOS, which no later step can change. Every request has a deadline; a request
-whose deadline passes gets :class:`EngineTimeout`, and a batch in which every request has
-gone (timed out or cancelled) is abandoned mid-decode.
+Requests enter a bounded admission queue. A decode thread owns a
+:class:`~d3core.samplers.engine.Decoder` (one per block length) and loops:
+
+1. admit queued requests into free decoder rows (``n`` rows per request); with
+   ``continuous=False`` a batch is admitted only when the decoder is empty (request-level
+   batching, kept for comparison);
+2. drop the rows of requests that were cancelled or passed their deadline;
+3. run one decode step for every row at once (rows with different thresholds, temperatures and
+   seeds share it: they are per-row parameters);
+4. turn each row's committed prefix into text (:class:`~serve_apps.outputs.ChoiceText`), stream
+   the new part, end rows at EOS, a stop string or ``max_tokens``, and answer finished requests.
+
+Failures stay with their request: a request the decoder refuses, or whose output handling
+raises, fails alone; a step that raises fails the rows in it, and the thread carries on with an
+empty decoder. Overload is answered at once (:class:`EngineOverloaded`), never by a wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol
 
+import numpy as np
 import torch
 
 from d3core.samplers import get_sampler
 from d3core.samplers.base import validate_prompts
+from d3core.samplers.engine import Decoder, Program, Row
+from serve_apps.outputs import Choice, ChoiceText, Delta
 
 logger = logging.getLogger(__name__)
+
+SEED_SPACE = 2**63  # row seeds are int64; request seeds are validated to this range by the protocol
 
 
 class EngineTimeout(Exception):
@@ -37,18 +49,29 @@ class EngineClosed(Exception):
     """The engine was shut down."""
 
 
-class _Abandoned(Exception):
-    """Raised inside the step hook when nobody waits for the batch any more."""
+class EngineOverloaded(Exception):
+    """The admission queue is full; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestFailed(Exception):
+    """The engine could not decode this request (the cause is in the message); other requests go on."""
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One decode: prompt ids, the sampler's (hashable, validated) parameters and limits."""
+    """One request: prompt ids, sampler parameters (a validated frozen dataclass) and output options."""
 
     prompt_ids: tuple[int, ...]
     params: Any
     max_tokens: int | None = None
     seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
     timeout_s: float = 60.0
     request_id: str = ""
 
@@ -57,260 +80,377 @@ class GenerationRequest:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1 or None")
-
-    @property
-    def group_key(self) -> tuple:
-        """Requests batch together only with equal parameters (and equal seeds when sampling)."""
-        sampling = getattr(self.params, "temperature", 0.0) > 0
-        return (self.params, self.seed if sampling else None)
+        if self.n < 1:
+            raise ValueError(f"n={self.n}: must be >= 1")
 
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "stop": EOS reached; "length": generation slots or max_tokens ran out
+    choices: tuple[Choice, ...]
     prompt_tokens: int
-    nfe: int
-    batch_size: int
+    batch_size: int  # the most rows that shared a step with this request's rows
     queue_s: float
     decode_s: float
 
     @property
-    def tpf(self) -> float:
-        return len(self.token_ids) / max(self.nfe, 1)
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+    @property
+    def nfe(self) -> int:
+        return sum(c.nfe for c in self.choices)
 
 
 class EngineMetrics(Protocol):
-    def on_batch(self, size: int, seconds: float, tokens: int, nfe: Sequence[int]) -> None: ...
+    def on_step(self, rows: int, seconds: float, tokens: int) -> None: ...
 
     def on_request(self, status: str, output: GenerationOutput | None) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     req: GenerationRequest
-    stream: bool
+    loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     arrived: float
     deadline: float
     cancelled: bool = False
-    sent: int = 0  # tokens already streamed (touched by the worker thread only)
-    key: tuple = field(default=())
+    admitted: float = 0.0
+    rows: list[Row] = field(default_factory=list)
+    texts: list[ChoiceText] = field(default_factory=list)
+    done: bool = False
+    batch_size: int = 0
+
+    def post(self, event: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the client's loop is gone: nobody to tell
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-def committed_prefix_lengths(slots: torch.Tensor, mask_id: int, eos_ids: torch.Tensor) -> list[int]:
-    """Per row of ``slots`` (B, G): the length of the prefix before the first mask or EOS."""
-    stop = (slots == mask_id) | torch.isin(slots, eos_ids)
-    first = stop.to(torch.int8).argmax(dim=-1)
-    return torch.where(stop.any(dim=-1), first, torch.full_like(first, slots.shape[-1])).tolist()
+class ContinuousEngine:
+    """Step-level batching for one model (see the module docstring)."""
 
-
-class BatchingEngine:
-    """Request-level dynamic batching for one model on one worker thread."""
-
-    def __init__(self, model: torch.nn.Module, sampler: str = "d3llm", max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.01, metrics: EngineMetrics | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, sampler: str = "d3llm", max_batch_size: int = 16,
+                 max_queued: int = 256, continuous: bool = True, batch_wait_timeout_s: float = 0.0,
+                 metrics: EngineMetrics | None = None, stall_timeout_s: float = 120.0,
+                 program_factory: Callable[[], Program] | None = None, capacity: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: must be >= 1 (1 turns batching off)")
+        if max_queued < 1:
+            raise ValueError(f"max_queued={max_queued}: must be >= 1 (the admission queue bound)")
         if batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s={batch_wait_timeout_s}: must be >= 0")
-        self.model = model
-        self.spec = get_sampler(sampler)
-        self.max_batch_size = max_batch_size
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.metrics = metrics
+        spec = get_sampler(sampler)
+        if spec.autoregressive or spec.needs_verifier:
+            raise ValueError(f"sampler={sampler!r}: serving needs a dLLM sampler without a verifier")
+        self.model, self.tokenizer = model, tokenizer
+        self.sampler = sampler
+        self._program_factory = program_factory or _program_for(sampler)
+        self.max_batch_size, self.max_queued = max_batch_size, max_queued
+        self.continuous, self.batch_wait_timeout_s = continuous, batch_wait_timeout_s
+        self.metrics, self.stall_timeout_s = metrics, stall_timeout_s
         cfg = model.config
-        self._mask_id = cfg.mask_id
-        self._eos = torch.tensor(cfg.eos_ids)
+        if capacity is not None and not 0 < capacity <= cfg.max_seq_len:
+            raise ValueError(f"capacity={capacity}: must lie in (0, {cfg.max_seq_len}] (the model's context)")
+        self._capacity, self._eos = capacity or cfg.max_seq_len, np.asarray(cfg.eos_ids)
+        self._decoders: dict[int, Decoder] = {}
+        self._owner: dict[Row, tuple[_Item, int]] = {}
         self._pending: collections.deque[_Item] = collections.deque()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="d3ray-decode")
+        self._cond = threading.Condition()
         self._closed = False
-        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "timeouts": 0, "abandoned": 0,
-                      "tokens": 0, "nfe": 0}
+        self._beat = time.monotonic()
+        self._step_s = 0.0
+        self.stats = {"requests": 0, "steps": 0, "rows_admitted": 0, "timeouts": 0, "cancelled": 0, "failed": 0,
+                      "overloaded": 0, "tokens": 0, "max_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="d3ray-decode", daemon=True)
+        self._thread.start()
 
-    # ------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ request side
     def check(self, req: GenerationRequest) -> None:
-        """Raise ValueError now if the model cannot decode ``req`` (empty or too long prompt, bad ids)."""
+        """Raise ValueError now if the model cannot decode ``req`` (empty or too long prompt, bad ids, n)."""
         cfg = self.model.config
-        validate_prompts([req.prompt_ids], req.params.gen_length, cfg.max_seq_len, cfg.vocab_size)
+        validate_prompts([req.prompt_ids], req.params.gen_length, self._capacity, cfg.vocab_size)
+        if req.n > self.max_batch_size:
+            raise ValueError(f"n={req.n} exceeds this deployment's max_batch_size {self.max_batch_size}: "
+                             "ask for fewer completions per request")
 
     async def generate(self, req: GenerationRequest) -> GenerationOutput:
-        async with contextlib.aclosing(self._run(req, stream=False)) as events:
+        async with contextlib.aclosing(self._events(req, stream=False)) as events:
             async for event in events:
                 if isinstance(event, GenerationOutput):
                     return event
         raise EngineClosed("the engine stopped before the request finished")
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[list[int] | GenerationOutput]:
-        """Yields lists of newly committed token ids, then the :class:`GenerationOutput`."""
-        async with contextlib.aclosing(self._run(req, stream=True)) as events:
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta | GenerationOutput]:
+        """Yields :class:`Delta` s of newly final text, then the :class:`GenerationOutput`."""
+        async with contextlib.aclosing(self._events(req, stream=True)) as events:
             async for event in events:
                 yield event
 
-    @property
-    def healthy(self) -> bool:
-        return not self._closed and not (self._task is not None and self._task.done())
-
-    @property
-    def queued(self) -> int:
-        return sum(not it.cancelled for it in self._pending)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-        for it in self._pending:
-            it.queue.put_nowait(EngineClosed("the engine was shut down"))
-        self._pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    # ------------------------------------------------------------ request side
-    async def _run(self, req: GenerationRequest, stream: bool) -> AsyncIterator[Any]:
-        if self._closed:
-            raise EngineClosed("the engine was shut down")
-        self.check(req)
-        self._ensure_started()
-        now = time.monotonic()
-        item = _Item(req, stream, asyncio.Queue(), now, now + req.timeout_s, key=req.group_key)
-        self._pending.append(item)
-        self.stats["requests"] += 1
-        self._wake.set()
+    async def _events(self, req: GenerationRequest, stream: bool) -> AsyncIterator[Any]:
+        item = self.submit(req)
         status = "cancelled"
         try:
             while True:
-                remaining = item.deadline - time.monotonic()
-                try:
-                    event = await asyncio.wait_for(item.queue.get(), max(remaining, 0.0))
-                except asyncio.TimeoutError:
-                    status = "timeout"
-                    self.stats["timeouts"] += 1
-                    raise EngineTimeout(f"request {req.request_id or '?'} did not finish within {req.timeout_s} s")
+                event = await item.queue.get()
                 if isinstance(event, BaseException):
-                    status = "error"
+                    status = "timeout" if isinstance(event, EngineTimeout) else "error"
                     raise event
                 if isinstance(event, GenerationOutput):
                     status = "ok"
-                    item.cancelled = True
-                    if self.metrics is not None:
-                        self.metrics.on_request("ok", event)
                     yield event
                     return
-                yield event
+                if stream:
+                    yield event
         finally:
+            if status == "cancelled":
+                self.cancel(item)
+            self._observe_request(status, None)
+
+    def submit(self, req: GenerationRequest) -> _Item:
+        """Queue ``req`` (ValueError if it cannot be decoded, EngineOverloaded if the queue is full)."""
+        if self._closed:
+            raise EngineClosed("the engine was shut down")
+        self.check(req)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = _Item(req, loop, asyncio.Queue(), now, now + req.timeout_s)
+        with self._cond:
+            free = max(self.max_batch_size - len(self._owner), 0)  # rows the next step boundary can fill
+            waiting = sum(it.req.n for it in self._pending)
+            if waiting + req.n > free + self.max_queued:
+                self.stats["overloaded"] += 1
+                raise EngineOverloaded(f"{len(self._pending)} requests are already queued (max_queued="
+                                       f"{self.max_queued}): retry shortly", self.retry_after_s())
+            self._pending.append(item)
+            self.stats["requests"] += 1
+            self._cond.notify()
+        return item
+
+    def cancel(self, item: _Item) -> None:
+        with self._cond:
             item.cancelled = True
-            if status != "ok" and self.metrics is not None:
-                self.metrics.on_request(status, None)
+            self._cond.notify()
 
-    def _ensure_started(self) -> None:
-        if self._task is None or self._task.done():
-            if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
-                logger.error("batch scheduler died (%r); restarting it", self._task.exception())
-            self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
-            self._task = self._loop.create_task(self._schedule())
+    def retry_after_s(self) -> float:
+        """A client's fair wait before retrying: about one request's decode time, at least a second."""
+        return max(1.0, round(self._step_s * 32, 1))
 
-    # ------------------------------------------------------------ scheduler
-    def _drop_gone(self) -> None:
-        while self._pending and self._pending[0].cancelled:
-            self._pending.popleft()
+    @property
+    def alive(self) -> bool:
+        """The decode thread runs and has made progress recently (or has nothing to do)."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        busy = bool(self._owner or self._pending)
+        return not busy or time.monotonic() - self._beat < self.stall_timeout_s
 
-    def _count(self, key: tuple) -> int:
-        return sum(1 for it in self._pending if it.key == key and not it.cancelled)
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
 
-    def _take(self, key: tuple) -> list[_Item]:
-        group, rest = [], collections.deque()
-        for it in self._pending:
-            if it.cancelled:
-                continue
-            if it.key == key and len(group) < self.max_batch_size:
-                group.append(it)
-            else:
-                rest.append(it)
-        self._pending = rest
-        return group
+    @property
+    def running(self) -> int:
+        return len(self._owner)
 
-    async def _schedule(self) -> None:
-        while not self._closed:
-            self._drop_gone()
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            head = self._pending[0]
-            wait = head.arrived + self.batch_wait_timeout_s - time.monotonic()
-            if wait > 0 and self._count(head.key) < self.max_batch_size:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            group = self._take(head.key)
-            if group:
-                await self._loop.run_in_executor(self._executor, self._decode, group)
+    async def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending), collections.deque()
+            self._cond.notify()
+        for item in pending:
+            item.post(EngineClosed("the engine was shut down"))
+        await asyncio.to_thread(self._thread.join, 10.0)
 
-    # ------------------------------------------------------------ worker thread
-    def _post(self, item: _Item, event: Any) -> None:
-        self._loop.call_soon_threadsafe(item.queue.put_nowait, event)
+    # ------------------------------------------------------------------ decode thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._owner:
+                    self._beat = time.monotonic()
+                    self._cond.wait(timeout=1.0)
+                if self._closed:
+                    break
+            self._beat = time.monotonic()
+            try:
+                self._admit()
+                self._expire()
+                for seg in list(self._decoders):
+                    if self._decoders[seg].rows:
+                        self._step(seg)
+            except Exception:  # a bug outside any one request: fail what is running, keep serving
+                logger.exception("decode loop error; failing the running requests")
+                for item in {owner for owner, _ in self._owner.values()}:
+                    self._fail(item, RequestFailed("internal decode error: retry"))
+                self._decoders.clear()
+                self._owner.clear()
+        for item in {owner for owner, _ in self._owner.values()}:
+            item.post(EngineClosed("the engine was shut down"))
 
-    def _decode(self, group: list[_Item]) -> None:
-        started = time.monotonic()
-        params = group[0].req.params
-        prompts = [list(it.req.prompt_ids) for it in group]
-        generator = None
-        if getattr(params, "temperature", 0.0) > 0:
-            generator = torch.Generator(device=next(self.model.parameters()).device)
-            seed = group[0].req.seed
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        try:
-            result = self.spec.generate(self.model, prompts, params, generator=generator, on_step=self._make_hook(group))
-        except _Abandoned:
-            self.stats["abandoned"] += 1
-            logger.info("abandoned a batch of %d: every request timed out or was cancelled", len(group))
+    def _admit(self) -> None:
+        busy = any(d.rows for d in self._decoders.values())
+        if not self.continuous and busy:
             return
-        except Exception as e:  # the sampler's errors belong to the requests, not to the scheduler
-            logger.warning("batch of %d failed: %r", len(group), e)
-            for it in group:
-                self._post(it, e)
-            return
-        seconds = time.monotonic() - started
-        tokens = 0
-        for it, seq in zip(group, result.sequences):
-            ids = seq.response_ids
-            finish = "stop" if len(ids) < len(seq.tokens) else "length"
-            if it.req.max_tokens is not None and len(ids) > it.req.max_tokens:
-                ids, finish = ids[:it.req.max_tokens], "length"
-            tokens += len(ids)
-            if it.stream and len(ids) > it.sent:
-                self._post(it, ids[it.sent:])
-                it.sent = len(ids)
-            self._post(it, GenerationOutput(tuple(ids), finish, len(it.req.prompt_ids), seq.nfe, len(group),
-                                            started - it.arrived, seconds))
-        self.stats["batches"] += 1
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
-        self.stats["tokens"] += tokens
-        self.stats["nfe"] += result.total_nfe
-        if self.metrics is not None:
-            self.metrics.on_batch(len(group), seconds, tokens, [s.nfe for s in result.sequences])
-
-    def _make_hook(self, group: list[_Item]):
-        streaming = any(it.stream for it in group)
-
-        def on_step(snapshot) -> None:
-            if all(it.cancelled for it in group):
-                raise _Abandoned
-            if not streaming:
-                return
-            slots, lengths = snapshot.tokens, snapshot.committed
-            for r, it in enumerate(group):
-                if not it.stream or it.cancelled:
+        if not self.continuous and self.batch_wait_timeout_s > 0:
+            with self._cond:
+                head = self._pending[0] if self._pending else None
+            if head is not None and len(self._pending) < self.max_batch_size:
+                wait = head.arrived + self.batch_wait_timeout_s - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(wait, self.batch_wait_timeout_s))
+        free = self.max_batch_size - len(self._owner)
+        while free > 0:
+            with self._cond:
+                if not self._pending:
+                    return
+                item = self._pending[0]
+                if item.cancelled or time.monotonic() > item.deadline:
+                    self._pending.popleft()
+                    self._gone(item)
                     continue
-                n = lengths[r] if it.req.max_tokens is None else min(lengths[r], it.req.max_tokens)
-                if n > it.sent:
-                    self._post(it, slots[r, it.sent:n].tolist())
-                    it.sent = n
+                if item.req.n > free:
+                    return  # first come, first served: wait for rows to free up
+                self._pending.popleft()
+            free -= self._start(item)
 
-        return on_step
+    def _start(self, item: _Item) -> int:
+        req = item.req
+        try:
+            decoder = self._decoder_for(req.params)
+            base = req.seed if req.seed is not None else int(np.random.default_rng().integers(SEED_SPACE))
+            for i in range(req.n):
+                row = decoder.add(req.prompt_ids, req.params, seed=(base + i) % SEED_SPACE, tag=item)
+                item.rows.append(row)
+                item.texts.append(ChoiceText(self.tokenizer, i, req.stop, req.max_tokens, req.logprobs))
+                self._owner[row] = (item, i)
+        except Exception as e:  # the decoder refused this request: it alone fails
+            logger.warning("request %s refused by the decoder: %r", req.request_id or "?", e)
+            self._fail(item, e if isinstance(e, ValueError) else RequestFailed(f"could not start: {e}"))
+            return 0
+        item.admitted = time.monotonic()
+        self.stats["rows_admitted"] += req.n
+        return req.n
+
+    def _decoder_for(self, params) -> Decoder:
+        seg = getattr(params, "block_length", 1)
+        if seg not in self._decoders:
+            self._decoders[seg] = Decoder(self.model, self._program_factory(), rows=self.max_batch_size,
+                                          capacity=self._capacity)
+        return self._decoders[seg]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for item in {owner for owner, _ in self._owner.values()}:
+            if item.cancelled or now > item.deadline:
+                self._gone(item)
+
+    def _gone(self, item: _Item) -> None:
+        """A cancelled or expired request leaves: its rows are dropped, its caller told if it waits."""
+        self._release(item)
+        if item.cancelled:
+            self.stats["cancelled"] += 1
+        else:
+            self.stats["timeouts"] += 1
+            item.post(EngineTimeout(f"request {item.req.request_id or '?'} did not finish within "
+                                    f"{item.req.timeout_s} s"))
+        item.done = True
+
+    def _release(self, item: _Item) -> None:
+        for row in item.rows:
+            self._owner.pop(row, None)
+            for d in self._decoders.values():
+                d.cancel(row)
+
+    def _fail(self, item: _Item, error: BaseException) -> None:
+        self._release(item)
+        self.stats["failed"] += 1
+        item.done = True
+        item.post(error)
+
+    def _step(self, seg: int) -> None:
+        decoder = self._decoders[seg]
+        rows = len(decoder.rows)
+        started = time.perf_counter()
+        try:
+            report = decoder.step()
+        except Exception as e:  # the step's rows fail; the thread and other decoders carry on
+            logger.exception("decode step failed for %d rows", rows)
+            for item in {self._owner[r][0] for r in decoder.rows if r in self._owner}:
+                self._fail(item, RequestFailed(f"decode step failed ({type(e).__name__}: {e}): retry"))
+            del self._decoders[seg]
+            return
+        seconds = time.perf_counter() - started
+        if report.forwarded:
+            self.stats["steps"] += 1
+            self.stats["max_batch"] = max(self.stats["max_batch"], rows)
+            self._step_s = 0.9 * self._step_s + 0.1 * seconds if self._step_s else seconds
+        committed = 0
+        for row in list(decoder.rows) + report.finished:
+            owner = self._owner.get(row)
+            if owner is None:
+                continue
+            item, index = owner
+            item.batch_size = max(item.batch_size, rows)
+            try:
+                committed += self._update(decoder, item, index, row)
+            except RequestFailed as e:
+                self._fail(item, e)
+            except Exception as e:  # this request's output handling broke: it alone fails
+                logger.exception("output handling failed for request %s", item.req.request_id or "?")
+                self._fail(item, RequestFailed(f"could not produce the output ({type(e).__name__}): retry"))
+        self.stats["tokens"] += committed
+        if self.metrics is not None and report.forwarded:
+            with contextlib.suppress(Exception):  # metrics never take the scheduler down
+                self.metrics.on_step(rows, seconds, committed)
+
+    def _update(self, decoder: Decoder, item: _Item, index: int, row: Row) -> int:
+        if item.done:
+            return 0
+        text = item.texts[index]
+        if row.result is not None:
+            if row.error:
+                raise RequestFailed(row.error)
+            tokens, lps, done = np.asarray(row.result.tokens), row.result.logprobs or [], True
+        else:
+            r = row.cache_row
+            tokens = decoder.tokens[r, row.prompt_len: row.length]
+            lps, done = decoder.logprob[r, row.prompt_len: row.length], False
+        stop = (tokens == decoder.mask_id) | np.isin(tokens, self._eos)
+        hits = np.nonzero(stop)[0]
+        n = int(hits[0]) if len(hits) else len(tokens)
+        hit_eos = bool(len(hits)) and tokens[n] != decoder.mask_id
+        before = len(text.ids)
+        # A committed EOS with nothing undecided before it makes the answer final even before the sampler
+        # notices (committed tokens never change).
+        delta = text.update(tokens[:n].tolist(), [float(x) for x in lps[:n]], done or hit_eos, hit_eos)
+        if delta is not None and delta.text:
+            item.post(delta)
+        if text.finish_reason is not None and row.result is None:
+            decoder.cancel(row)  # max_tokens or a stop string: no more decoding for this row
+        if text.finish_reason is not None:
+            self._owner.pop(row, None)
+            if all(t.finish_reason is not None for t in item.texts):
+                self._finish(item)
+        return max(len(text.ids) - before, 0)
+
+    def _finish(self, item: _Item) -> None:
+        item.done = True
+        now = time.monotonic()
+        choices = tuple(t.choice(r.nfe) for t, r in zip(item.texts, item.rows))
+        out = GenerationOutput(choices, len(item.req.prompt_ids), item.batch_size, item.admitted - item.arrived,
+                               now - item.admitted)
+        self._observe_request("ok", out)
+        item.post(out)
+
+    def _observe_request(self, status: str, out: GenerationOutput | None) -> None:
+        if self.metrics is not None and (status != "ok" or out is not None):
+            with contextlib.suppress(Exception):
+                self.metrics.on_request(status, out)
+
+
+def _program_for(sampler: str) -> Callable[[], Program]:
+    from d3core.samplers import d3llm, dparallel, fast_dllm, vanilla
+
+    programs = {"d3llm": d3llm.D3LLMProgram, "fast_dllm": fast_dllm.FastDLLMProgram,
+                "dparallel": dparallel.DParallelProgram, "vanilla": vanilla.VanillaProgram}
+    if sampler not in programs:
+        raise ValueError(f"sampler={sampler!r} has no engine program: choose one of {sorted(programs)}")
+    return programs[sampler]

@@ -1,25 +1,27 @@
-"""OpenAI-compatible Ray Serve application: a FastAPI ingress in front of a batching dLLM deployment.
+"""OpenAI-compatible Ray Serve application: a FastAPI ingress in front of a continuously batching dLLM.
 
 ``serve run serve_apps.openai_app:app_builder preset=tiny`` (or ``serve deploy
-serve_apps/config/tiny.yaml``) serves ``/v1/completions``, ``/v1/chat/completions``,
-``/v1/models`` and ``/health``. The ingress parses and validates requests, applies the chat
-template, checks prompt length and sampler limits, and turns token ids into text (streamed as
-SSE); the model deployment (``D3LLMModel``, ``num_gpus`` on GPU presets, CPU on ``tiny``) owns
-the checkpoint and a :class:`~serve_apps.engine.BatchingEngine`, and scales by replicas or
-autoscaling. Every failure reaches the client as an OpenAI-style error body: 4xx for bad
-requests, 408 for a request past its timeout, 503 when no replica could serve it.
+serve_apps/config/tiny.yaml``) serves ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+``/health`` (liveness), ``/ready`` (readiness) and ``/metrics`` (Prometheus). The ingress limits the
+body size, parses and validates requests and tokenizes them off the event loop, then calls the
+model deployment (:class:`D3LLMModel`), which owns the checkpoint and a
+:class:`~serve_apps.engine.ContinuousEngine` and streams final text back. Every failure reaches the
+client as an OpenAI-style error body: 4xx for bad requests (401 without the API key, 413 for an
+oversized body, 429 + ``Retry-After`` when the queues are full), 408 for a request past its
+timeout, 503 when no replica could serve it.
 """
 
-
 import asyncio
+import concurrent.futures
 import logging
+import os
 import time
 from typing import Any, AsyncIterator
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -28,16 +30,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps import protocol as P
 from serve_apps.config import PRESETS, ServeConfig
-from serve_apps.engine import BatchingEngine, EngineClosed, EngineTimeout, GenerationOutput, GenerationRequest
-from serve_apps.metrics import engine_metrics, http_metrics
-from serve_apps.text import TextStream, encode_chat, encode_completion_prompt
+from serve_apps.engine import (ContinuousEngine, EngineClosed, EngineOverloaded, EngineTimeout, GenerationOutput,
+                               GenerationRequest, RequestFailed)
+from serve_apps.metrics import CONTENT_TYPE, HttpMetrics, engine_metrics
+from serve_apps.openapi import install_openapi
+from serve_apps.outputs import Delta
+from serve_apps.text import decode_prompt, encode_chat, encode_completion_prompt, token_strings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ServeConfig", "PRESETS", "D3LLMModel", "OpenAIIngress", "build_app", "app_builder"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INGRESS: dict[str, Any] = {}  # the ingress instance of this replica process
 TRUST_FLAG = "trust_remote_code: true in the serve config args (serve run: trust_remote_code=true)"
+API_KEY_ENV = "D3RAY_API_KEY"
+STATUS_TTL_S = 1.0
 
 
 async def _await(response) -> Any:
@@ -49,62 +57,112 @@ def _engine_error(e: BaseException) -> P.APIError:
         return e
     if isinstance(e, EngineTimeout):
         return P.APIError(408, str(e), type="timeout_error", code="request_timeout")
+    if isinstance(e, EngineOverloaded):
+        return P.APIError(429, str(e), type="rate_limit_error", code="overloaded", retry_after_s=e.retry_after_s)
+    if isinstance(e, BackPressureError):
+        return P.APIError(429, f"server overloaded ({e}): retry shortly", type="rate_limit_error", code="overloaded",
+                          retry_after_s=1.0)
     if isinstance(e, ValueError):
         return P.APIError(400, str(e), code="invalid_value")
+    if isinstance(e, RequestFailed):
+        return P.APIError(503, f"this request failed in the decoder ({e}); other requests are unaffected",
+                          type="service_unavailable_error", code="decode_failed")
     return P.APIError(503, f"the model could not serve this request ({type(e).__name__}): retry",
                       type="service_unavailable_error", code="unavailable")
 
 
+def check_canvas(cfg: ServeConfig, context: int) -> None:
+    limit = min(context, cfg.max_model_len or context)
+    if cfg.max_gen_length >= limit:
+        raise ValueError(f"ServeConfig.max_gen_length={cfg.max_gen_length}: must be below the model's context "
+                         f"{limit} so that a prompt fits; lower max_gen_length")
+
+
 @serve.deployment
 class D3LLMModel:
-    """One model replica: loads the checkpoint and decodes batches of concurrent requests."""
+    """One model replica: the checkpoint, its tokenizer (for final text and stop strings) and the engine."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         from d3core.models.checkpoint import load_pretrained
+        from d3core.models.tokenizer import load_tokenizer
 
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         model = load_pretrained(cfg.model, device=cfg.device)
         self.model = model.to(dtype=DTYPES[cfg.dtype]).eval()
-        self.engine = BatchingEngine(self.model, cfg.sampler, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-                                     metrics=engine_metrics(cfg.model_name))
-        logger.info("loaded %s (%s, %s) with sampler %s", cfg.model, cfg.device, cfg.dtype, cfg.sampler)
+        tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
+        self.engine = ContinuousEngine(self.model, tokenizer, cfg.sampler, cfg.max_batch_size,
+                                       max_queued=cfg.max_queued_requests, continuous=cfg.continuous,
+                                       batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+                                       metrics=engine_metrics(cfg.model_name), capacity=cfg.max_model_len)
+        logger.info("loaded %s (%s, %s) with sampler %s, %s batching", cfg.model, cfg.device, cfg.dtype,
+                    cfg.sampler, "continuous" if cfg.continuous else "request-level")
 
     async def generate(self, req: GenerationRequest) -> GenerationOutput | P.APIError:
         try:
             return await self.engine.generate(req)
-        except (ValueError, EngineTimeout, EngineClosed) as e:
+        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
             return _engine_error(e)
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
-        """First ``"accepted"`` (or an APIError), then lists of new token ids, then the output."""
+        """First ``"accepted"`` (or an APIError), then :class:`Delta` s, then the output (or an APIError)."""
         try:
-            self.engine.check(req)
-        except ValueError as e:
+            stream = self.engine.stream(req)
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            yield P.APIError(503, "the engine ended the stream", type="service_unavailable_error")
+            return
+        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
             yield _engine_error(e)
             return
         yield "accepted"
+        yield first
         try:
-            async for event in self.engine.stream(req):
+            async for event in stream:
                 yield event
-        except (ValueError, EngineTimeout, EngineClosed) as e:
+        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
             yield _engine_error(e)
+        finally:
+            await stream.aclose()
 
     def stats(self) -> dict:
-        return dict(self.engine.stats, queued=self.engine.queued)
+        return dict(self.engine.stats, queued=self.engine.queued, running=self.engine.running)
 
     def check_health(self) -> None:
-        if not self.engine.healthy:
-            raise RuntimeError("the batch scheduler is not running")
+        """Liveness for Serve's controller: the decode thread runs and makes progress."""
+        if not self.engine.alive:
+            raise RuntimeError("the decode scheduler is not running or has stalled")
 
 
-api = FastAPI(title="d3ray OpenAI-compatible dLLM server")
+def _schema_limits() -> dict[str, Any]:
+    """The running deployment's bounds for the OpenAPI schema (read from the real module, see OpenAIIngress)."""
+    import serve_apps.openai_app as module
+
+    ingress = module._INGRESS.get("current")
+    if ingress is None:
+        return {}
+    cfg = ingress.cfg
+    kinds = P.field_types(type(cfg.default_params()))
+    overridable = {}
+    for name, (low, high) in cfg.limits.items():
+        kind, nullable = kinds[name]
+        spec = {"type": {bool: "boolean", int: "integer", float: "number"}.get(kind, "string")}
+        spec.update({k: v for k, v in (("minimum", low), ("maximum", high)) if v is not None})
+        overridable[name] = {"anyOf": [spec, {"type": "null"}]} if nullable else spec
+    return {"sampler_params": overridable, "model": cfg.model_name, "max_n": cfg.max_batch_size,
+            "max_tokens": cfg.max_gen_length,
+            "max_temperature": cfg.limits.get("temperature", (None, None))[1],
+            "vocab": ingress.model_config.vocab_size}
+
+
+api = FastAPI(title="d3ray OpenAI-compatible dLLM server", version="0.1.0")
+install_openapi(api, _schema_limits)
 
 
 @api.exception_handler(P.APIError)
 async def _api_error(request: Request, exc: P.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @api.exception_handler(RequestValidationError)
@@ -116,7 +174,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return JSONResponse(P.error_body(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind),
-                        status_code=exc.status_code)
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(Exception)
@@ -124,6 +182,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse(P.error_body(500, f"internal error ({type(exc).__name__}); this is a server bug",
                                      "internal_error"), status_code=500)
+
+
+def _route(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    ingress = _INGRESS.get("current")
+    if ingress is None:
+        return await call_next(request)
+    return await ingress.observe(request, call_next)
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -137,20 +208,69 @@ class OpenAIIngress:
 
         self.model = model
         self.cfg = cfg
+        self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
         self.tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
         self.model_config = load_config(cfg.model)
-        self.metrics = http_metrics()
+        check_canvas(cfg, self.model_config.max_seq_len)
+        self.context = min(self.model_config.max_seq_len, cfg.max_model_len or self.model_config.max_seq_len)
+        self.metrics = HttpMetrics()
+        self.inflight = 0
+        self.capacity = cfg.max_replicas * (cfg.max_batch_size + cfg.max_queued_requests)
         self.created = int(time.time())
+        # One thread for JSON parsing and tokenization: off the event loop, one tokenizer call at a time.
+        self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="d3ray-ingress")
+        self._status: tuple[float, bool, dict] | None = None
+        # Serve ships this class by value (its globals are copies); the middleware reads the real module.
+        import serve_apps.openai_app as module
+
+        module._INGRESS["current"] = self
+
+    # ------------------------------------------------------------ middleware
+    async def observe(self, request: Request, call_next):
+        """Every request: API key on /v1 routes, in-flight count, status code and latency by route."""
+        started = time.monotonic()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        status = 500
+        try:
+            if self.api_key and request.url.path.startswith("/v1") and not self._authorized(request):
+                response = JSONResponse(P.error_body(401, "missing or incorrect API key: send 'Authorization: "
+                                                          "Bearer <key>'", "invalid_request_error",
+                                                     code="invalid_api_key"), status_code=401)
+            else:
+                response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self.metrics.observe(request.method, _route(request), status, time.monotonic() - started)
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return header.startswith("Bearer ") and header[len("Bearer "):].strip() == self.api_key
 
     # ------------------------------------------------------------ routes
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        try:
-            stats = await asyncio.wait_for(self.model.stats.remote(), timeout=10.0)
-        except (RayError, RayServeException, asyncio.TimeoutError) as e:
-            return JSONResponse(P.error_body(503, f"model deployment unavailable ({type(e).__name__})",
-                                             "service_unavailable_error"), status_code=503)
-        return JSONResponse({"status": "ok", "model": self.cfg.model_name, "replica_stats": stats})
+        """Liveness: the model deployment has a healthy replica (the controller's view; no decode queue)."""
+        live, detail = await self._model_status()
+        body = {"status": "ok" if live else "unavailable", "model": self.cfg.model_name, **detail}
+        return JSONResponse(body, status_code=200 if live else 503)
+
+    @api.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """Readiness: live, and this ingress has room for another request (its own counters)."""
+        live, detail = await self._model_status()
+        room = self.inflight <= self.capacity
+        body = {"status": "ready" if live and room else ("busy" if live else "unavailable"),
+                "inflight": self.inflight - 1, "capacity": self.capacity, **detail}
+        headers = {} if live and room else {"Retry-After": "1"}
+        return JSONResponse(body, status_code=200 if live and room else 503, headers=headers)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -170,45 +290,85 @@ class OpenAIIngress:
         return await self._serve(request, P.ChatCompletionRequest, chat=True)
 
     # ------------------------------------------------------------ helpers
+    async def _model_status(self) -> tuple[bool, dict]:
+        now = time.monotonic()
+        if self._status is not None and now - self._status[0] < STATUS_TTL_S:
+            return self._status[1], self._status[2]
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5.0)
+            ctx = serve.get_replica_context()
+            dep = status.applications[ctx.app_name].deployments[D3LLMModel.name]
+            running = dep.replica_states.get("RUNNING", 0)
+            live = running > 0 and str(dep.status) in ("HEALTHY", "DeploymentStatus.HEALTHY", "UPSCALING",
+                                                       "DOWNSCALING", "DeploymentStatus.UPSCALING",
+                                                       "DeploymentStatus.DOWNSCALING")
+            detail = {"replicas": {str(k): v for k, v in dep.replica_states.items()}, "deployment": str(dep.status)}
+        except (RayError, RayServeException, asyncio.TimeoutError, KeyError, AttributeError) as e:
+            live, detail = False, {"error": f"controller status unavailable ({type(e).__name__})"}
+        self._status = (now, live, detail)
+        return live, detail
+
     def _model_card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "d3ray",
-                "sampler": self.cfg.sampler, "max_model_len": self.model_config.max_seq_len}
+                "sampler": self.cfg.sampler, "max_model_len": self.context}
 
     def _check_model(self, name: str, param: str = "model") -> None:
         if name != self.cfg.model_name:
             raise P.APIError(404, f"model {name!r} does not exist: this server serves {self.cfg.model_name!r}",
                              param=param, code="model_not_found")
 
-    def _prepare(self, req: Any, chat: bool) -> GenerationRequest:
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise P.APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes: send a "
+                                  "shorter prompt", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(413, f"request body exceeds the limit of {limit} bytes: send a shorter prompt",
+                                 code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, raw: bytes, model_cls: type, chat: bool) -> tuple[Any, list[GenerationRequest], list]:
+        """Parse, validate and tokenize (runs on the ingress worker thread)."""
+        req = P.parse_request(raw, model_cls)
         self._check_model(req.model)
         params, max_tokens = P.resolve_params(self.cfg, req)
         if chat:
-            ids, param = encode_chat(self.tokenizer, req.messages), "messages"
+            prompts, param = [req.messages], "messages"
+            ids_list = [encode_chat(self.tokenizer, req.messages)]
         else:
-            ids, param = encode_completion_prompt(self.tokenizer, req.prompt), "prompt"
-        mc = self.model_config
-        P.check_prompt(ids, params.gen_length, mc.max_seq_len, mc.vocab_size, param)
-        return GenerationRequest(tuple(ids), params, max_tokens, req.seed, self.cfg.request_timeout_s,
-                                 P.new_id("req"))
+            prompts, param = req.prompts, "prompt"
+            ids_list = [encode_completion_prompt(self.tokenizer, p) for p in prompts]
+        if len(ids_list) * req.n > self.cfg.max_batch_size:
+            raise P.APIError(400, f"{len(ids_list)} prompts x n={req.n} completions exceed this deployment's "
+                                  f"max_batch_size {self.cfg.max_batch_size}: split the request", param="n",
+                             code="out_of_range")
+        gens = []
+        for i, ids in enumerate(ids_list):
+            where = param if len(ids_list) == 1 else f"{param}.{i}"
+            P.check_prompt(ids, params.gen_length, self.context, self.model_config.vocab_size, where)
+            seed = None if req.seed is None else req.seed + i * req.n
+            gens.append(GenerationRequest(tuple(ids), params, max_tokens, seed, req.n, req.stop_strings,
+                                          req.want_logprobs, self.cfg.request_timeout_s, P.new_id("req")))
+        return req, gens, prompts
 
     async def _serve(self, request: Request, model_cls: type, chat: bool):
-        started = time.monotonic()
-        route = request.url.path
-        status = 200
-        try:
-            req = P.parse_request(await request.body(), model_cls)
-            gen = self._prepare(req, chat)
-            if req.stream:
-                return await self._stream(gen, req, chat)
-            return await self._complete(gen, req, chat)
-        except P.APIError as e:
-            status = e.status
-            raise
-        finally:
-            if self.metrics is not None:
-                self.metrics.observe(route, status, time.monotonic() - started)
+        raw = await self._read_body(request)
+        loop = asyncio.get_running_loop()
+        req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
+        if req.stream:
+            return await self._stream(gens, req, prompts, chat)
+        outs = await asyncio.gather(*(self._complete(g) for g in gens), return_exceptions=True)
+        for out in outs:
+            if isinstance(out, BaseException):
+                raise out
+        return await loop.run_in_executor(self.cpu, self._body, outs, req, prompts, chat)
 
-    async def _complete(self, gen: GenerationRequest, req: Any, chat: bool) -> dict:
+    async def _complete(self, gen: GenerationRequest) -> GenerationOutput:
         response = self.model.generate.remote(gen)
         try:
             out = await asyncio.wait_for(_await(response), timeout=gen.timeout_s + 5.0)
@@ -216,86 +376,131 @@ class OpenAIIngress:
             response.cancel()
             raise P.APIError(408, f"request did not finish within {gen.timeout_s} s", type="timeout_error",
                              code="request_timeout") from None
-        except BackPressureError as e:
-            raise P.APIError(503, f"server overloaded: {e}", type="service_unavailable_error",
-                             code="overloaded") from e
-        except (RayError, RayServeException) as e:
+        except (RayError, RayServeException, BackPressureError) as e:
             logger.warning("model call failed: %r", e)
             raise _engine_error(e) from e
         if isinstance(out, P.APIError):
             raise out
-        text = self.tokenizer.decode(list(out.token_ids), skip_special_tokens=True)
-        use = P.usage(out.prompt_tokens, len(out.token_ids), out.nfe, out.batch_size)
-        if chat:
-            return P.chat_body(P.new_id("chatcmpl"), req.model, text, out.finish_reason, use)
-        return P.completion_body(P.new_id("cmpl"), req.model, text, out.finish_reason, use)
+        self.metrics.on_output(out)
+        return out
 
-    async def _stream(self, gen: GenerationRequest, req: Any, chat: bool) -> StreamingResponse:
-        events = self.model.options(stream=True).generate_stream.remote(gen)
-        deadline = time.monotonic() + gen.timeout_s + 5.0
+    def _body(self, outs: list[GenerationOutput], req: Any, prompts: list, chat: bool) -> dict:
+        choices, n = [], req.n
+        for i, out in enumerate(outs):
+            echo = decode_prompt(self.tokenizer, prompts[i]) if getattr(req, "echo", False) else ""
+            for c in out.choices:
+                lp = None
+                if c.logprobs is not None:
+                    toks = token_strings(self.tokenizer, c.token_ids)
+                    lp = P.chat_logprobs(toks, list(c.logprobs)) if chat else \
+                        P.completion_logprobs(toks, list(c.logprobs), len(echo))
+                index = i * n + c.index
+                choices.append(P.chat_choice(index, c.text, c.finish_reason, lp) if chat else
+                               P.completion_choice(index, echo + c.text, c.finish_reason, lp))
+        use = P.usage(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
+                      sum(o.nfe for o in outs), max(o.batch_size for o in outs))
+        if chat:
+            return P.chat_body(P.new_id("chatcmpl"), req.model, choices, use)
+        return P.completion_body(P.new_id("cmpl"), req.model, choices, use)
+
+    async def _stream(self, gens: list[GenerationRequest], req: Any, prompts: list, chat: bool) -> StreamingResponse:
+        streams = [self.model.options(stream=True).generate_stream.remote(g) for g in gens]
         try:
-            first = await asyncio.wait_for(events.__anext__(), timeout=gen.timeout_s)
+            for s, g in zip(streams, gens):
+                first = await asyncio.wait_for(s.__anext__(), timeout=g.timeout_s)
+                if isinstance(first, P.APIError):
+                    raise first
         except asyncio.TimeoutError:
-            events.cancel()
-            raise P.APIError(408, f"request was not accepted within {gen.timeout_s} s", type="timeout_error",
+            raise P.APIError(408, "request was not accepted within its timeout", type="timeout_error",
                              code="request_timeout") from None
         except StopAsyncIteration:
             raise P.APIError(503, "the model closed the stream", type="service_unavailable_error") from None
-        except BackPressureError as e:
-            raise P.APIError(503, f"server overloaded: {e}", type="service_unavailable_error",
-                             code="overloaded") from e
-        except (RayError, RayServeException) as e:
-            events.cancel()
+        except (RayError, RayServeException, BackPressureError) as e:
             raise _engine_error(e) from e
-        if isinstance(first, P.APIError):
-            events.cancel()
-            raise first
-        return StreamingResponse(self._sse(events, deadline, req, chat), media_type="text/event-stream")
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        deadline = time.monotonic() + max(g.timeout_s for g in gens) + 5.0
+        return StreamingResponse(self._sse(streams, deadline, req, prompts, chat), media_type="text/event-stream")
 
-    async def _sse(self, events, deadline: float, req: Any, chat: bool) -> AsyncIterator[str]:
-        rid = P.new_id("chatcmpl" if chat else "cmpl")
-        stream = TextStream(self.tokenizer)
+    async def _sse(self, streams: list, deadline: float, req: Any, prompts: list, chat: bool) -> AsyncIterator[str]:
+        rid, n = P.new_id("chatcmpl" if chat else "cmpl"), req.n
+        queue: asyncio.Queue = asyncio.Queue()
 
-        def chunk(text: str, finish: str | None = None, use: dict | None = None) -> str:
-            if chat:
-                return P.sse(P.chat_chunk(rid, req.model, {"content": text} if text or finish is None else {},
-                                          finish, use))
-            return P.sse(P.completion_body(rid, req.model, text, finish, use, chunk=True))
+        async def pump(i: int, events) -> None:
+            try:
+                async for event in events:
+                    await queue.put((i, event))
+            except (RayError, RayServeException) as e:
+                await queue.put((i, _engine_error(e)))
+            await queue.put((i, None))
 
-        finished = False
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        outs: dict[int, GenerationOutput] = {}
+        ended, failed = 0, False
         try:
-            if chat:
-                yield P.sse(P.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-            while True:
+            for i, prompt in enumerate(prompts):
+                for j in range(n):
+                    if chat:
+                        yield P.sse(P.chat_chunk(rid, req.model, [P.chat_delta(i * n + j, {"role": "assistant",
+                                                                                          "content": ""}, None)]))
+                    elif getattr(req, "echo", False):
+                        yield P.sse(P.completion_body(rid, req.model, [P.completion_choice(
+                            i * n + j, decode_prompt(self.tokenizer, prompt), None)], None, chunk=True))
+            while ended < len(streams):
                 try:
-                    event = await asyncio.wait_for(events.__anext__(), timeout=max(deadline - time.monotonic(), 0.0))
-                except StopAsyncIteration:
-                    raise P.APIError(503, "the model closed the stream early: retry",
-                                     type="service_unavailable_error", code="unavailable") from None
+                    i, event = await asyncio.wait_for(queue.get(), timeout=max(deadline - time.monotonic(), 0.0))
                 except asyncio.TimeoutError:
                     raise P.APIError(408, "request did not finish within its timeout", type="timeout_error",
                                      code="request_timeout") from None
-                except (RayError, RayServeException) as e:
-                    logger.warning("model stream failed: %r", e)
-                    raise _engine_error(e) from e
+                if event is None:
+                    ended += 1
+                    if i not in outs:
+                        raise P.APIError(503, "the model closed the stream early: retry",
+                                         type="service_unavailable_error", code="unavailable")
+                    continue
                 if isinstance(event, P.APIError):
                     raise event
                 if isinstance(event, GenerationOutput):
-                    tail = stream.finish(event.token_ids)
-                    use = P.usage(event.prompt_tokens, len(event.token_ids), event.nfe, event.batch_size)
-                    yield chunk(tail, event.finish_reason, use)
-                    yield P.sse("[DONE]")
-                    finished = True
-                    return
-                delta = stream.push(event)
-                if delta:
-                    yield chunk(delta)
+                    outs[i] = event
+                    self.metrics.on_output(event)
+                    for c in event.choices:
+                        yield self._chunk(rid, req, chat, i * n + c.index, "", c.finish_reason, None)
+                    continue
+                if isinstance(event, Delta):
+                    lp = None
+                    if event.logprobs is not None:
+                        toks = token_strings(self.tokenizer, event.token_ids)
+                        lp = P.chat_logprobs(toks, list(event.logprobs)) if chat else \
+                            P.completion_logprobs(toks, list(event.logprobs), 0)
+                    yield self._chunk(rid, req, chat, i * n + event.index, event.text, None, lp)
+            if req.include_usage:
+                done = list(outs.values())
+                use = P.usage(sum(o.prompt_tokens for o in done), sum(o.completion_tokens for o in done),
+                              sum(o.nfe for o in done), max(o.batch_size for o in done))
+                body = P.chat_chunk(rid, req.model, [], use) if chat else \
+                    P.completion_body(rid, req.model, [], use, chunk=True)
+                yield P.sse(body)
+            yield P.sse("[DONE]")
         except P.APIError as e:
+            failed = True
             yield P.sse(e.body())
             yield P.sse("[DONE]")
         finally:
-            if not finished:
-                events.cancel()
+            for t in tasks:
+                t.cancel()
+            if failed or ended < len(streams):
+                for s in streams:
+                    s.cancel()
+
+    def _chunk(self, rid: str, req: Any, chat: bool, index: int, text: str, finish: str | None,
+               lp: dict | None) -> str:
+        if chat:
+            delta = {"content": text} if text else {}
+            return P.sse(P.chat_chunk(rid, req.model, [P.chat_delta(index, delta, finish, lp)]))
+        return P.sse(P.completion_body(rid, req.model, [P.completion_choice(index, text, finish, lp)], None,
+                                       chunk=True))
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
@@ -307,13 +512,18 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 def app_builder(args: dict) -> serve.Application:
     """Ray Serve application builder: ``serve run serve_apps.openai_app:app_builder preset=tiny ...``."""
+    from d3core.models.checkpoint import load_config
     from d3core.models.hub import resolve_checkpoint
     from d3core.models.tokenizer import check_remote_code
 
     cfg = ServeConfig.from_args(args)
-    # Fail at `serve run` / `serve deploy`, not in a replica restart loop: the tokenizer must be loadable.
+    # Fail at `serve run` / `serve deploy`, not in a replica restart loop: the tokenizer must be loadable
+    # and the canvas must leave room for a prompt in the model's context.
     check_remote_code(resolve_checkpoint(cfg.tokenizer_uri, weights=False, trust_remote_code=cfg.trust_remote_code),
                       cfg.trust_remote_code, flag=TRUST_FLAG)
+    try:
+        check_canvas(cfg, load_config(cfg.model).max_seq_len)
+    except FileNotFoundError:  # not reachable from here (e.g. a cluster path): each ingress replica checks
+        logger.info("checkpoint %s not reachable at build time; the canvas is checked when replicas start", cfg.model)
     logger.info("building the OpenAI app for %s", cfg)
     return build_app(cfg)
-

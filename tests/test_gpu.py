@@ -197,9 +197,10 @@ def test_dream_gqa_with_a_padding_mask_runs_on_fused_sdpa_kernels(dtype):
                         intermediate_size=512).to("cuda", dtype).eval()
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 96))
     plans = [RowPlan(0, 96, 96), RowPlan(0, 40, 40), RowPlan(10, 70, 70)]  # three key spans: a padding mask
-    w, _ = Packer(torch.device("cuda")).windows(tokens, plans, np.array([0, 1, 2]), np.array([95, 39, 69]))
-    assert w.key_mask is not None
     cache = KVCache.for_model(model, 3, 96)
+    w, _ = Packer(torch.device("cuda"), cache.capacity).windows(tokens, plans, np.array([0, 1, 2]),
+                                                                 np.array([95, 39, 69]))
+    assert w.key_mask is not None
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         logits = model.forward_windows(w, cache)
     assert torch.isfinite(logits).all()

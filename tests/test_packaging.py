@@ -62,4 +62,4 @@ def test_serve_smoke_names_its_extra_when_httpx_is_missing(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_httpx)
     with pytest.raises(ImportError, match=r"pip install 'd3ray\[serve\]'"):
-        stage_serve(FullConfig())
+        stage_serve(FullConfig(), FullConfig().bound())

@@ -99,12 +99,11 @@ class Attention(nn.Module):
         k = self.k(x).view(n_tok, self.num_kv_heads, self.head_dim)
         v = self.v(x).view(n_tok, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        cache.write(layer, w.cache_index, k, v)
         keys, values = cache.layer(layer)
-        keys[w.rows, w.slots] = k
-        values[w.rows, w.slots] = v
-        queries = q[w.q_index].transpose(1, 2)  # (n, H, T, D)
+        queries = q.index_select(0, w.q_index.view(-1)).view(w.n, w.T, self.num_heads, self.head_dim).transpose(1, 2)
         out = attend(queries, keys[: w.n, : w.S].transpose(1, 2), values[: w.n, : w.S].transpose(1, 2), w.key_mask)
-        out = out.transpose(1, 2).reshape(w.n * w.T, -1)[w.q_flat]
+        out = out.transpose(1, 2).reshape(w.n * w.T, -1).index_select(0, w.q_flat)
         return self.o(out)
 
 
@@ -212,8 +211,9 @@ class DiffusionTransformer(nn.Module):
             x = block.forward_windows(x, rope, w, cache, i)
         h = self.norm(x)
         if self.config.shift_logits:
-            cache.hidden[w.rows, w.slots] = h
-            h = cache.hidden[w.head_rows, (w.head_slots - 1).clamp_min(0)]  # slot 0 keeps its own output
+            hidden = cache.hidden.view(-1, h.shape[-1])
+            hidden.index_copy_(0, w.cache_index, h)
+            h = hidden.index_select(0, w.head_prev)  # slot 0 keeps its own output
         else:
-            h = h[w.head_index]
+            h = h.index_select(0, w.head_index)
         return self.head(h)

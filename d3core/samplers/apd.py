@@ -106,7 +106,7 @@ class APDProgram(Program):
         return plans
 
     def run_step(self, d: Decoder, rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
-        p, width = self.params, self.width
+        width = self.width
         active = [i for i, plan in enumerate(plans) if not plan.sits_out]
         pads = np.array([width - row.prompt_len for row in rows], dtype=np.int64)
         curr = np.array([rows[i].state.curr for i in active], dtype=np.int64)
@@ -184,10 +184,7 @@ class APDProgram(Program):
         st.accepted = n_acc
         st.cache_len = st.right
         if np.isin(tokens, d.eos_ids).any():
-            tail = slice(st.curr, row.length)
-            undecided = d.unmask[r, tail] < 0
-            d.unmask[r, tail][undecided] = row.nfe - 1
-            d.tokens[r, tail] = d.eos_ids[0]
+            d.fill_eos(row, st.curr - row.prompt_len, row.nfe - 1, overwrite=True)
             st.done = True
         st.done |= st.curr >= row.length
         return slots

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from d3core.samplers.base import DecodeParams, GenerationResult, SequenceResult, validate_prompts

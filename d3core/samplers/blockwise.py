@@ -109,13 +109,9 @@ class BlockwiseProgram(Program):
 
 def finish_at_eos(row: Row, d: Decoder) -> None:
     """A committed EOS with nothing masked before it ends the row; slots still masked become EOS."""
-    gen, unmask = d.gen(row)
-    eos_at = np.nonzero(np.isin(gen, d.eos_ids))[0]
-    if len(eos_at) == 0:
+    first = d.first_eos(row)
+    gen, _ = d.gen(row)
+    if first is None or (gen[:first] == d.mask_id).any():
         return
-    masked = gen == d.mask_id
-    if masked[: eos_at[0]].any():
-        return
-    gen[masked] = d.eos_ids[0]
-    unmask[masked] = row.nfe - 1
+    d.fill_eos(row, 0, row.nfe - 1, overwrite=False)
     row.finished = True

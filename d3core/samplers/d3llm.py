@@ -144,9 +144,9 @@ class D3LLMProgram(Program):
 
     def plan(self, row: Row, d: Decoder) -> RowPlan | None:
         st, p = row.state, row.params
-        gen, unmask = d.gen(row)
         if p.early_stop:
-            _handle_eos(st, row.nfe, gen, unmask, d, p.block_length)
+            _handle_eos(st, row, d, p.block_length)
+        gen, _ = d.gen(row)
         masks = (gen == d.mask_id).reshape(p.num_blocks, p.block_length).sum(1).tolist()
         _advance_blocks(st, masks, p)
         if sum(masks) == 0 and (st.created == p.num_blocks or st.eos_stop):
@@ -206,19 +206,16 @@ def _advance_blocks(st: _Blocks, masks: list[int], p: D3LLMParams) -> None:
             st.created += 1
 
 
-def _handle_eos(st: _Blocks, nfe: int, gen: np.ndarray, unmask: np.ndarray, d: Decoder, bl: int) -> None:
+def _handle_eos(st: _Blocks, row: Row, d: Decoder, bl: int) -> None:
     """The first committed EOS ends the answer: later slots become EOS, later blocks count as complete."""
-    eos_at = np.nonzero(np.isin(gen, d.eos_ids))[0]
-    if len(eos_at) == 0:
+    first = d.first_eos(row)
+    if first is None:
         return
-    first = int(eos_at[0])
     st.eos_stop = True
-    newly = gen[first + 1:] == d.mask_id
-    unmask[first + 1:][newly] = max(nfe - 1, 0)
-    gen[first + 1:] = d.eos_ids[0]
+    d.fill_eos(row, first + 1, max(row.nfe - 1, 0), overwrite=True)
     for k in range(st.num_blocks):
         if k * bl > first and st.completed_at[k + 1] is None:
-            st.completed_at[k + 1] = nfe + 1
+            st.completed_at[k + 1] = row.nfe + 1
     st.created = max(st.created, first // bl + 1)
 
 

@@ -81,7 +81,16 @@ class Program:
         raise NotImplementedError
 
     def plan_all(self, d: "Decoder") -> list[RowPlan | None]:
-        return [self.plan(row, d) for row in d.rows]
+        """Every row's plan; a row whose planning raises ends with ``row.error`` and the others go on."""
+        plans: list[RowPlan | None] = []
+        for row in d.rows:
+            try:
+                plans.append(self.plan(row, d))
+            except Exception as e:  # isolate the row: its state is suspect, the batch's is not
+                logger.exception("%s: planning failed for a row", self.name)
+                row.error = f"{self.name} could not plan this row ({type(e).__name__}: {e})"
+                plans.append(None)
+        return plans
 
     def rule(self, cells: Cells) -> torch.Tensor:
         """Device: bool ``(n, NS, seg)`` of the cells to commit this step."""
@@ -127,7 +136,7 @@ class Decoder:
         self.logprob = np.zeros((rows, capacity), dtype=np.float32)
         self.rows: list[Row] = []  # active rows; rows[i].cache_row == i
         self.forwards = 0
-        self.packer = Packer(self.device)
+        self.packer = Packer(self.device, capacity)
         self._seg: int | None = None
         self.graphs = None
         if graphs if graphs is not None else self.device.type == "cuda":
@@ -186,6 +195,27 @@ class Decoder:
         r = row.cache_row
         return self.tokens[r, row.prompt_len: row.length], self.unmask[r, row.prompt_len: row.length]
 
+    def first_eos(self, row: Row) -> int | None:
+        """Index (in the generation slots) of the row's first committed EOS, or None."""
+        gen, _ = self.gen(row)
+        hits = np.nonzero(np.isin(gen, self.eos_ids))[0]
+        return int(hits[0]) if len(hits) else None
+
+    def fill_eos(self, row: Row, start: int, step: int, overwrite: bool) -> None:
+        """Slots ``[start, gen_length)`` become EOS; the undecided ones among them record ``step``.
+
+        ``overwrite`` also replaces tokens committed there (d3LLM's early stop); otherwise only
+        undecided slots change. The one place every sampler ends an answer at EOS.
+        """
+        gen, unmask = self.gen(row)
+        tail, steps = gen[start:], unmask[start:]
+        undecided = tail == self.mask_id
+        steps[undecided & (steps < 0)] = step
+        if overwrite:
+            tail[:] = self.eos_ids[0]
+        else:
+            tail[undecided] = self.eos_ids[0]
+
     def _result(self, row: Row) -> SequenceResult:
         r, p, end = row.cache_row, row.prompt_len, row.length
         return SequenceResult(list(row.prompt), self.tokens[r, p:end].tolist(), row.nfe,
@@ -229,7 +259,7 @@ class Decoder:
             sizes = {"rows": self.max_rows, "capacity": self.capacity, "scratch_row": self.cache.scratch_row,
                      "pad_id": self.pad_id, "max_segments": max(r.params.gen_length // self._seg for r in rows)}
         step = build_segment_step(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
-                                  any(self.program.wants_uniform(r.params) for r in rows), sizes)
+                                  any(self.program.wants_uniform(r.params) for r in rows), self.capacity, sizes)
         if self.graphs is not None:
             out = self.graphs.run(step)
         else:

@@ -128,7 +128,7 @@ def bucket(x: int, cap: int | None = None) -> int:
 
 
 def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
-                   pad_to: tuple[int, int, int] | None, scratch: tuple[int, int] = (0, 0)):
+                   capacity: int, pad_to: tuple[int, int, int] | None, scratch: tuple[int, int] = (0, 0)):
     """Window index arrays; ``pad_to`` = (tokens, T, S) bucket sizes; ``scratch`` = (row, token id) for padding."""
     lens = np.array([max(p.end - p.start, 0) for p in plans], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
@@ -155,12 +155,13 @@ def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarr
                          max(n_tok - 1, 0))
     head_index = offsets[head_rows] + np.maximum(head_slots - starts[head_rows], 0)
     parts = {"ids": ids, "rows": rows, "slots": slots, "q_index": q_index.reshape(-1), "q_flat": q_flat + within,
-             "key_len": key_len, "head_rows": head_rows, "head_slots": head_slots, "head_index": head_index}
+             "key_len": key_len, "head_rows": head_rows, "head_slots": head_slots, "head_index": head_index,
+             "cache_index": rows * capacity + slots, "head_prev": head_rows * capacity + np.maximum(head_slots - 1, 0)}
     return parts, len(ids), width, span, bool((key_len < span).any()) or pad_to is not None
 
 
 def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
-                       steps: list[int], uniform: bool, buckets: dict | None = None) -> HostStep:
+                       steps: list[int], uniform: bool, capacity: int, buckets: dict | None = None) -> HostStep:
     """A segment step's host arrays; ``plans[r]`` is cache row ``r``; a cell is a candidate while it holds ``mask_id``.
 
     ``buckets`` (``rows``, ``capacity``, ``scratch_row``, ``pad_id``, ``max_segments``) rounds every size up.
@@ -205,7 +206,8 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
         span = max(max(p.keys, 1) for p in plans)
         pad_to = (bucket(n_tok), min(bucket(width), buckets["capacity"]), min(bucket(span), buckets["capacity"]))
     scratch = (buckets["scratch_row"], buckets["pad_id"]) if buckets is not None else (0, 0)
-    parts, n_tok, width, span, masked = _windows_parts(tokens, plans, cell_rows, cell_slots, pad_to, scratch)
+    parts, n_tok, width, span, masked = _windows_parts(tokens, plans, cell_rows, cell_slots, capacity, pad_to,
+                                                       scratch)
     padded = len(pad_pos) != n * ns * seg
     if padded:
         parts["pad_pos"] = pad_pos
@@ -224,8 +226,8 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
 class Packer:
     """Uploads host arrays in one transfer (pinned and non-blocking on CUDA) and slices them into views."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device, self.capacity = device, capacity
         self._staging: torch.Tensor | None = None
 
     def upload(self, parts: dict[str, np.ndarray], into: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -259,7 +261,7 @@ class Packer:
         ``extra`` arrays (int64, or float64 viewed as int64) travel in the same transfer and come
         back as device views under their names.
         """
-        parts, n_tok, width, span, masked = _windows_parts(tokens, plans, head_rows, head_slots, None)
+        parts, n_tok, width, span, masked = _windows_parts(tokens, plans, head_rows, head_slots, self.capacity, None)
         dev = self.upload({**parts, **(extra or {})})
         return windows_view(dev, len(plans), width, span, masked, self.device), \
             {name: dev[name] for name in (extra or {})}
@@ -272,7 +274,8 @@ def windows_view(dev: dict[str, torch.Tensor], n: int, width: int, span: int, ma
         key_mask = (torch.arange(span, device=device)[None] < dev["key_len"][:, None])[:, None, None, :]
     return Windows(ids=dev["ids"], rows=dev["rows"], slots=dev["slots"], q_index=dev["q_index"].view(n, width),
                    q_flat=dev["q_flat"], key_mask=key_mask, head_rows=dev["head_rows"], head_slots=dev["head_slots"],
-                   head_index=dev["head_index"], n=n, T=width, S=span)
+                   head_index=dev["head_index"], cache_index=dev["cache_index"], head_prev=dev["head_prev"], n=n,
+                   T=width, S=span)
 
 
 def segment_meta(dev: dict[str, torch.Tensor], shape: Shape, device: torch.device) -> StepMeta:

@@ -357,15 +357,17 @@ def test_rayjob_entrypoint_parses_with_full_py_s_own_parser():
     argv = shlex.split(doc["spec"]["entrypoint"])
     # the image installs the repo at /home/ray/d3ray (cluster/Dockerfile): the script must exist there
     assert argv[1] == "/home/ray/d3ray/pipelines/full.py"
-    cfg = _entrypoint_config(argv)  # FullConfig: raises on a missing --teacher / --ar-model / --prompts
-    assert cfg.preset == "llada-8b"
+    cfg = _entrypoint_config(argv)  # FullConfig: raises on a missing --prompts or a bad value
+    recipe = cfg.recipe
+    assert recipe.preset == "llada-8b"
     assert re.match(r"(s3|gs)://", cfg.run_dir), "pods need shared storage for the run directory"
-    assert re.match(r"(s3|gs)://", cfg.prompts)
+    assert re.match(r"(s3|gs)://", recipe.prompts)
     from d3core.models.hub import parse_hub_ref
 
-    assert parse_hub_ref(cfg.teacher) is not None and parse_hub_ref(cfg.ar_model) is not None
-    # the check is live: the entrypoint as it shipped before (no --teacher) is refused by the same parser
-    with pytest.raises(ValueError, match="needs --teacher"):
+    assert parse_hub_ref(recipe.teacher) is not None and parse_hub_ref(recipe.ar_model) is not None
+    assert recipe.trajectories.teacher == recipe.teacher == recipe.evaluate.models["teacher"]  # one setting
+    # the check is live: an entrypoint without the prompts is refused by the same parser
+    with pytest.raises(ValueError, match="needs --prompts"):
         _entrypoint_config(["python", argv[1], "--preset", "llada-8b", "--run-dir", cfg.run_dir])
     assert doc["spec"]["shutdownAfterJobFinishes"] is True
     cluster = doc["spec"]["rayClusterSpec"]

@@ -76,7 +76,7 @@ def test_dream_trajectories_distill_eval_and_serve(dream_hub, tmp_path):
 
     # 3. evaluation: teacher (hub id) and student (path), both with Dream's tokenizer
     ecfg = dict(models={"teacher": DREAM, "student": str(student)}, ar_model=None, out=str(tmp_path / "eval"),
-                sweeps={"d3llm": (0.5,)}, n=4, batch_size=4)
+                sweeps={"d3llm.entropy_threshold": (0.5,)}, n=4, batch_size=4)
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         run_evaluation(EvaluateConfig.from_preset("tiny", **ecfg))
     report = run_evaluation(EvaluateConfig.from_preset("tiny", **ecfg, trust_remote_code=True))

@@ -17,7 +17,8 @@ TEACHER, AR = str(TINY_TEACHER_DIR), str(TINY_AR_DIR)
 
 def small(out, **kw) -> ev.EvaluateConfig:
     base = dict(models={"teacher": TEACHER, "twin": TEACHER}, ar_model=AR, out=str(out),
-                sweeps={"vanilla": (), "fast_dllm": (0.9,), "d3llm": (0.5, 1.0)}, n=8, batch_size=8)
+                sweeps={"vanilla": (), "fast_dllm.confidence_threshold": (0.9,),
+                        "d3llm.entropy_threshold": (0.5, 1.0)}, n=8, batch_size=8)
     base.update(kw)
     return ev.EvaluateConfig(**base)
 
@@ -51,29 +52,38 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="sweepable"):
         small(tmp_path, sweeps={"ar": (0.5,)})
     with pytest.raises(ValueError, match="empty"):
-        small(tmp_path, sweeps={"d3llm": ()})
+        small(tmp_path, sweeps={"d3llm.entropy_threshold": ()})
+    # one name per concept: a threshold says which one it is
+    with pytest.raises(ValueError, match="fast_dllm sweeps its confidence_threshold.*write fast_dllm.confidence_thr"):
+        small(tmp_path, sweeps={"fast_dllm.entropy_threshold": (0.5,)})
+    with pytest.raises(ValueError, match="d3llm sweeps its entropy_threshold \\(in nats, lower is stricter\\)"):
+        small(tmp_path, sweeps={"d3llm": (0.5,)})
+    with pytest.raises(ValueError, match="sets \\['threshold'\\].*threshold from sweeps"):
+        small(tmp_path, sampler_params={"d3llm": {"threshold": 0.2}})
     with pytest.raises(ValueError, match="divide"):
         small(tmp_path, gen_length=40, block_length=16)
     with pytest.raises(ValueError, match="use_vllm"):
         small(tmp_path, use_vllm="maybe")
     with pytest.raises(ValueError, match="preset"):
         ev.EvaluateConfig.from_preset("huge")
-    with pytest.raises(ValueError, match="no default models"):
-        ev.EvaluateConfig.from_preset("llada-8b")
+    assert ev.EvaluateConfig.from_preset("llada-8b").models == {"teacher": "GSAI-ML/LLaDA-8B-Instruct"}
 
 
 def test_tiny_preset_and_cli(tmp_path):
     cfg = ev.EvaluateConfig.from_preset("tiny", out=str(tmp_path))
     assert cfg.models == {"teacher": TEACHER} and cfg.ar_model == AR and cfg.n == 100
-    assert all(len(cfg.sweeps[s]) >= 4 for s in ("fast_dllm", "dparallel", "d3llm")) and "vanilla" in cfg.sweeps
-    cli = ev.parse_args(["--preset", "tiny", "--model", "teacher=A", "--model", "student=B", "--out", "X",
-                         "--sweep", "d3llm=0.3,0.5", "--sweep", "vanilla=", "--n", "5", "--ar-model", "none",
-                         "--param", "d3llm.cache_delay_iter=2"])
-    assert cli.models == {"teacher": "A", "student": "B"} and cli.ar_model is None and cli.n == 5
-    assert cli.sweeps == {"d3llm": (0.3, 0.5), "vanilla": ()}
-    assert cli.sampler_params["d3llm"] == {"cache_delay_iter": 2}
-    assert ev.PRESETS["tiny"]["sampler_params"]["d3llm"] == {"cache_delay_iter": 2}  # preset untouched
-    assert ev.config_from_json(ev.config_to_json(cfg)) == cfg
+    assert all(len(cfg.sweep_values()[s]) >= 4 for s in ("fast_dllm", "dparallel", "d3llm")) and "vanilla" in cfg.sweeps
+    cli, overwrite = ev.parse_args(["--preset", "tiny", "--model", "teacher=A", "--model", "student=B", "--out", "X",
+                                    "--sweep", "d3llm.entropy_threshold=0.3,0.5", "--sweep", "vanilla", "--n", "5",
+                                    "--ar-model", "None", "--param", "d3llm.cache_delay_iter=1"])
+    assert cli.models == {"teacher": "A", "student": "B"} and cli.ar_model is None and cli.n == 5 and not overwrite
+    assert cli.sweeps == {"d3llm.entropy_threshold": (0.3, 0.5), "vanilla": ()}
+    assert cli.sampler_params == {"d3llm": {"cache_delay_iter": 1}, "fast_dllm": {"cache": "dual"}}  # merged
+    assert cfg.sampler_params["d3llm"] == {"cache_delay_iter": 2}  # the recipe untouched
+    assert ev.parse_args(["--sweep", "d3llm=0.3"])[0].sweeps == {"d3llm.entropy_threshold": (0.3,)}  # its one axis
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # crosses Ray boundaries as itself
 
 
 def test_plan_and_keys(tmp_path):
@@ -101,9 +111,9 @@ def test_vllm_on_without_vllm_fails_clearly_and_auto_falls_back(tmp_path):
 
 @pytest.mark.skipif(not _vllm_imports(), reason="vLLM is not importable here (optional extra 'vllm')")
 def test_ar_cell_through_vllm_matches_the_ar_sampler(tmp_path):
-    cell = json.dumps(dataclasses.asdict(ev.Cell("AR", AR, "ar", None, "synthetic")))
-    via_vllm = ev.run_cell(ev.config_to_json(small(tmp_path, use_vllm="on")), cell)
-    via_ar = ev.run_cell(ev.config_to_json(small(tmp_path, use_vllm="off")), cell)
+    cell = ev.Cell("AR", AR, "ar", None, "synthetic")
+    via_vllm = ev.run_cell(small(tmp_path, use_vllm="on"), cell)
+    via_ar = ev.run_cell(small(tmp_path, use_vllm="off"), cell)
     assert via_vllm["backend"] == "vllm" and via_ar["backend"] == "d3core-ar"
     assert via_vllm["accuracy"] == via_ar["accuracy"]
 
@@ -153,7 +163,7 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
 
 
 def test_bad_sampler_settings_fail_before_any_cell_runs(tmp_path):
-    with pytest.raises(ValueError, match="threshold"):
-        small(tmp_path, sweeps={"fast_dllm": (1.5,)})  # a confidence threshold above 1
+    with pytest.raises(ValueError, match=r"fast_dllm.confidence_threshold=1.5: threshold=1.5: must lie in \[0.0, 1.0\]"):
+        small(tmp_path, sweeps={"fast_dllm.confidence_threshold": (1.5,)})  # a confidence above 1
     with pytest.raises(ValueError, match="D3LLMParams"):
         small(tmp_path, sampler_params={"d3llm": {"no_such_field": 1}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 
@@ -17,6 +19,7 @@ from d3core.models.registry import preset
 from d3core.models.safetensors_io import plan_shards
 from d3core.models.tokenizer import RemoteCodeError
 from pipelines.distill import DistillConfig, export_student
+from pipelines.recipes import get_recipe
 
 LLADA_REPO, DREAM_REPO = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
 SUMMARY = {"rows": 40, "steps": 10}
@@ -81,7 +84,7 @@ def test_hub_llada_teacher_exports_its_own_layout_in_bf16(hub_cache, layouts, tm
     teacher = layouts["llada"]
     student = student_checkpoint(str(teacher), tmp_path / "ckpt")
     out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), preset="llada-8b", max_shard_bytes=20_000)  # a GPU preset: bf16 weights
+    cfg = dataclasses.replace(get_recipe("llada-8b").distill, out=str(out), max_shard_bytes=20_000)  # a GPU preset: bf16 weights
     export_student(cfg, str(tmp_path / "ckpt"), LLADA_REPO, SUMMARY)
 
     # the teacher's file list, minus its modeling code (auto_map points into its repo instead)
@@ -124,9 +127,9 @@ def test_hub_dream_teacher_needs_the_flag_and_keeps_its_tokenizer_class(hub_cach
     student_checkpoint(str(teacher), tmp_path / "ckpt")
     out = tmp_path / "student"
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
-        export_student(DistillConfig(out=str(out), preset="dream-7b"), str(tmp_path / "ckpt"), DREAM_REPO, SUMMARY)
+        export_student(dataclasses.replace(get_recipe("dream-7b").distill, out=str(out)), str(tmp_path / "ckpt"), DREAM_REPO, SUMMARY)
     assert not out.exists()  # refused before writing anything
-    cfg = DistillConfig(out=str(out), preset="dream-7b", trust_remote_code=True, max_shard_bytes=20_000)
+    cfg = dataclasses.replace(get_recipe("dream-7b").distill, out=str(out), trust_remote_code=True, max_shard_bytes=20_000)
     export_student(cfg, str(tmp_path / "ckpt"), f"hf://{DREAM_REPO}", SUMMARY)
     expected = files(teacher) - MODEL_CODE  # tokenization_dream.py is a tokenizer file and stays
     assert {f for f in files(out) if not f.startswith("model-")} == {f for f in expected if not f.startswith("model-")}
@@ -149,7 +152,7 @@ def test_local_teacher_ships_its_code_and_keeps_its_auto_map(layouts, tmp_path):
     teacher = layouts["dream"]
     student_checkpoint(str(teacher), tmp_path / "ckpt")
     out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), preset="tiny", trust_remote_code=True, max_shard_bytes=20_000)
+    cfg = DistillConfig(out=str(out), trust_remote_code=True, max_shard_bytes=20_000)
     export_student(cfg, str(tmp_path / "ckpt"), str(teacher), SUMMARY)
     assert {f for f in files(out) if not f.startswith("model-")} == \
         {f for f in files(teacher) if not f.startswith("model-")}
@@ -167,7 +170,7 @@ def test_lora_checkpoint_exports_merged_weights(layouts, tmp_path):
 
     lora = LoraSettings(rank=4, alpha=8.0, targets=("q", "down"))
     model = student_checkpoint(str(layouts["llada"]), tmp_path / "ckpt", lora=lora)
-    cfg = DistillConfig(out=str(tmp_path / "student"), preset="tiny", lora_rank=4, lora_alpha=8.0,
+    cfg = DistillConfig(out=str(tmp_path / "student"), lora_rank=4, lora_alpha=8.0,
                         lora_targets=("q", "down"))
     export_student(cfg, str(tmp_path / "ckpt"), str(layouts["llada"]), SUMMARY)
     merged = merge_lora(model).state_dict()

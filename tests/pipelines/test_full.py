@@ -40,10 +40,10 @@ def ray_head():
         _run([RAY, "stop", "--force"], 120)
 
 
-def _submit(run_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _submit(run_dir: Path, extra: list[str] = ()) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
     out = _run([RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/full.py", "--run-dir",
-                str(run_dir), *ARGS], 900)
+                str(run_dir), *ARGS, *extra], 900)
     return out, time.perf_counter() - t0
 
 
@@ -73,17 +73,28 @@ def test_job_submit_runs_the_pipeline_and_a_rerun_skips_finished_stages(ray_head
         assert "rechecked_seconds" in again[stage]
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "trajectories").glob("*.parquet")} == shard_times
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == student_time
+    recipe = (run_dir / "recipe.yaml").read_text()  # the resolved recipe, saved in the run dir
+    assert "n_prompts: 64" in recipe and "max_steps: 2" in recipe and "d3llm.entropy_threshold:" in recipe
+
+    # a rerun with other settings into the same run dir refuses, names the field and the ways out, touches nothing
+    third, _ = _submit(run_dir, ["--n-prompts", "90"])
+    assert third.returncode != 0
+    out = third.stdout + third.stderr
+    assert "prompts.count: 64 -> 90" in out and "--overwrite trajectories" in out and "--run-dir" in out, out[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "trajectories").glob("*.parquet")} == shard_times
+    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == student_time
+    assert (run_dir / "recipe.yaml").read_text() == recipe  # still the recipe of what the run dir holds
 
 
 def test_bad_arguments_fail_before_any_stage(tmp_path):
-    from pipelines.full import FullConfig
+    from pipelines.full import FullConfig, parse_args
 
     with pytest.raises(ValueError, match="unknown stage"):
         FullConfig(skip=("distil",))
-    with pytest.raises(ValueError, match="needs --teacher"):
-        FullConfig(preset="llada-8b")
-    with pytest.raises(ValueError, match="sweeps='d3llm=x'"):
-        FullConfig(sweeps="d3llm=x")
+    with pytest.raises(ValueError, match="needs --prompts"):
+        parse_args(["--preset", "llada-8b"])
+    with pytest.raises(ValueError, match="sweep 'd3llm=x'"):
+        parse_args(["--sweeps", "d3llm=x"])
 
 
 def test_card_evaluation_lists_every_system_and_task():

@@ -98,9 +98,22 @@ def test_kill_and_rerun_gives_exactly_one_row_per_id(tmp_path):
     assert not list(out.glob(".tmp-*"))
 
 
+def test_a_gpu_request_the_cluster_cannot_meet_is_refused_not_left_hanging(ray_local, tmp_path):
+    import time
+
+    if ray_local.cluster_resources().get("GPU", 0) >= 1:
+        pytest.skip("this machine has a GPU")
+    cfg = P.TrajectoriesConfig(out=str(tmp_path / "traj"), n_prompts=4, shard_size=4, num_gpus_per_actor=1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPU\(s\).*set "
+                                         r"num_gpus_per_actor=0"):
+        P.run(cfg)
+    assert time.perf_counter() - t0 < 60
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="preset='gpt'"):
-        P.TrajectoriesConfig(preset="gpt")
+        P.parse_args(["--preset", "gpt"])
     with pytest.raises(ValueError, match="max_attempts=0"):
         P.TrajectoriesConfig(max_attempts=0)
     with pytest.raises(ValueError, match="block_length=20 must divide gen_length=48"):

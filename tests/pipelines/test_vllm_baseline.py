@@ -6,9 +6,9 @@ run. Elsewhere it runs when .venv-vllm exists and skips, saying why, when it doe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import pickle
 import subprocess
 from pathlib import Path
 
@@ -48,16 +48,16 @@ def _config(tmp_path, use_vllm: str, n: int) -> ev.EvaluateConfig:
 @pytest.mark.parametrize("task", list(N))
 def test_vllm_cell_gets_the_same_tokens_as_the_ar_sampler(tmp_path, task):
     cell = ev.Cell(ev.AR_NAME, str(TINY_AR_DIR), "ar", None, task)
-    cfg_file, cell_file, out_file = tmp_path / "cfg.json", tmp_path / "cell.json", tmp_path / "vllm.json"
-    cfg_file.write_text(ev.config_to_json(_config(tmp_path, "on", N[task])))
-    cell_file.write_text(json.dumps(dataclasses.asdict(cell)))
+    cfg_file, cell_file, out_file = tmp_path / "cfg.pkl", tmp_path / "cell.pkl", tmp_path / "vllm.json"
+    cfg_file.write_bytes(pickle.dumps(_config(tmp_path / "vllm", "on", N[task])))
+    cell_file.write_bytes(pickle.dumps(cell))
     env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(_vllm_python()), str(ROOT / "tests" / "pipelines" / "vllm_cell.py"), str(cfg_file),
                            str(cell_file), str(out_file)], capture_output=True, text=True, timeout=CELL_TIMEOUT_S,
                           env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     via_vllm = json.loads(out_file.read_text())
-    via_ar = ev.run_cell(ev.config_to_json(_config(tmp_path, "off", N[task])), json.dumps(dataclasses.asdict(cell)))
+    via_ar = ev.run_cell(_config(tmp_path / "ar", "off", N[task]), cell)
     assert via_vllm["backend"] == "vllm" and via_ar["backend"] == "d3core-ar"
     assert via_vllm["protocol"] == via_ar["protocol"]
     assert [s["tokens"] for s in via_vllm["samples"]] == [s["tokens"] for s in via_ar["samples"]]

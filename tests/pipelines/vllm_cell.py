@@ -1,6 +1,8 @@
 """Run one evaluation cell in this interpreter and write its record as JSON (used by test_vllm_baseline.py).
 
-    python tests/pipelines/vllm_cell.py CONFIG_JSON_FILE CELL_JSON_FILE OUT_FILE
+    python tests/pipelines/vllm_cell.py CONFIG_PICKLE CELL_PICKLE OUT_FILE
+
+The config and cell are the dataclasses themselves, pickled (both interpreters run this checkout).
 
 vLLM starts its engine with the spawn method, so this runs as a script under a ``__main__`` guard.
 """
@@ -8,6 +10,7 @@ vLLM starts its engine with the spawn method, so this runs as a script under a `
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from pathlib import Path
 def main(cfg_file: str, cell_file: str, out_file: str) -> None:
     from pipelines.evaluate import run_cell
 
-    record = run_cell(Path(cfg_file).read_text(), Path(cell_file).read_text())
+    record = run_cell(pickle.loads(Path(cfg_file).read_bytes()), pickle.loads(Path(cell_file).read_bytes()))
     Path(out_file).write_text(json.dumps(record))
 
 

@@ -12,7 +12,8 @@ from d3core.models.shipped import TINY_TEACHER_DIR
 from serve_apps import protocol as P
 from serve_apps.config import ServeConfig
 from serve_apps.openai_app import app_builder
-from serve_apps.text import TextStream, encode_chat, encode_completion_prompt
+from serve_apps.outputs import ChoiceText
+from serve_apps.text import encode_chat, encode_completion_prompt
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "serve_apps" / "config"
 
@@ -36,7 +37,8 @@ def test_tiny_preset_is_cpu_one_thread_shipped_teacher(cfg):
 
 def test_gpu_presets_need_a_model_uri_and_use_gpus():
     with pytest.raises(ValueError, match="ServeConfig.model=''.*pass model="):
-        ServeConfig.from_preset("llada-8b")
+        ServeConfig.from_preset("llada-8b", model="")
+    assert ServeConfig.from_preset("llada-8b").model == "GSAI-ML/LLaDA-8B-Instruct"  # the recipe's teacher
     cfg = ServeConfig.from_preset("dream-7b", model="/models/dream")
     opts = cfg.deployment_options()
     assert opts["ray_actor_options"]["num_gpus"] == 1.0 and cfg.dtype == "bfloat16"
@@ -116,9 +118,16 @@ def test_a_remote_code_tokenizer_is_refused_at_build_time_naming_the_serve_arg(t
     (b'{"model": "m", "prompt": "x", "max_tokens": 0}', "greater_than_equal", "max_tokens"),
     (b'{"model": "m", "prompt": "x", "max_tokens": "5"}', "int_type", "max_tokens"),
     (b'{"model": "m", "prompt": "x", "stream": "yes"}', "bool_type", "stream"),
-    (b'{"model": "m", "prompt": "x", "frobnicate": 1}', "extra_forbidden", "frobnicate"),
-    (b'{"model": "m", "prompt": "x", "n": 2}', "unsupported_value", "n"),
-    (b'{"model": "m", "prompt": "x", "stop": ["\\n"]}', "unsupported_parameter", "stop"),
+    (b'{"model": "m", "prompt": "x", "n": 0}', "greater_than_equal", "n"),
+    (b'{"model": "m", "prompt": "x", "seed": 18446744073709551616}', "less_than_equal", "seed"),
+    (b'{"model": "m", "prompt": "x", "seed": -9223372036854775809}', "greater_than_equal", "seed"),
+    (b'{"model": "m", "prompt": "a\\ud800b"}', "invalid_text", "prompt"),
+    (b'{"model": "m", "prompt": "x", "top_p": 0.3}', "unsupported_value", "top_p"),
+    (b'{"model": "m", "prompt": "x", "logprobs": 2}', "unsupported_value", "logprobs"),
+    (b'{"model": "m", "prompt": "x", "suffix": "y"}', "unsupported_value", "suffix"),
+    (b'{"model": "m", "prompt": "x", "stop": 5}', "string_type", "stop"),
+    (b'{"model": "m", "prompt": [[]]}', "string_type", "prompt"),
+    (b'{"model": "m", "prompt": [], "max_tokens": 2}', "empty_prompt", "prompt"),
 ])
 def test_malformed_or_mistyped_requests_are_400s(raw, code, param):
     with pytest.raises(P.APIError) as e:
@@ -135,6 +144,28 @@ def test_chat_messages_are_validated():
     with pytest.raises(P.APIError) as e:
         parse({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, chat=True)
     assert e.value.param == "messages.0.role"
+    for bad, param in (({"response_format": {"type": "json_schema"}}, "response_format"),
+                       ({"top_logprobs": 3}, "top_logprobs"), ({"tools": [{"type": "function"}]}, "tools")):
+        with pytest.raises(P.APIError) as e:
+            parse({"model": "m", "messages": [{"role": "user", "content": "x"}], **bad}, chat=True)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_value")
+
+
+def test_unknown_fields_are_ignored_and_logged(caplog):
+    caplog.set_level("INFO", logger="serve_apps.protocol")
+    req = parse({"model": "m", "prompt": "x", "top_k": 5, "metadata": {"k": "v"}, "frobnicate": [1]})
+    assert req.model_extra == {"top_k": 5, "metadata": {"k": "v"}, "frobnicate": [1]}
+    assert "ignoring unknown request fields ['frobnicate', 'metadata', 'top_k']" in caplog.text
+    chat = parse({"model": "m", "messages": [{"role": "developer", "content": "x"}, {"role": "tool", "content": "y"}],
+                  "logprobs": True, "top_logprobs": 0, "stream_options": {"include_usage": True}}, chat=True)
+    assert chat.want_logprobs and chat.stream_options.include_usage
+
+
+def test_deep_nesting_is_a_400_not_a_crash():
+    deep = b'{"model": "m", "prompt": "x", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(P.APIError) as e:
+        P.parse_request(deep, P.CompletionRequest)
+    assert e.value.code == "invalid_json"
 
 
 def test_resolve_params_applies_overrides_within_limits(cfg):
@@ -177,16 +208,38 @@ def test_chat_template_and_completion_prompts(tok):
     msgs = parse({"model": "m", "messages": [{"role": "user", "content": "how many apples"}]}, chat=True).messages
     ids = encode_chat(tok, msgs)
     assert ids[0] == tok.bos_token_id and tok.decode(ids).rstrip().endswith("assistant")
-    assert encode_completion_prompt(tok, "we have 9 .") == encode_completion_prompt(tok, ["we have 9 ."])
     assert encode_completion_prompt(tok, [5, 6]) == [5, 6]
-    with pytest.raises(P.APIError, match="one prompt per request"):
-        encode_completion_prompt(tok, ["a", "b"])
+    texts = parse({"model": "m", "prompt": ["we have 9 .", "add 4"]}).prompts
+    assert [encode_completion_prompt(tok, p) for p in texts] == [encode_completion_prompt(tok, "we have 9 ."),
+                                                                 encode_completion_prompt(tok, "add 4")]
+    assert parse({"model": "m", "prompt": [[5, 6], [7]]}).prompts == [[5, 6], [7]]
+    assert parse({"model": "m", "prompt": [5, 6]}).prompts == [[5, 6]]
+    with pytest.raises(P.APIError) as e:  # a mixed list is not an OpenAI prompt
+        parse({"model": "m", "prompt": ["we have 9 .", [5, 6]]})
+    assert e.value.param.startswith("prompt")
 
 
-def test_text_stream_deltas_concatenate_to_the_final_text(tok):
+def test_choice_text_deltas_are_final_and_concatenate_to_the_text(tok):
     ids = tok("we have 9 . add + 4 = 13 . answer 13", add_special_tokens=False)["input_ids"]
-    stream = TextStream(tok)
-    deltas = [stream.push(ids[i:i + 3]) for i in range(0, len(ids), 3)]
-    tail = stream.finish(ids)
-    assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=True)
-    assert sum(bool(d) for d in deltas) >= 3
+    text = ChoiceText(tok, 0, (), None, want_logprobs=True)
+    deltas = [text.update(ids[:i], [-0.5] * i, False, False) for i in range(1, len(ids))]
+    last = text.update(ids, [-0.5] * len(ids), True, True)
+    sent = "".join(d.text for d in deltas + [last] if d is not None)
+    assert sent == tok.decode(ids, skip_special_tokens=True) and text.finish_reason == "stop"
+    assert sum(len(d.token_ids) for d in deltas + [last] if d is not None) == len(ids)
+
+
+def test_choice_text_stops_at_the_first_stop_string_and_holds_back_partial_matches(tok):
+    ids = tok("we have 9 . add + 4 = 13 . answer 13", add_special_tokens=False)["input_ids"]
+    text = ChoiceText(tok, 0, ("= 13", "answer"), None, want_logprobs=False)
+    sent = ""
+    for i in range(1, len(ids) + 1):
+        d = text.update(ids[:i], [0.0] * i, i == len(ids), False)
+        sent += d.text if d else ""
+        assert "= 1" not in sent or text.finish_reason == "stop"  # never streams a stop string's start early
+    full = tok.decode(ids, skip_special_tokens=True)
+    assert text.finish_reason == "stop" and sent == text.text == full[: full.index("= 13")]
+    assert tok.decode(list(text.ids), skip_special_tokens=True).startswith(text.text)
+    capped = ChoiceText(tok, 0, (), 3, want_logprobs=False)
+    capped.update(ids, [0.0] * len(ids), False, False)
+    assert capped.finish_reason == "length" and len(capped.ids) == 3

@@ -26,7 +26,7 @@ def window_logits(model, cache, tokens: np.ndarray, windows: list[tuple[int, int
     plans = [RowPlan(s, e, k) for s, e, k in windows]
     rows = np.concatenate([[r] * len(h) for r, h in enumerate(heads)]).astype(np.int64)
     slots = np.concatenate([h for h in heads]).astype(np.int64)
-    w, _ = Packer(torch.device("cpu")).windows(tokens, plans, rows, slots)
+    w, _ = Packer(torch.device("cpu"), cache.capacity).windows(tokens, plans, rows, slots)
     with torch.no_grad():
         logits = model.forward_windows(w, cache)
     out, at = [], 0
@@ -180,8 +180,8 @@ def test_the_window_forward_never_reads_device_data_on_the_host(arch):
     model = model_for(arch)
     tokens = random_tokens(model, 2, 12, 1).numpy()
     plans = [RowPlan(0, 12, 12), RowPlan(4, 10, 10)]
-    w, _ = Packer(torch.device("cpu")).windows(tokens, plans, np.array([0, 1]), np.array([11, 6]))
     cache = KVCache.for_model(model, 2, 12)
+    w, _ = Packer(torch.device("cpu"), cache.capacity).windows(tokens, plans, np.array([0, 1]), np.array([11, 6]))
     with torch.no_grad(), _SyncSpy() as spy:
         model.forward_windows(w, cache)
     assert spy.seen == []
