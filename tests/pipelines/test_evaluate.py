@@ -126,10 +126,10 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
     for name in ("report.json", "report.md", "aup.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "aup.png").read_bytes()[:4] == b"\x89PNG"
-    cells = ev.plan_cells(cfg)
-    assert sorted(os.listdir(out / "cells")) == sorted([f"{c.key(cfg)}.json" for c in cells]
-                                                       + [f"{c.key(cfg)}.samples.jsonl" for c in cells])
-    rows = [json.loads(line) for line in (out / "cells" / f"{cells[0].key(cfg)}.samples.jsonl").read_text().splitlines()]
+    keys = list(report["samples"])  # cell keys, in the report's cell order
+    assert len(keys) == len(ev.plan_cells(cfg)) == len(report["cells"])
+    assert sorted(os.listdir(out / "cells")) == sorted([f"{k}.json" for k in keys] + [f"{k}.samples.jsonl" for k in keys])
+    rows = [json.loads(line) for line in (out / "cells" / f"{keys[0]}.samples.jsonl").read_text().splitlines()]
     assert len(rows) == cfg.n and {"id", "prompt", "output", "answer", "correct", "nfe", "unmask_steps"} <= set(rows[0])
     assert sum(r["correct"] for r in rows) == round(report["cells"][0]["accuracy"] * cfg.n)
     assert all(len(r["unmask_steps"]) == len(r["tokens"]) for r in rows)
