@@ -7,9 +7,10 @@
 Every (model, sampler, threshold, task) combination is one *cell* and one Ray task
 (``num_cpus_per_cell`` CPUs, ``threads_per_cell`` torch threads inside). The AR baseline is one
 cell per task, decoded by vLLM when ``use_vllm`` allows and ``vllm`` imports in the worker,
-otherwise by d3core's ``ar`` sampler. The driver writes each finished cell to
-``out/cells/<cell id>.json`` (the id hashes everything that changes the result), so a rerun
-decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
+otherwise by d3core's ``ar`` sampler. Prompts follow the peers' protocol of each model family
+(``d3core.eval.protocols``). The driver writes each finished cell to ``out/cells/<cell id>.json``
+(the id hashes everything that changes the result) and its per-sample records to
+``<cell id>.samples.jsonl``, so a rerun decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
 table) and ``aup.png`` (accuracy vs TPF) under ``out``. Models are paths, fsspec URIs, hub ids
 or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoint code (Dream).
 """
@@ -250,11 +251,16 @@ def _ar_backend(cfg: EvaluateConfig, cell: Cell, device: str):
 
 
 def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
-    """Load the cell's model, decode the task's first ``n`` examples, score them; returns the cell record."""
+    """Load the cell's model, decode the task's first ``n`` examples, score them; returns the cell record.
+
+    The record's ``samples`` are the per-sample records (:mod:`d3core.eval.records`); the driver
+    writes them beside the cell as JSON Lines.
+    """
     import torch
 
     from d3core.eval.harness import evaluate_task
     from d3core.eval.sandbox import SandboxLimits
+    from d3core.eval.stats import bootstrap_ci
     from d3core.eval.tasks import get_task
     from d3core.models.checkpoint import load_pretrained
     from d3core.models.hub import resolve_checkpoint
@@ -275,18 +281,42 @@ def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
     examples = task.examples(cfg.n or None, seed=cfg.seed)
     report = evaluate_task(model, tokenizer, task, spec, params, examples, batch_size=cfg.batch_size,
                            generator=torch.Generator().manual_seed(cfg.seed), style=cfg.prompt_style,
-                           limits=SandboxLimits(cpu_s=cfg.sandbox_timeout_s), code_workers=cfg.code_workers)
+                           limits=SandboxLimits(cpu_s=cfg.sandbox_timeout_s), code_workers=cfg.code_workers,
+                           protocol=_ar_protocol(cfg, cell), truncate_prompts=True)
     hardware = torch.cuda.get_device_name() if device == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {cfg.threads_per_cell} torch thread(s)"
     return {**dataclasses.asdict(cell), **report.summary(), "params": dataclasses.asdict(params),
             "backend": backend, "device": device, "hardware": hardware,
-            "cell_seconds": time.perf_counter() - t0, "cell_cpu_seconds": time.process_time() - cpu0}
+            "accuracy_ci": list(bootstrap_ci(report.correct, seed=cfg.seed)),
+            "cell_seconds": time.perf_counter() - t0, "cell_cpu_seconds": time.process_time() - cpu0,
+            "samples": [dataclasses.asdict(r) for r in report.samples]}
+
+
+def _ar_protocol(cfg: EvaluateConfig, cell: Cell):
+    """The AR baseline's protocol on the leaderboard of the evaluated dLLMs' family (None: the harness decides)."""
+    if cell.sampler != "ar" or cfg.prompt_style != "auto":
+        return None
+    from d3core.eval.protocols import ar_family_for, checkpoint_family, get_protocol
+    from d3core.models.hub import resolve_checkpoint
+
+    first = next(iter(cfg.models.values()))
+    family = checkpoint_family(resolve_checkpoint(first, weights=False, trust_remote_code=cfg.trust_remote_code))
+    return get_protocol(ar_family_for(family), cell.task)
 
 
 # -- the driver ------------------------------------------------------------------------------
 def _cells_dir(cfg: EvaluateConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(cfg.out)
     return fs, root.rstrip("/")
+
+
+def read_samples(cfg: EvaluateConfig, cell: Cell) -> list[dict] | None:
+    """The per-sample records of a finished cell (None for a cell written before they existed)."""
+    from d3core.eval.records import from_jsonl
+
+    fs, root = _cells_dir(cfg)
+    path = f"{root}/cells/{cell.key(cfg)}.samples.jsonl"
+    return from_jsonl(fs.cat_file(path).decode()) if fs.exists(path) else None
 
 
 def read_done(cfg: EvaluateConfig, cells: list[Cell]) -> dict[str, dict]:
@@ -318,6 +348,16 @@ def _ray_init() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
+def write_cell(fs: fsspec.AbstractFileSystem, root: str, key: str, result: dict) -> None:
+    """The cell's per-sample records (``<key>.samples.jsonl``), then its summary (``<key>.json``, which marks it done)."""
+    from d3core.eval.records import to_jsonl
+
+    samples = result.pop("samples", None)
+    if samples is not None:
+        _write(fs, f"{root}/cells/{key}.samples.jsonl", to_jsonl(samples).encode())
+    _write(fs, f"{root}/cells/{key}.json", json.dumps(result, indent=1).encode())
+
+
 def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
     """Fan ``pending`` out as Ray tasks; the driver writes each result as it arrives."""
     import ray
@@ -345,7 +385,7 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
         ready, waiting = ray.wait(waiting, num_returns=1)
         result = ray.get(ready[0])
         cell = refs[ready[0]]
-        _write(fs, f"{root}/cells/{cell.key(cfg)}.json", json.dumps(result, indent=1).encode())
+        write_cell(fs, root, cell.key(cfg), result)
         logger.info("%s: accuracy %.3f TPF %.2f tok/s %.0f (%s)", cell.key(cfg), result["accuracy"], result["tpf"],
                     result["tokens_per_second"], result["backend"])
         bar.update(1)
@@ -412,11 +452,15 @@ def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
     if missing:
         raise RuntimeError(f"cells {missing[:3]} produced no result: see the Ray task errors above and rerun")
     results = [done[c.key(cfg)] for c in cells]
+    from d3core.eval.records import run_metadata
+
     meta = {"preset": cfg.preset, "n": cfg.n or "all", "gen_length": cfg.gen_length,
             "block_length": cfg.block_length, "batch_size": cfg.batch_size,
-            "hardware": sorted({r["hardware"] for r in results})[0]}
+            "hardware": sorted({r["hardware"] for r in results})[0],
+            "provenance": run_metadata({"seed": cfg.seed, "bootstrap": cfg.seed})}
     report = build_report(results, anchor_vanilla=cfg.anchor_vanilla, unit_tpf_single=cfg.unit_tpf_single,
-                          meta=meta)
+                          meta=meta, samples=[read_samples(cfg, c) for c in cells], seed=cfg.seed)
+    report["samples"] = {c.key(cfg): f"cells/{c.key(cfg)}.samples.jsonl" for c in cells}
     report["config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
     report["fingerprint_digest"] = F.read_record(cfg.out)["digest"]
     report["wall_seconds"] = time.perf_counter() - t0

@@ -334,6 +334,9 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
 
         summary["published"] = push_to_hub(cfg.path("student"), cfg.push_to_hub)
     evaluation = _io.read_json(cfg.path("eval", "report.json")) or {}
+    from d3core.eval.records import run_metadata
+
+    summary["provenance"] = run_metadata({"evaluation": evaluation.get("config", {}).get("seed")})
     summary["student_beats_teacher"] = compare(evaluation)
     _io.write_json(cfg.path("report.json"), summary)
     _io.write_bytes(cfg.path("report.md"), markdown(summary, evaluation, cfg).encode())
@@ -381,10 +384,17 @@ def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
         for sampler, row in samplers.items():
             lines.append(f"| {task} | {sampler} | {row['teacher']:.1f} | {row['student']:.1f} | "
                          f"{'yes' if row['student_higher'] else 'NO'} |")
+    if summary.get("provenance"):
+        from d3core.eval.report import provenance_line
+
+        lines += ["", provenance_line(summary["provenance"])]
     if evaluation:
         from d3core.eval.report import to_markdown
 
-        lines += ["", "## Evaluation", "", "![accuracy vs TPF](eval/aup.png)", "", to_markdown(evaluation)]
+        lines += ["", "## Evaluation", "", "![accuracy vs TPF](eval/aup.png)", "",
+                  f"Per-sample records (prompt, output, extracted answer, verdict, NFE, unmask steps): "
+                  f"`eval/cells/*.samples.jsonl`, {len(evaluation.get('samples', {}))} cells.", "",
+                  to_markdown(evaluation)]
     serve = summary["stages"].get("serve", {}).get("result")
     if serve:
         lines += ["", "## Serve smoke test", "", f"`{serve['model']}` answered: {serve['text']!r} "

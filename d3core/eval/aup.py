@@ -60,9 +60,14 @@ def kept_points(points: Iterable[Point | tuple[float, float]], max_drop: float =
 
 
 def aup(
-    points: Iterable[Point | tuple[float, float]], y_max: float, alpha: float = ALPHA, max_drop: float = MAX_DROP
+    points: Iterable[Point | tuple[float, float]], y_max: float, alpha: float = ALPHA, max_drop: float = MAX_DROP,
+    warn_units: bool = True,
 ) -> float:
-    """The AUP of one system's points on one task (accuracy in percent; see the module docstring)."""
+    """The AUP of one system's points on one task (accuracy in percent; see the module docstring).
+
+    ``warn_units``: log when every accuracy is below 1 (a sign of fractions passed for percent);
+    resampling code that knows its units turns it off.
+    """
     pts = kept_points(points, max_drop)
     best = max(p.accuracy for p in pts)
     if best > y_max + 1e-9:
@@ -70,7 +75,7 @@ def aup(
             f"y_max={y_max} is below this system's accuracy {best}: y_max must be the best accuracy over every "
             "compared system on the task, this one included"
         )
-    if best < 1.0:
+    if best < 1.0 and warn_units:
         logger.warning("all accuracies are below 1: AUP takes percent (0-100), not fractions")
     score = pts[0].tpf * pts[0].accuracy
     for prev, cur in zip(pts, pts[1:]):

@@ -21,6 +21,7 @@ import re
 
 from d3core.eval.benchmarks import Example
 from d3core.eval.sandbox import CodeCheck
+from d3core.eval.sanitize import sanitize as sanitize_code
 from d3core.eval.scoring import extract_code, truncate_completion
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,23 @@ def humaneval_source(prompt: str, entry_point: str, response: str, instruct: boo
     return prompt + truncate_completion(response)
 
 
-def humaneval_check(example: Example, response: str, instruct: bool) -> CodeCheck:
+def peer_block(response: str) -> str:
+    """The peers' code extraction before ``sanitize``: after the first "```python\\n", up to the next fence."""
+    return response.split("```python\n", 1)[-1].split("```")[0]
+
+
+def humaneval_program(example: Example, response: str, instruct: bool, sanitize: bool = False) -> str:
+    """The program for one HumanEval response; ``sanitize``: the peers' post-processing
+    (prompt, a newline, the extracted block, then :func:`~d3core.eval.sanitize.sanitize` to the entry point)."""
     meta = example.meta
-    return CodeCheck(source=humaneval_source(meta["prompt"], meta["entry_point"], response, instruct),
+    if sanitize:
+        return sanitize_code(meta["prompt"] + "\n" + peer_block(response), meta["entry_point"])
+    return humaneval_source(meta["prompt"], meta["entry_point"], response, instruct)
+
+
+def humaneval_check(example: Example, response: str, instruct: bool, sanitize: bool = False) -> CodeCheck:
+    meta = example.meta
+    return CodeCheck(source=humaneval_program(example, response, instruct, sanitize),
                      test=meta["test"], prelude=meta["prompt"], entry_point=meta["entry_point"],
                      check_function="check", id=example.id)
 
@@ -72,8 +87,10 @@ def tested_function(asserts: list[str]) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def mbpp_check(example: Example, response: str) -> CodeCheck:
-    """``response`` is model text; the code is its fenced block or ``[BEGIN] ... [DONE]`` span."""
+def mbpp_check(example: Example, response: str, sanitize: bool = False) -> CodeCheck:
+    """``response`` is model text; the code is its fenced block or ``[BEGIN] ... [DONE]`` span, or with
+    ``sanitize`` the peers' extraction and :func:`~d3core.eval.sanitize.sanitize` (no entry point)."""
     tests = example.meta["tests"]
-    return CodeCheck(source=extract_code(response), test="\n".join(tests), setup=example.meta["setup"],
+    source = sanitize_code(peer_block(response)) if sanitize else extract_code(response)
+    return CodeCheck(source=source, test="\n".join(tests), setup=example.meta["setup"],
                      entry_point=tested_function(tests), id=example.id)

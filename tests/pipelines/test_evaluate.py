@@ -126,7 +126,20 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
     for name in ("report.json", "report.md", "aup.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "aup.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(os.listdir(out / "cells")) == len(ev.plan_cells(cfg))
+    keys = list(report["samples"])  # cell keys, in the report's cell order
+    assert len(keys) == len(ev.plan_cells(cfg)) == len(report["cells"])
+    assert sorted(os.listdir(out / "cells")) == sorted([f"{k}.json" for k in keys] + [f"{k}.samples.jsonl" for k in keys])
+    rows = [json.loads(line) for line in (out / "cells" / f"{keys[0]}.samples.jsonl").read_text().splitlines()]
+    assert len(rows) == cfg.n and {"id", "prompt", "output", "answer", "correct", "nfe", "unmask_steps"} <= set(rows[0])
+    assert sum(r["correct"] for r in rows) == round(report["cells"][0]["accuracy"] * cfg.n)
+    assert all(len(r["unmask_steps"]) == len(r["tokens"]) for r in rows)
+    meta = report["meta"]["provenance"]
+    assert meta["d3ray"] and meta["libraries"]["torch"] and meta["seeds"]["seed"] == cfg.seed and "sha" in meta["git"]
+    for c in report["cells"]:  # a 95% bootstrap interval around every accuracy
+        lo, hi = c["accuracy_ci"]
+        assert 0.0 <= lo <= c["accuracy"] <= hi <= 1.0
+    assert set(report["aup_ci"]["synthetic"]) == set(report["aup"]["synthetic"])
+    assert ["teacher/d3llm", "twin/d3llm"] in report["within_noise"]["synthetic"]  # identical systems: within noise
     aup = report["aup"]["synthetic"]
     assert set(aup) == {"AR/ar", "teacher/vanilla", "teacher/fast_dllm", "teacher/d3llm", "twin/vanilla",
                         "twin/fast_dllm", "twin/d3llm"}
@@ -138,6 +151,7 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
     assert max(c["tpf"] for c in d3) > 1.5 and all(0 <= c["accuracy"] <= 1 for c in d3)
     md = (out / "report.md").read_text()
     assert "| teacher/d3llm |" in md and "| AR/ar |" in md
+    assert "paired-bootstrap" in md and "within noise of" in md and "Provenance: d3ray" in md
     assert json.loads((out / "report.json").read_text())["aup"] == report["aup"]
 
     def no_decoding(*args, **kwargs):
