@@ -13,8 +13,8 @@ skipped, so an interrupted sweep resumes. Runs on a GPU when one is visible (``-
 ``--students NAME=DIR,...`` scores already trained students (e.g. the ``student/`` of
 ``pipelines/full.py`` and a ``--masking random`` run) against the teacher instead of training.
 
-Grid keys (``key=v1,v2;key2=...``, the product is swept; grids joined by ``|`` run in turn): ``prompts`` (use the trajectory
-rows of the first N prompts), ``steps``, ``lr``, ``ew`` (certainty-forcing weight),
+Grid keys (``key=v1,v2;key2=...``, the product is swept; grids joined by ``|`` run in turn):
+``prompts`` (use the trajectory rows of the first N prompts), ``steps``, ``lr``, ``ew`` (certainty-forcing weight),
 ``masking`` (trajectory / random), ``batch``, ``mr_max`` (mask-ratio ceiling), ``windows``
 (e.g. ``16-32``), ``warmup``, ``seed``.
 """
@@ -155,7 +155,8 @@ def score(model, tokenizer, thresholds: list[float], n_eval: int, cache_delay: i
     out = {}
     with torch.no_grad():
         for tau in thresholds:
-            rep = evaluate_synthetic(model, tokenizer, "d3llm", D3LLMParams(threshold=tau, cache_delay_iter=cache_delay),
+            rep = evaluate_synthetic(model, tokenizer, "d3llm",
+                                     D3LLMParams(threshold=tau, cache_delay_iter=cache_delay),
                                      problems, batch_size=batch_size)
             out[str(tau)] = {"accuracy": rep.accuracy, "tpf": round(rep.tpf, 4)}
     return out

@@ -365,7 +365,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
     train_seconds = time.perf_counter() - t0
     newest = C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
     if newest is None:
-        raise RuntimeError(f"training under {cfg.storage_path} ended without a complete checkpoint; see the worker logs")
+        raise RuntimeError(f"training under {cfg.storage_path} ended without a complete checkpoint; "
+                           "see the worker logs")
     state = C.read_trainer_state(newest)
     if state["step"] != plan_.max_steps:
         raise RuntimeError(f"the newest checkpoint {newest} is at step {state['step']} of {plan_.max_steps}: "

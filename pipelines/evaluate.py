@@ -10,9 +10,10 @@ cell per task, decoded by vLLM when ``use_vllm`` allows and ``vllm`` imports in 
 otherwise by d3core's ``ar`` sampler. Prompts follow the peers' protocol of each model family
 (``d3core.eval.protocols``). The driver writes each finished cell to ``out/cells/<cell id>.json``
 (the id hashes everything that changes the result) and its per-sample records to
-``<cell id>.samples.jsonl``, so a rerun decodes only missing cells. Finally it writes ``report.json``, ``report.md`` (leaderboard
-table) and ``aup.png`` (accuracy vs TPF) under ``out``. Models are paths, fsspec URIs, hub ids
-or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoint code (Dream).
+``<cell id>.samples.jsonl``, so a rerun decodes only missing cells. Finally it writes ``report.json``,
+``report.md`` (leaderboard table) and ``aup.png`` (accuracy vs TPF) under ``out``. Models are paths,
+fsspec URIs, hub ids or ``hf://`` URIs; ``--trust-remote-code`` allows tokenizers defined by checkpoint
+code (Dream).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ STAGE = "evaluate"
 class EvaluateConfig:
     """One evaluation sweep (the defaults are the tiny recipe). ``n=0`` evaluates each task's whole test split."""
 
-    models: dict[str, str] = field(default_factory=lambda: {"teacher": str(TINY_TEACHER_DIR)})  # NAME -> dLLM checkpoint
+    # NAME -> dLLM checkpoint
+    models: dict[str, str] = field(default_factory=lambda: {"teacher": str(TINY_TEACHER_DIR)})
     ar_model: str | None = str(TINY_AR_DIR)  # AR baseline (HF causal LM); None: no AR baseline
     out: str = "runs/eval"  # output directory (fsspec URI): cells/, report.json, report.md, aup.png
     tasks: tuple[str, ...] = ("synthetic",)  # evaluation tasks (d3core.eval.tasks.TASK_NAMES)
@@ -349,7 +351,8 @@ def _ray_init() -> None:
 
 
 def write_cell(fs: fsspec.AbstractFileSystem, root: str, key: str, result: dict) -> None:
-    """The cell's per-sample records (``<key>.samples.jsonl``), then its summary (``<key>.json``, which marks it done)."""
+    """The cell's per-sample records (``<key>.samples.jsonl``), then its summary (``<key>.json``,
+    which marks it done)."""
     from d3core.eval.records import to_jsonl
 
     samples = result.pop("samples", None)

@@ -323,7 +323,8 @@ def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, t
 
 
 def check_resources(cfg: TrajectoriesConfig) -> None:
-    """Before any actor starts: the cluster has the GPUs the actors ask for (a request no node can meet waits forever)."""
+    """Before any actor starts: the cluster has the GPUs the actors ask for (a request no node can
+    meet waits forever)."""
     from pipelines.cluster import require_gpus
 
     if cfg.num_gpus_per_actor > 0:

@@ -202,7 +202,8 @@ def read_trajectory_set(cfg) -> TrajectorySet:
     vocabulary, unmask steps within the decode's forward passes, teacher and sampler metadata).
     """
     where = cfg.trajectories
-    fix = "rerun pipelines/trajectories.py with the same settings to finish it, or point --trajectories at a complete run"
+    fix = ("rerun pipelines/trajectories.py with the same settings to finish it, "
+           "or point --trajectories at a complete run")
     manifest = T.read_manifest(where)
     if manifest is None:
         raise ValueError(f"trajectories={where!r}: no {T.MANIFEST} there, so it is not a trajectories output; run "
@@ -234,7 +235,8 @@ def read_trajectory_set(cfg) -> TrajectorySet:
         table = T.read_shard(where, path)
         if shard_digest(path, fs) != manifest["fingerprint_digest"]:
             raise T.TrajectoryFormatError(f"{path}: written by another run ({SHARD_META_KEY.decode()} "
-                                          f"{shard_digest(path, fs)}, the manifest's is {manifest['fingerprint_digest']}); "
+                                          f"{shard_digest(path, fs)}, the manifest's is "
+                                          f"{manifest['fingerprint_digest']}); "
                                           "regenerate with pipelines/trajectories.py --overwrite")
         if shards[name].get("rows") is not None and table.num_rows != shards[name]["rows"]:
             raise T.TrajectoryFormatError(f"{path}: {table.num_rows} rows, the manifest records {shards[name]['rows']}")

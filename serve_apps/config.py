@@ -49,7 +49,8 @@ class ServeConfig:
     trust_remote_code: bool = False  # run the tokenizer's own Python code (Dream's tokenization_dream.py)
     sampler: str = "d3llm"  # the dLLM decoder (d3core.samplers)
     sampler_params: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_PARAMS))  # its defaults
-    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))  # overridable params, [low, high]
+    # overridable params, [low, high]
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     max_gen_length: int = 112  # the longest generation a request may ask for
     max_model_len: int | None = None  # slots per decoder row (prompt + canvas); None: the model's context
     device: str = "cpu"  # cpu or cuda

@@ -1,8 +1,9 @@
 """Test-only fault injection for Ray Train workers (production code only offers the ``hooks`` extension point).
 
-``pipelines.distill.run_distill(cfg, hooks=...)`` calls ``hooks.on_start(rank, world)`` and ``hooks.on_step(step, rank, world)`` in every
-worker after every optimizer step. The hooks here kill a worker hard (``os._exit``), once: a marker
-file records that the fault fired, so the restarted worker group runs through.
+``pipelines.distill.run_distill(cfg, hooks=...)`` calls ``hooks.on_start(rank, world)`` and
+``hooks.on_step(step, rank, world)`` in every worker after every optimizer step. The hooks here kill a
+worker hard (``os._exit``), once: a marker file records that the fault fired, so the restarted worker
+group runs through.
 """
 
 from __future__ import annotations

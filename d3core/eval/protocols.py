@@ -101,7 +101,8 @@ def _p(family: str, task: str, peer_task: str, fmt: str, **kw) -> Protocol:
     return Protocol(family, task, peer_task, fmt, **kw)
 
 
-_LLADA_SRC = f"{D3LLM} utils/utils_LLaDA/eval_llada.py (is_instruct only for humaneval/mbpp), eval_scripts/llada_{{}}.sh"
+_LLADA_SRC = (f"{D3LLM} utils/utils_LLaDA/eval_llada.py (is_instruct only for humaneval/mbpp), "
+              "eval_scripts/llada_{}.sh")
 _DREAM_SRC = f"{D3LLM} eval_scripts/dream_{{}}.sh (--apply_chat_template), {FORK}/{{}}"
 _AR_SRC = f"{D3LLM} eval_scripts/{{}}.sh, the Qwen2.5-7B-Instruct block (--model hf, no chat template)"
 _SHOTS_NOTE = "shots: the last 5 GSM8K test records (the train split is not shipped), left out of the evaluation set"

@@ -31,7 +31,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 from d3core.eval.aup import Point, aup, kept_points
-from d3core.eval.stats import ITERATIONS, LEVEL, PointSamples, aup_noise
+from d3core.eval.stats import ITERATIONS, PointSamples, aup_noise
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ def to_markdown(report: dict) -> str:
                   "the interval of their AUP difference contains 0 (column 'within noise of' below)."]
     for t in tasks:
         lines += ["", f"## {t} (y_max {report['y_max'][t]:.2f}%)", "",
-                  "| method | threshold | accuracy (%) [95% CI] | TPF | NFE / problem | tokens/s | AUP | within noise of |",
+                  "| method | threshold | accuracy (%) [95% CI] | TPF | NFE / problem | tokens/s | AUP "
+                  "| within noise of |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in systems:
             op = report["operating_point"][t].get(s)

@@ -197,7 +197,8 @@ class Task:
         """A code task's verdicts (status, the limit that fired, why it failed) for each response."""
         return run_checks(self.checks(responses, examples, protocol), limits, workers)
 
-    def checks(self, responses: Sequence[str], examples: Sequence[Example], protocol: Protocol | str) -> list[CodeCheck]:
+    def checks(self, responses: Sequence[str], examples: Sequence[Example],
+               protocol: Protocol | str) -> list[CodeCheck]:
         """What the sandbox and the judge get for a code task's responses."""
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples: pass one response each")

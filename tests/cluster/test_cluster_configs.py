@@ -547,7 +547,8 @@ def test_rayservice_args_build_a_serve_config_that_fits_the_worker_group(fname):
     limits = [(g, g["template"]["spec"]["containers"][0]["resources"]["limits"]) for g in groups]
     gpus_needed = actor.get("num_gpus", 0) * replicas
     gpus_available = sum(g["maxReplicas"] * lim.get("nvidia.com/gpu", 0) for g, lim in limits)
-    assert gpus_available >= gpus_needed, f"{fname}: {gpus_needed} GPUs for {replicas} replicas, group has {gpus_available}"
+    assert gpus_available >= gpus_needed, (f"{fname}: {gpus_needed} GPUs for {replicas} replicas, "
+                                           f"group has {gpus_available}")
     assert any(float(lim["cpu"]) >= actor.get("num_cpus", 1) for _, lim in limits), f"{fname}: no pod fits a replica"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -128,7 +127,8 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
     assert (out / "aup.png").read_bytes()[:4] == b"\x89PNG"
     keys = list(report["samples"])  # cell keys, in the report's cell order
     assert len(keys) == len(ev.plan_cells(cfg)) == len(report["cells"])
-    assert sorted(os.listdir(out / "cells")) == sorted([f"{k}.json" for k in keys] + [f"{k}.samples.jsonl" for k in keys])
+    assert sorted(os.listdir(out / "cells")) == sorted([f"{k}.json" for k in keys]
+                                                       + [f"{k}.samples.jsonl" for k in keys])
     rows = [json.loads(line) for line in (out / "cells" / f"{keys[0]}.samples.jsonl").read_text().splitlines()]
     assert len(rows) == cfg.n and {"id", "prompt", "output", "answer", "correct", "nfe", "unmask_steps"} <= set(rows[0])
     assert sum(r["correct"] for r in rows) == round(report["cells"][0]["accuracy"] * cfg.n)
@@ -163,7 +163,8 @@ def test_sweep_writes_report_and_resumes(ray_local, tmp_path, monkeypatch):
 
 
 def test_bad_sampler_settings_fail_before_any_cell_runs(tmp_path):
-    with pytest.raises(ValueError, match=r"fast_dllm.confidence_threshold=1.5: threshold=1.5: must lie in \[0.0, 1.0\]"):
+    with pytest.raises(ValueError,
+                       match=r"fast_dllm.confidence_threshold=1.5: threshold=1.5: must lie in \[0.0, 1.0\]"):
         small(tmp_path, sweeps={"fast_dllm.confidence_threshold": (1.5,)})  # a confidence above 1
     with pytest.raises(ValueError, match="D3LLMParams"):
         small(tmp_path, sampler_params={"d3llm": {"no_such_field": 1}})

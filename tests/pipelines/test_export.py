@@ -84,7 +84,8 @@ def test_hub_llada_teacher_exports_its_own_layout_in_bf16(hub_cache, layouts, tm
     teacher = layouts["llada"]
     student = student_checkpoint(str(teacher), tmp_path / "ckpt")
     out = tmp_path / "student"
-    cfg = dataclasses.replace(get_recipe("llada-8b").distill, out=str(out), max_shard_bytes=20_000)  # a GPU preset: bf16 weights
+    # a GPU preset: bf16 weights
+    cfg = dataclasses.replace(get_recipe("llada-8b").distill, out=str(out), max_shard_bytes=20_000)
     export_student(cfg, str(tmp_path / "ckpt"), LLADA_REPO, SUMMARY)
 
     # the teacher's file list, minus its modeling code (auto_map points into its repo instead)
@@ -127,9 +128,11 @@ def test_hub_dream_teacher_needs_the_flag_and_keeps_its_tokenizer_class(hub_cach
     student_checkpoint(str(teacher), tmp_path / "ckpt")
     out = tmp_path / "student"
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
-        export_student(dataclasses.replace(get_recipe("dream-7b").distill, out=str(out)), str(tmp_path / "ckpt"), DREAM_REPO, SUMMARY)
+        export_student(dataclasses.replace(get_recipe("dream-7b").distill, out=str(out)), str(tmp_path / "ckpt"),
+                       DREAM_REPO, SUMMARY)
     assert not out.exists()  # refused before writing anything
-    cfg = dataclasses.replace(get_recipe("dream-7b").distill, out=str(out), trust_remote_code=True, max_shard_bytes=20_000)
+    cfg = dataclasses.replace(get_recipe("dream-7b").distill, out=str(out), trust_remote_code=True,
+                              max_shard_bytes=20_000)
     export_student(cfg, str(tmp_path / "ckpt"), f"hf://{DREAM_REPO}", SUMMARY)
     expected = files(teacher) - MODEL_CODE  # tokenization_dream.py is a tokenizer file and stays
     assert {f for f in files(out) if not f.startswith("model-")} == {f for f in expected if not f.startswith("model-")}

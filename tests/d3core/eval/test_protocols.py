@@ -48,7 +48,8 @@ def test_humaneval_prompts_per_family(tok):
     e = task.examples(1)[0]
     stub = e.meta["prompt"]
     llada = get_protocol("llada", "humaneval")
-    assert task.prompt_text(e, llada) == (f"{protocols.HUMANEVAL_INSTRUCTION}\n```python\n{stub}\n```\n ")  # trailing space
+    # trailing space
+    assert task.prompt_text(e, llada) == (f"{protocols.HUMANEVAL_INSTRUCTION}\n```python\n{stub}\n```\n ")
     assert task.assistant_prefix(e, llada) == "" and llada.sanitize and llada.chat
     dream = get_protocol("dream", "humaneval")
     assert task.prompt_text(e, dream) == f"{protocols.HUMANEVAL_INSTRUCTION}\n```{stub}"
