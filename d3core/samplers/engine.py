@@ -146,6 +146,7 @@ class Decoder:
         self.buckets = self.graphs is not None if buckets is None else buckets
 
     # ------------------------------------------------------------------ membership
+    @torch.no_grad()
     def add(self, prompt: Sequence[int], params, seed: int = 0, tag: Any = None) -> Row:
         """Start decoding ``prompt``; raises ValueError (nothing changed) if it cannot be decoded here."""
         cfg = self.model.config
@@ -172,6 +173,7 @@ class Decoder:
         self.rows.append(row)
         return row
 
+    @torch.no_grad()
     def cancel(self, row: Row) -> None:
         """Remove a row now (its partial result is kept in ``row.result``)."""
         if row in self.rows:
@@ -222,6 +224,7 @@ class Decoder:
                               self.unmask[r, p:end].tolist(), self.eos_ids, self.logprob[r, p:end].tolist())
 
     # ------------------------------------------------------------------ stepping
+    @torch.no_grad()  # grad mode is per thread: a serving thread must not build an autograd graph
     def step(self) -> StepReport:
         report = StepReport()
         plans = self.program.plan_all(self)

@@ -131,3 +131,30 @@ def test_a_model_that_predicts_the_mask_token_still_finishes_without_it(name, pr
     result = spec.generate(model, prompts[:3], spec.params_cls(), verifier=load_tiny_ar())
     for seq in result.sequences:
         assert model.config.mask_id not in seq.tokens
+
+
+def test_steps_in_a_fresh_thread_build_no_autograd_graph(teacher, prompts):
+    """The serving engine steps a Decoder from its own thread, where grad mode is on by default: the
+    cache and every per-step tensor must stay out of autograd, or each step's activations are kept
+    alive through the cache's history (memory grew ~20 MB per step before the fix)."""
+    import threading
+
+    d = Decoder(teacher, D3LLMProgram(), rows=4, capacity=128)
+    seen = {}
+
+    def serve():
+        seen["grad_enabled"] = torch.is_grad_enabled()
+        for p in prompts[:6]:
+            d.add(p, D3LLMParams(threshold=0.5, cache_delay_iter=2))
+            d.step()
+        d.cancel(d.rows[0])
+        while d.rows:
+            d.step()
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and seen["grad_enabled"]
+    cache = d.cache
+    for t in (cache.keys, cache.values) + ((cache.hidden,) if cache.hidden is not None else ()):
+        assert not t.requires_grad and t.grad_fn is None
