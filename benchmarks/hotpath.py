@@ -7,7 +7,7 @@ on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports
 
 * ``syncs_in_forward`` / ``syncs_per_step``: calls of the entry points that read device data on
   the host or block on a host-to-device copy (``Tensor.item/tolist/__bool__/__int__/__float__/
-  __index__/numpy/cpu``, ``nonzero``, ``masked_select``, boolean-mask indexing,
+  __index__/cpu``, ``nonzero``, ``masked_select``, boolean-mask indexing,
   ``torch.tensor/as_tensor`` of host data onto a device), counted by wrapping them; "in forward"
   are those made while the model's forward runs;
 * ``kernel_ops_per_step``: non-view aten ops (what launches a kernel in eager mode), counted
@@ -46,7 +46,9 @@ CONFIGS = [
     ("apd", {"mixture_weight": 0.7, "kv_window": 16}),
 ]
 WIDE = dict(gen_length=16, block_length=8)  # random 8B-shape weights: short decodes (one forced token per step)
-SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
+# ``numpy`` is not counted: it works only on host tensors, so device data reaches it through a counted
+# ``.cpu()`` first (``x.cpu().numpy()`` is one transfer, not two).
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "nonzero",
                 "masked_select")
 
 
