@@ -16,7 +16,8 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+import weakref
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from fastapi import FastAPI, Request
@@ -216,6 +217,9 @@ class OpenAIIngress:
         self.metrics = HttpMetrics()
         self.inflight = 0
         self.capacity = cfg.max_replicas * (cfg.max_batch_size + cfg.max_queued_requests)
+        # Decoder rows (n per prompt) handed to the model and not finished: beyond ``capacity`` every
+        # engine is full, so the ingress refuses at once instead of queueing in Serve's router.
+        self.rows_in_use = 0
         self.created = int(time.time())
         # One thread for JSON parsing and tokenization: off the event loop, one tokenizer call at a time.
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="d3ray-ingress")
@@ -262,9 +266,9 @@ class OpenAIIngress:
     async def ready(self) -> JSONResponse:
         """Readiness: live, and this ingress has room for another request (its own counters)."""
         live, detail = await self._model_status()
-        room = self.inflight <= self.capacity
+        room = self.rows_in_use < self.capacity
         body = {"status": "ready" if live and room else ("busy" if live else "unavailable"),
-                "inflight": self.inflight - 1, "capacity": self.capacity, **detail}
+                "inflight": self.inflight - 1, "rows_in_use": self.rows_in_use, "capacity": self.capacity, **detail}
         headers = {} if live and room else {"Retry-After": "1"}
         return JSONResponse(body, status_code=200 if live and room else 503, headers=headers)
 
@@ -356,13 +360,40 @@ class OpenAIIngress:
                                           req.want_logprobs, self.cfg.request_timeout_s, P.new_id("req")))
         return req, gens, prompts
 
+    def _overloaded(self, rows: int) -> P.APIError:
+        return P.APIError(429, f"server overloaded: {self.rows_in_use} of {self.capacity} decoder rows and queue "
+                               f"places are taken and this request needs {rows}: retry shortly",
+                          type="rate_limit_error", code="overloaded", retry_after_s=1.0)
+
+    def _reserve(self, rows: int) -> Callable[[], None]:
+        """Take ``rows`` of the replicas' capacity or refuse with a 429; returns the release (idempotent)."""
+        if self.rows_in_use + rows > self.capacity:
+            raise self._overloaded(rows)
+        self.rows_in_use += rows
+        held = [rows]
+
+        def release() -> None:
+            self.rows_in_use -= held.pop() if held else 0
+
+        return release
+
     async def _serve(self, request: Request, model_cls: type, chat: bool):
         raw = await self._read_body(request)
+        if self.rows_in_use >= self.capacity:  # full: refuse before parsing and tokenizing
+            raise self._overloaded(1)
         loop = asyncio.get_running_loop()
         req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
-        if req.stream:
-            return await self._stream(gens, req, prompts, chat)
-        outs = await asyncio.gather(*(self._complete(g) for g in gens), return_exceptions=True)
+        release = self._reserve(sum(g.n for g in gens))
+        handed_over = False
+        try:
+            if req.stream:
+                response = await self._stream(gens, req, prompts, chat, release)
+                handed_over = True  # the event stream releases the rows when it ends or is dropped
+                return response
+            outs = await asyncio.gather(*(self._complete(g) for g in gens), return_exceptions=True)
+        finally:
+            if not handed_over:
+                release()
         for out in outs:
             if isinstance(out, BaseException):
                 raise out
@@ -403,7 +434,8 @@ class OpenAIIngress:
             return P.chat_body(P.new_id("chatcmpl"), req.model, choices, use)
         return P.completion_body(P.new_id("cmpl"), req.model, choices, use)
 
-    async def _stream(self, gens: list[GenerationRequest], req: Any, prompts: list, chat: bool) -> StreamingResponse:
+    async def _stream(self, gens: list[GenerationRequest], req: Any, prompts: list, chat: bool,
+                      release: Callable[[], None]) -> StreamingResponse:
         streams = [self.model.options(stream=True).generate_stream.remote(g) for g in gens]
         try:
             for s, g in zip(streams, gens):
@@ -422,9 +454,12 @@ class OpenAIIngress:
                 s.cancel()
             raise
         deadline = time.monotonic() + max(g.timeout_s for g in gens) + 5.0
-        return StreamingResponse(self._sse(streams, deadline, req, prompts, chat), media_type="text/event-stream")
+        events = self._sse(streams, deadline, req, prompts, chat, release)
+        weakref.finalize(events, release)  # a client gone before the stream starts: release when dropped
+        return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _sse(self, streams: list, deadline: float, req: Any, prompts: list, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, streams: list, deadline: float, req: Any, prompts: list, chat: bool,
+                   release: Callable[[], None]) -> AsyncIterator[str]:
         rid, n = P.new_id("chatcmpl" if chat else "cmpl"), req.n
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -488,6 +523,7 @@ class OpenAIIngress:
             yield P.sse(e.body())
             yield P.sse("[DONE]")
         finally:
+            release()
             for t in tasks:
                 t.cancel()
             if failed or ended < len(streams):

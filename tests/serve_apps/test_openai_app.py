@@ -357,6 +357,27 @@ def test_overload_is_answered_within_a_second_and_nothing_hangs(server, question
     # benchmarks/serve_load.py measures the refusal latency on a quiet machine (target < 1 s); here the
     # machine is shared with the test process, so the bound is looser.
     assert max(s for s, _ in refused) < 5.0 and all(ra is not None for _, ra in refused)
+    # every reserved decoder row came back: the next request is served, not refused
+    assert post(server, "/v1/chat/completions", {**slow, "sampler_params": {"threshold": 0.5}},
+                timeout=TIMEOUT_S).status_code == 200
+
+
+def test_streams_that_end_or_break_give_their_rows_back(server, questions):
+    """Streams finished, cut by the client and refused all release the ingress's row reservation."""
+    body = {"model": MODEL, "temperature": 0, "stream": True, "messages": [{"role": "user", "content": questions[1]}]}
+    for _ in range(3):
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT_S) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the client goes away after the first event
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT_S) as r:
+        assert r.status_code == 200 and "[DONE]" in "".join(r.iter_lines())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{server}/ready", timeout=10).json()
+        if ready.get("rows_in_use") == 0:
+            break
+        time.sleep(0.5)
+    assert ready.get("rows_in_use") == 0, ready
 
 
 # ---------------------------------------------------------------- lm-eval through HTTP
