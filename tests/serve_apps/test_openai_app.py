@@ -363,7 +363,7 @@ def test_overload_is_answered_within_a_second_and_nothing_hangs(server, question
 
 
 def test_streams_that_end_or_break_give_their_rows_back(server, questions):
-    """Streams finished, cut by the client and refused all release the ingress's row reservation."""
+    """Streams that finish and streams cut by their client both give back the ingress's row reservation."""
     body = {"model": MODEL, "temperature": 0, "stream": True, "messages": [{"role": "user", "content": questions[1]}]}
     for _ in range(3):
         with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT_S) as r:
