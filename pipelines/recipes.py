@@ -150,8 +150,8 @@ def llada_8b() -> Recipe:
         trajectories=TrajectoriesConfig(teacher=LLADA_8B, n_prompts=None, num_actors=8, num_cpus_per_actor=4.0,
                                         num_gpus_per_actor=1.0, batch_size=16, **shape),
         distill=DistillConfig(num_workers=8, use_gpu=True, threads_per_worker=8, batch_size=64, epochs=3, lr=2e-5,
-                              warmup_steps=50, window_sizes=(32, 64), ckpt_every=200, entropy_weight=2.0,
-                              export_dtype="bfloat16"),
+                              warmup_steps=50, window_sizes=(32, 64), mask_ratio_max=0.8, ckpt_every=200,
+                              entropy_weight=2.0, export_dtype="bfloat16"),
         evaluate=EvaluateConfig(
             models={"teacher": LLADA_8B}, ar_model=AR_8B, tasks=tasks, n=0, batch_size=16,
             num_cpus_per_cell=4.0, num_gpus_per_cell=1.0,
