@@ -127,8 +127,8 @@ def tiny() -> Recipe:
     """The embedded default: the shipped ~1M-parameter teacher and AR model on 2 CPU cores (~10 minutes).
 
     The stage classes' defaults *are* this recipe (measured on 2 cores: docs/benchmarks.md), but for
-    the 350 distillation steps of the main job and of ``distill.py --preset tiny`` (5.1 epochs of the
-    ~2230 correct rows of 3000 prompts). ``DistillConfig()`` itself trains 5 epochs of whatever rows it
+    the 350 distillation steps of the main job and of ``distill.py --preset tiny`` (3.9 epochs of the
+    ~2910 correct rows of 3000 prompts). ``DistillConfig()`` itself trains 5 epochs of whatever rows it
     is given; on the command line that is ``--max-steps None``.
     """
     return Recipe(preset="tiny", teacher=str(TINY_TEACHER_DIR), ar_model=str(TINY_AR_DIR), prompts=None,
