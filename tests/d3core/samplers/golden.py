@@ -6,8 +6,12 @@
 For every sampler, three or more parameter sets at temperature 0 on 64 held-out synthetic
 prompts, decoded at batch 1 (each prompt alone) and at batch 8 (consecutive groups), the
 fixture holds per prompt the generation slots, NFE and unmask steps. A small random Dream
-model with a sharpened head (decisive logits, so no float near-ties) covers the shifted-logit
+model with a sharpened head (decisive logits, few float near-ties) covers the shifted-logit
 paths at batch 8. ``test_golden.py`` replays it.
+
+Another CPU's float arithmetic (AVX2 against AVX-512 GEMM kernels) can break an exact near-tie
+the other way: :func:`check_rows` accepts a differing row only when relative noise of 1e-6 on
+the logits of its first differing step brings the recorded commits back.
 """
 
 from __future__ import annotations
@@ -81,6 +85,74 @@ def decode(name: str, kwargs: dict, model, verifier, prompts, batch_size: int) -
         res = spec.generate(model, prompts[i:i + batch_size], params, **extra)
         rows += [{"tokens": s.tokens, "nfe": s.nfe, "unmask_step": s.unmask_step} for s in res.sequences]
     return rows
+
+
+def commits_until(row: dict, step: int) -> set[tuple[int, int, int]]:
+    """(step, slot, token) of every slot a row committed at steps ``<= step``."""
+    return {(u, i, t) for i, (u, t) in enumerate(zip(row["unmask_step"], row["tokens"])) if 0 <= u <= step}
+
+
+def first_divergence(want: dict, got: dict) -> int:
+    """The first step whose commits differ between two decodes of one prompt."""
+    steps = sorted(set(want["unmask_step"]) | set(got["unmask_step"]))
+    return next((s for s in steps if commits_until(want, s) != commits_until(got, s)), steps[-1] + 1)
+
+
+def near_tie(name: str, kwargs: dict, model, verifier, prompts, index: int, want: dict, step: int,
+             trials: int = 16, rel: float = 1e-6) -> bool:
+    """Whether ``want`` (the recorded decode of ``prompts[index]`` in this batch) is reached up to ``step``
+    when the logits of that step's forward get relative noise of ``rel``: the recorded commit was a
+    float near-tie that another CPU's arithmetic (its GEMM kernels) breaks the other way.
+
+    The noise goes into the ``step``-th forward of the batch, which is that row's ``step``-th for
+    the segment samplers (every row steps on every forward); APD's rows can sit out, so it is not
+    explained this way.
+    """
+    if name in ("apd", "ar"):
+        return False
+    real = model.forward_windows
+    target = commits_until(want, step)
+    try:
+        for trial in range(trials):
+            gen, calls = torch.Generator().manual_seed(trial), [0]
+
+            def noisy(w, cache):
+                logits = real(w, cache)
+                calls[0] += 1
+                if calls[0] - 1 == step:
+                    logits = logits * (1 + rel * (2 * torch.rand(logits.shape, generator=gen) - 1))
+                return logits
+
+            model.forward_windows = noisy
+            got = decode(name, kwargs, model, verifier, prompts, len(prompts))[index]
+            if commits_until(got, step) == target:
+                return True
+    finally:
+        del model.forward_windows  # back to the class's method
+    return False
+
+
+def check_rows(name: str, kwargs: dict, model, verifier, prompts, batch_size: int, want: list[dict]) -> list[str]:
+    """Decode and compare with the fixture: a differing row is accepted only when its first difference
+    is a float near-tie (:func:`near_tie`), and at most one row in eight; returns what failed."""
+    got = decode(name, kwargs, model, verifier, prompts, batch_size)
+    if len(got) != len(want):
+        return [f"{len(got)} rows decoded, {len(want)} recorded"]
+    bad, ties = [], []
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g == w:
+            continue
+        step = first_divergence(w, g)
+        lo = i - i % batch_size
+        if near_tie(name, kwargs, model, verifier, prompts[lo: lo + batch_size], i - lo, w, step):
+            ties.append(i)
+        else:
+            bad.append(f"prompt {i}: first differs at step {step}, not a float near-tie "
+                       f"(recorded {sorted(commits_until(w, step) - commits_until(g, step))}, "
+                       f"got {sorted(commits_until(g, step) - commits_until(w, step))})")
+    if len(ties) > max(1, len(want) // 8):
+        bad.append(f"{len(ties)} rows differ by float near-ties ({ties}): more than one in eight")
+    return bad
 
 
 def compute() -> dict:
