@@ -57,6 +57,10 @@ class Windows:
     n: int
     T: int
     S: int
+    aligned: bool = False  # every window has ``T`` slots (``N == n * T``): ``q_index`` / ``q_flat`` are the identity
+    # Aligned, and every row recomputes all of its ``S == T`` slots: attention reads this forward's own K/V.
+    dense: bool = False
+    store: bool = True  # write the window's K/V into the cache (False: no later step reads them)
 
 
 class KVCache:

@@ -99,12 +99,20 @@ class Attention(nn.Module):
         k = self.k(x).view(n_tok, self.num_kv_heads, self.head_dim)
         v = self.v(x).view(n_tok, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        cache.write(layer, w.cache_index, k, v)
+        if w.store:
+            cache.write(layer, w.cache_index, k, v)
+        if w.dense:  # whole rows: this forward's K/V are the keys, read in place
+            def rows(t: torch.Tensor) -> torch.Tensor:
+                return t.view(w.n, w.T, t.shape[1], self.head_dim).transpose(1, 2)
+
+            out = attend(rows(q), rows(k), rows(v), w.key_mask)
+            return self.o(out.transpose(1, 2).reshape(n_tok, -1))
         keys, values = cache.layer(layer)
-        queries = q.index_select(0, w.q_index.view(-1)).view(w.n, w.T, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = q if w.aligned else q.index_select(0, w.q_index.view(-1))
+        queries = queries.view(w.n, w.T, self.num_heads, self.head_dim).transpose(1, 2)
         out = attend(queries, keys[: w.n, : w.S].transpose(1, 2), values[: w.n, : w.S].transpose(1, 2), w.key_mask)
-        out = out.transpose(1, 2).reshape(w.n * w.T, -1).index_select(0, w.q_flat)
-        return self.o(out)
+        out = out.transpose(1, 2).reshape(w.n * w.T, -1)
+        return self.o(out if w.aligned else out.index_select(0, w.q_flat))
 
 
 class SwiGLU(nn.Module):

@@ -79,6 +79,9 @@ class BlockwiseProgram(Program):
         return RowPlan(start, end, row.length, [lo], ints=self.rule_ints(p), floats=self.rule_floats(p),
                        temperature=p.temperature)
 
+    def reads_cache(self, params) -> bool:
+        return params.cache != "none"
+
     def rule_floats(self, params) -> tuple[float, ...]:
         """Per-row float parameters handed to :meth:`select` (``floats[:, i]``)."""
         return ()

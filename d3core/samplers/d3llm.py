@@ -142,6 +142,9 @@ class D3LLMProgram(Program):
     def init_row(self, row: Row, d: Decoder) -> None:
         row.state = _Blocks(row.params.num_blocks)
 
+    def reads_cache(self, params: D3LLMParams) -> bool:
+        return params.cache_delay_iter is not None
+
     def plan(self, row: Row, d: Decoder) -> RowPlan | None:
         st, p = row.state, row.params
         if p.early_stop:

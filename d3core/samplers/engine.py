@@ -69,6 +69,12 @@ class Program:
     def segment_length(self, params) -> int:
         return params.block_length
 
+    def reads_cache(self, params) -> bool:
+        """Whether a row with these params ever attends to slots outside its window (cached K/V).
+
+        A step in which no row does skips the cache write."""
+        return True
+
     def wants_uniform(self, params) -> bool:
         """Whether this row's rule needs one uniform per logit cell (random remasking)."""
         return False
@@ -200,7 +206,7 @@ class Decoder:
     def first_eos(self, row: Row) -> int | None:
         """Index (in the generation slots) of the row's first committed EOS, or None."""
         gen, _ = self.gen(row)
-        hits = np.nonzero(np.isin(gen, self.eos_ids))[0]
+        hits = np.flatnonzero(is_eos(gen, self.eos_ids))
         return int(hits[0]) if len(hits) else None
 
     def fill_eos(self, row: Row, start: int, step: int, overwrite: bool) -> None:
@@ -262,7 +268,8 @@ class Decoder:
             sizes = {"rows": self.max_rows, "capacity": self.capacity, "scratch_row": self.cache.scratch_row,
                      "pad_id": self.pad_id, "max_segments": max(r.params.gen_length // self._seg for r in rows)}
         step = build_segment_step(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
-                                  any(self.program.wants_uniform(r.params) for r in rows), self.capacity, sizes)
+                                  any(self.program.wants_uniform(r.params) for r in rows), self.capacity, sizes,
+                                  store=any(self.program.reads_cache(r.params) for r in rows))
         if self.graphs is not None:
             out = self.graphs.run(step)
         else:
@@ -307,19 +314,23 @@ class Decoder:
     def apply(self, decisions: np.ndarray, layout: HostLayout, rows: list[Row]) -> list[np.ndarray]:
         """Write a segment step's decisions into the host state (unmask step: the row's nfe - 1)."""
         tok, lp = decisions[0], decisions[1].view(np.float32)
-        per_seg = layout.ns * layout.seg
-        cells = np.nonzero(tok[: len(rows) * per_seg] >= 0)[0]  # bucketed steps append padding rows
-        r, k, c = cells // per_seg, (cells // layout.seg) % layout.ns, cells % layout.seg
-        slots = layout.seg_start[r, k] + c
-        nfe = np.array([row.nfe for row in rows], dtype=np.int64)
-        self.tokens[r, slots] = tok[cells]
-        self.unmask[r, slots] = nfe[r] - 1
-        self.logprob[r, slots] = lp[cells]
-        return [slots[r == i] for i in range(len(rows))]
+        if layout.pad_pos is None:  # the layout is in transfer order; bucketed steps append padding rows
+            cells = np.nonzero(tok[: len(rows) * layout.ns * layout.seg] >= 0)[0]
+            at = cells
+        else:
+            cells = np.nonzero(tok[layout.pad_pos] >= 0)[0]
+            at = layout.pad_pos[cells]
+        r, slots = layout.cell_rows[cells], layout.cell_slots[cells]
+        self.tokens[r, slots] = tok[at]
+        self.unmask[r, slots] = np.array([row.nfe - 1 for row in rows], dtype=np.int64)[r]
+        self.logprob[r, slots] = lp[at]
+        if len(rows) == 1:
+            return [slots]
+        return np.split(slots, np.searchsorted(r, np.arange(1, len(rows))))
 
 
 def pack_decisions(take: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
-    chosen = torch.where(take, tokens, torch.full_like(tokens, -1)).to(torch.int32).reshape(-1)
+    chosen = torch.where(take, tokens, -1).to(torch.int32).reshape(-1)
     return torch.stack([chosen, logprob.float().reshape(-1).view(torch.int32)])
 
 
@@ -336,8 +347,16 @@ class Snapshot:
 OnStep = Callable[[Snapshot], None]
 
 
+def is_eos(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    """``np.isin(tokens, eos_ids)`` for the one or two EOS ids a model has, without its setup cost."""
+    hit = np.zeros(tokens.shape, dtype=bool)
+    for eos in eos_ids:
+        hit |= tokens == eos
+    return hit
+
+
 def committed_length(gen: np.ndarray, undecided: int, eos_ids: Sequence[int]) -> int:
-    stop = (gen == undecided) | np.isin(gen, eos_ids)
+    stop = (gen == undecided) | is_eos(gen, eos_ids)
     hits = np.nonzero(stop)[0]
     return int(hits[0]) if len(hits) else len(gen)
 

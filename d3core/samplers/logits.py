@@ -103,11 +103,11 @@ def token_stats(
 
 def choose(scores: torch.Tensor, forbid: int | None) -> torch.Tensor:
     """Argmax over the last dim, except that ``forbid`` loses to the runner-up."""
-    best = scores.argmax(dim=-1)
     if forbid is None:
-        return best
-    runner_up = scores.topk(2, dim=-1).indices[:, 1]
-    return torch.where(best == forbid, runner_up, best)
+        return scores.argmax(dim=-1)
+    allowed = scores.clone()
+    allowed[:, forbid] = -float("inf")
+    return allowed.argmax(dim=-1)
 
 
 def _entropy(shifted: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

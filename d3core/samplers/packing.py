@@ -82,6 +82,9 @@ class Shape:
     uniform: bool  # the program wants per-cell uniforms
     masked_keys: bool  # some row attends to fewer than S slots
     padded_cells: bool  # logit slots are scattered into the (n, NS, seg) layout
+    aligned: bool = False  # every window has T slots (see Windows.aligned)
+    dense: bool = False  # every row recomputes all of its S slots (see Windows.dense)
+    store: bool = True  # the window's K/V are written into the cache
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ class HostLayout:
     n: int
     ns: int
     seg: int
+    cell_rows: np.ndarray  # (NL,) row of each logit slot, in transfer order
+    cell_slots: np.ndarray  # (NL,) its slot
+    pad_pos: np.ndarray | None  # (NL,) its place in the (n * NS * seg) layout; None: the identity
 
 
 @dataclass(frozen=True)
@@ -129,12 +135,18 @@ def bucket(x: int, cap: int | None = None) -> int:
 
 def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
                    capacity: int, pad_to: tuple[int, int, int] | None, scratch: tuple[int, int] = (0, 0)):
-    """Window index arrays; ``pad_to`` = (tokens, T, S) bucket sizes; ``scratch`` = (row, token id) for padding."""
+    """Window index arrays; ``pad_to`` = (tokens, T, S) bucket sizes; ``scratch`` = (row, token id) for padding.
+
+    Returns ``(parts, N, T, S, masked, aligned, dense)`` (see :class:`~d3core.cache.Windows`).
+    """
+    n = len(plans)
+    width = max(max(p.end - p.start for p in plans), 1)
+    if pad_to is None and all(p.end - p.start == width for p in plans):
+        return _aligned_parts(tokens, plans, width, head_rows, head_slots, capacity)
     lens = np.array([max(p.end - p.start, 0) for p in plans], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     n_tok = int(offsets[-1])
-    width = max(int(lens.max()), 1)
-    rows = np.repeat(np.arange(len(plans), dtype=np.int64), lens)
+    rows = np.repeat(np.arange(n, dtype=np.int64), lens)
     within = np.arange(n_tok, dtype=np.int64) - offsets[rows]
     starts = np.array([p.start for p in plans], dtype=np.int64)
     slots = starts[rows] + within
@@ -157,14 +169,82 @@ def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarr
     parts = {"ids": ids, "rows": rows, "slots": slots, "q_index": q_index.reshape(-1), "q_flat": q_flat + within,
              "key_len": key_len, "head_rows": head_rows, "head_slots": head_slots, "head_index": head_index,
              "cache_index": rows * capacity + slots, "head_prev": head_rows * capacity + np.maximum(head_slots - 1, 0)}
-    return parts, len(ids), width, span, bool((key_len < span).any()) or pad_to is not None
+    return parts, len(ids), width, span, bool((key_len < span).any()) or pad_to is not None, False, False
+
+
+def _aligned_parts(tokens: np.ndarray, plans: list[RowPlan], width: int, head_rows: np.ndarray,
+                   head_slots: np.ndarray, capacity: int):
+    """:func:`_windows_parts` when every window has ``width`` slots: the same arrays from fewer host
+    operations, the query layout being the identity."""
+    n = len(plans)
+    flat = np.arange(n * width, dtype=np.int64)
+    rows, within = np.divmod(flat, width)
+    dense = all(p.start == 0 and p.keys == width for p in plans)
+    if dense:
+        starts, slots, ids = np.zeros(n, dtype=np.int64), within, tokens[:n, :width].reshape(-1).copy()
+    else:
+        starts = np.array([p.start for p in plans], dtype=np.int64)
+        slots = starts[rows] + within
+        ids = tokens[rows, slots]
+    keys = [max(p.keys, 1) for p in plans]
+    span = max(keys)
+    parts = {"ids": ids, "rows": rows, "slots": slots, "q_index": flat, "q_flat": flat,
+             "key_len": np.array(keys, dtype=np.int64), "head_rows": head_rows, "head_slots": head_slots,
+             "head_index": head_rows * width + np.maximum(head_slots - starts[head_rows], 0),
+             "cache_index": rows * capacity + slots, "head_prev": head_rows * capacity + np.maximum(head_slots - 1, 0)}
+    return parts, n * width, width, span, min(keys) < span, True, dense
+
+
+def _cell_layout(plans: list[RowPlan], ns: int, seg: int, bucketed: bool):
+    """Where each logit cell reads: ``(seg_start, flags, cell_rows, cell_slots, pad_pos, real)``.
+
+    Cells are listed segment by segment; ``pad_pos`` (None: the identity) places them in the
+    ``(n, NS, seg)`` layout, ``real`` (None: all) marks those of a real segment.
+    """
+    n = len(plans)
+    if all(len(p.segments) == ns and len(p.flags) in (0, ns) for p in plans):  # no padded segment
+        seg_start = np.array([p.segments for p in plans], dtype=np.int64).reshape(n, ns)
+        flags = np.array([p.flags or [0] * ns for p in plans], dtype=np.int64).reshape(n, ns)
+        cell_rows = np.repeat(np.arange(n, dtype=np.int64), ns * seg)
+        cell_slots = (seg_start[:, :, None] + np.arange(seg, dtype=np.int64)).reshape(-1)
+        return seg_start, flags, cell_rows, cell_slots, None, None
+    seg_start = np.full((n, ns), -1, dtype=np.int64)
+    flags = np.zeros((n, ns), dtype=np.int64)
+    for r, p in enumerate(plans):
+        seg_start[r, : len(p.segments)] = p.segments
+        flags[r, : len(p.flags)] = p.flags
+    if not bucketed:
+        seg_rows, seg_k = np.nonzero(seg_start >= 0)
+    else:  # every cell of the padded layout is a logit slot (padding reads row 0, slot 0)
+        seg_rows, seg_k = np.divmod(np.arange(n * ns, dtype=np.int64), ns)
+    first = seg_start[seg_rows, seg_k]
+    live = first >= 0
+    real = np.repeat(live, seg)
+    cell_rows = np.where(live, seg_rows, 0).repeat(seg)
+    cell_slots = np.where(real, (np.maximum(first, 0)[:, None] + np.arange(seg)[None]).reshape(-1), 0)
+    pad_pos = ((seg_rows * ns + seg_k)[:, None] * seg + np.arange(seg)[None]).reshape(-1)
+    if len(pad_pos) == n * ns * seg:  # bucketed: every cell is in place
+        pad_pos = None
+    return seg_start, flags, cell_rows, cell_slots, pad_pos, None if real.all() else real
+
+
+def _rule_params(plans: list[RowPlan]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Per-row ``ints`` and ``floats`` (zero-padded to the longest), and each ``ints`` column's maximum."""
+    n, n_int, n_float = len(plans), max(len(p.ints) for p in plans), max(len(p.floats) for p in plans)
+    ints = [list(p.ints) + [0] * (n_int - len(p.ints)) for p in plans]
+    floats = [list(p.floats) + [0.0] * (n_float - len(p.floats)) for p in plans]
+    int_max = tuple(max(column) for column in zip(*ints))
+    return (np.array(ints, dtype=np.int64).reshape(n, n_int), np.array(floats, dtype=np.float64).reshape(n, n_float),
+            int_max)
 
 
 def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
-                       steps: list[int], uniform: bool, capacity: int, buckets: dict | None = None) -> HostStep:
+                       steps: list[int], uniform: bool, capacity: int, buckets: dict | None = None,
+                       store: bool = True) -> HostStep:
     """A segment step's host arrays; ``plans[r]`` is cache row ``r``; a cell is a candidate while it holds ``mask_id``.
 
-    ``buckets`` (``rows``, ``capacity``, ``scratch_row``, ``pad_id``, ``max_segments``) rounds every size up.
+    ``buckets`` (``rows``, ``capacity``, ``scratch_row``, ``pad_id``, ``max_segments``) rounds every size up;
+    ``store=False`` skips the cache write (no later step reads these slots' K/V).
     """
     n_real = len(plans)
     if buckets is not None:
@@ -172,33 +252,20 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
         plans = plans + [SIT_OUT] * (n - n_real)
         seeds, steps = list(seeds) + [0] * (n - n_real), list(steps) + [0] * (n - n_real)
     n = len(plans)
-    ns = max(max((len(p.segments) for p in plans), default=0), 1)
+    ns = max(max(len(p.segments) for p in plans), 1)
     if buckets is not None:
         ns = min(1 << (ns - 1).bit_length(), max(buckets["max_segments"], ns))
-    seg_start = np.full((n, ns), -1, dtype=np.int64)
-    flags = np.zeros((n, ns), dtype=np.int64)
-    for r, p in enumerate(plans):
-        seg_start[r, : len(p.segments)] = p.segments
-        flags[r, : len(p.flags)] = p.flags
-    if buckets is None:
-        seg_rows, seg_k = np.nonzero(seg_start >= 0)
-    else:  # every cell of the padded layout is a logit slot (padding reads row 0, slot 0)
-        seg_rows, seg_k = np.divmod(np.arange(n * ns, dtype=np.int64), ns)
-    starts = np.maximum(seg_start[seg_rows, seg_k], 0)
-    cell_rows = np.where(seg_start[seg_rows, seg_k] >= 0, seg_rows, 0).repeat(seg)
-    cell_slots = (starts[:, None] + np.arange(seg)[None]).reshape(-1)
-    cell_slots = np.where(np.repeat(seg_start[seg_rows, seg_k] >= 0, seg), cell_slots, 0)
-    pad_pos = ((seg_rows * ns + seg_k)[:, None] * seg + np.arange(seg)[None]).reshape(-1)
-    real = np.repeat(seg_start[seg_rows, seg_k] >= 0, seg)
-    cand = np.zeros(n * ns * seg, dtype=np.int64)
-    cand[pad_pos[real]] = tokens[cell_rows[real], cell_slots[real]] == mask_id
-    n_int = max((len(p.ints) for p in plans), default=0)
-    n_float = max((len(p.floats) for p in plans), default=0)
-    ints = np.array([list(p.ints) + [0] * (n_int - len(p.ints)) for p in plans], dtype=np.int64).reshape(n, n_int)
-    floats = np.array([list(p.floats) + [0.0] * (n_float - len(p.floats)) for p in plans],
-                      dtype=np.float64).reshape(n, n_float)
-    temps = np.array([p.temperature for p in plans], dtype=np.float64)
-    sampling = bool((temps > 0).any())
+    seg_start, flags, cell_rows, cell_slots, pad_pos, real = _cell_layout(plans, ns, seg, buckets is not None)
+    if pad_pos is not None:  # some row has fewer segments: its missing ones are never candidates
+        cand = np.zeros(n * ns * seg, dtype=np.int64)
+        cand[pad_pos] = tokens[cell_rows, cell_slots] == mask_id
+    elif real is not None:  # bucketed padding
+        cand = np.zeros(len(cell_rows), dtype=np.int64)
+        cand[real] = tokens[cell_rows[real], cell_slots[real]] == mask_id
+    else:
+        cand = (tokens[cell_rows, cell_slots] == mask_id).astype(np.int64)
+    ints, floats, int_max = _rule_params(plans)
+    sampling = any(p.temperature > 0 for p in plans)
     pad_to = None
     if buckets is not None:
         n_tok = sum(max(p.end - p.start, 0) for p in plans)
@@ -206,10 +273,9 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
         span = max(max(p.keys, 1) for p in plans)
         pad_to = (bucket(n_tok), min(bucket(width), buckets["capacity"]), min(bucket(span), buckets["capacity"]))
     scratch = (buckets["scratch_row"], buckets["pad_id"]) if buckets is not None else (0, 0)
-    parts, n_tok, width, span, masked = _windows_parts(tokens, plans, cell_rows, cell_slots, capacity, pad_to,
-                                                       scratch)
-    padded = len(pad_pos) != n * ns * seg
-    if padded:
+    parts, n_tok, width, span, masked, aligned, dense = _windows_parts(tokens, plans, cell_rows, cell_slots,
+                                                                       capacity, pad_to, scratch)
+    if pad_pos is not None:
         parts["pad_pos"] = pad_pos
     parts.update({"cand": cand, "flags": flags.reshape(-1), "ints": ints.reshape(-1),
                   "floats": floats.reshape(-1).view(np.int64)})
@@ -217,10 +283,12 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
         parts["seeds"] = np.asarray(seeds, dtype=np.int64)[cell_rows]
         parts["steps"] = np.asarray(steps, dtype=np.int64)[cell_rows]
     if sampling:
-        parts["temperature"] = np.where(real, temps[cell_rows], 0.0).view(np.int64)
-    int_max = tuple(int(v) for v in ints.max(axis=0)) if n_int else ()
-    shape = Shape(n, n_tok, width, span, ns, seg, n_int, n_float, int_max, sampling, uniform, masked, padded)
-    return HostStep(parts, shape, HostLayout(seg_start, n, ns, seg))
+        temps = np.array([p.temperature for p in plans], dtype=np.float64)[cell_rows]
+        parts["temperature"] = (temps if real is None else np.where(real, temps, 0.0)).view(np.int64)
+    # A gathered (non-dense) attention reads the window's keys back from the cache: it must store them.
+    shape = Shape(n, n_tok, width, span, ns, seg, ints.shape[1], floats.shape[1], int_max, sampling, uniform, masked,
+                  pad_pos is not None, aligned, dense, store or not dense)
+    return HostStep(parts, shape, HostLayout(seg_start, n, ns, seg, cell_rows, cell_slots, pad_pos))
 
 
 class Packer:
@@ -231,7 +299,12 @@ class Packer:
         self._staging: torch.Tensor | None = None
 
     def upload(self, parts: dict[str, np.ndarray], into: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One host-to-device copy of every part; ``into`` is a preallocated device buffer to fill (graphs)."""
+        """One host-to-device copy of every part; ``into`` is a preallocated device buffer to fill (graphs).
+
+        On the CPU the parts are wrapped as they are (no copy)."""
+        if self.device.type == "cpu" and into is None:
+            return {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64).reshape(-1))
+                    for name, a in parts.items()}
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in parts.values()])
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
@@ -261,28 +334,30 @@ class Packer:
         ``extra`` arrays (int64, or float64 viewed as int64) travel in the same transfer and come
         back as device views under their names.
         """
-        parts, n_tok, width, span, masked = _windows_parts(tokens, plans, head_rows, head_slots, self.capacity, None)
+        parts, n_tok, width, span, masked, aligned, dense = _windows_parts(tokens, plans, head_rows, head_slots,
+                                                                           self.capacity, None)
         dev = self.upload({**parts, **(extra or {})})
-        return windows_view(dev, len(plans), width, span, masked, self.device), \
+        return windows_view(dev, len(plans), width, span, masked, self.device, aligned, dense), \
             {name: dev[name] for name in (extra or {})}
 
 
 def windows_view(dev: dict[str, torch.Tensor], n: int, width: int, span: int, masked: bool,
-                 device: torch.device) -> Windows:
+                 device: torch.device, aligned: bool = False, dense: bool = False, store: bool = True) -> Windows:
     key_mask = None
     if masked:
         key_mask = (torch.arange(span, device=device)[None] < dev["key_len"][:, None])[:, None, None, :]
     return Windows(ids=dev["ids"], rows=dev["rows"], slots=dev["slots"], q_index=dev["q_index"].view(n, width),
                    q_flat=dev["q_flat"], key_mask=key_mask, head_rows=dev["head_rows"], head_slots=dev["head_slots"],
                    head_index=dev["head_index"], cache_index=dev["cache_index"], head_prev=dev["head_prev"], n=n,
-                   T=width, S=span)
+                   T=width, S=span, aligned=aligned, dense=dense, store=store)
 
 
 def segment_meta(dev: dict[str, torch.Tensor], shape: Shape, device: torch.device) -> StepMeta:
     """The device views of an uploaded segment step (see :func:`build_segment_step`)."""
     n, ns, seg = shape.n, shape.ns, shape.seg
     return StepMeta(
-        windows=windows_view(dev, n, shape.T, shape.S, shape.masked_keys, device),
+        windows=windows_view(dev, n, shape.T, shape.S, shape.masked_keys, device, shape.aligned, shape.dense,
+                             shape.store),
         pad_pos=dev["pad_pos"] if shape.padded_cells else None, cand=dev["cand"].view(n, ns, seg).bool(),
         flags=dev["flags"].view(n, ns), ints=dev["ints"].view(n, shape.n_int),
         floats=dev["floats"].view(torch.float64).view(n, shape.n_float), int_max=shape.int_max,

@@ -68,6 +68,9 @@ class VanillaProgram(Program):
         p = row.params
         row.state = _State(transfer_schedule(p.block_length, p.total_steps // p.num_blocks))
 
+    def reads_cache(self, params: VanillaParams) -> bool:
+        return False  # every step recomputes the whole sequence
+
     def wants_uniform(self, params: VanillaParams) -> bool:
         return params.remasking == "random"
 
