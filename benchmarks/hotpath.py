@@ -15,8 +15,8 @@ on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports
 * ``cpu_ms_per_step``: this thread's CPU time per batch forward, and ``tokens_per_second``
   at batch 1 and 8 as ``benchmarks/samplers.py`` measures it.
 
-``--ref COMMIT`` exports that commit's tree (``git archive``) into a temp dir and runs the same
-worker on it; the two engines' timing workers alternate ``--rounds`` times (A B A B ...) and the
+``--ref COMMIT`` exports that commit's tree (``git archive``) into a temp dir, with this tree's tiny
+teacher copied in (``--ref-own-weights`` keeps the commit's own), and runs the same worker on it; the two engines' timing workers alternate ``--rounds`` times (A B A B ...) and the
 medians are reported, so both see the same machine load.
 """
 
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,10 +235,16 @@ def _spawn(root: str, args, timing_only: bool) -> dict:
         return json.load(f)
 
 
-def _export(ref: str) -> str:
+def _export(ref: str, here: str, own_weights: bool) -> str:
+    """``git archive`` of ``ref``; unless ``own_weights``, this tree's tiny teacher replaces the ref's, so both
+    engines decode the same weights (same commits, same steps) and only the engine differs."""
     root = tempfile.mkdtemp(prefix=f"d3ray-{ref[:8]}-")
     archive = subprocess.run(["git", "archive", ref], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+    if not own_weights:
+        teacher = os.path.join("d3core", "assets", "tiny", "teacher")
+        shutil.rmtree(os.path.join(root, teacher), ignore_errors=True)
+        shutil.copytree(os.path.join(here, teacher), os.path.join(root, teacher))
     return root
 
 
@@ -257,6 +264,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/hotpath.json")
     parser.add_argument("--ref", default="", help="git commit of the engine to compare against (e.g. 18a9495)")
+    parser.add_argument("--ref-own-weights", action="store_true",
+                        help="run the ref with the tiny teacher of its own commit (default: this tree's teacher)")
     parser.add_argument("--wide", action="store_true", help="a 2-layer LLaDA-8B-shape random model instead of tiny")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per engine")
     parser.add_argument("--threads", type=int, default=1)
@@ -273,7 +282,7 @@ def main() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     engines = {"new": here}
     if args.ref:
-        engines["ref"] = _export(args.ref)
+        engines["ref"] = _export(args.ref, here, args.ref_own_weights)
     counts = {name: _spawn(root, args, timing_only=False) for name, root in engines.items()}
     timings: dict[str, list[dict]] = {name: [] for name in engines}
     for _ in range(args.rounds - 1):
@@ -283,7 +292,7 @@ def main() -> None:
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                      "torch_threads": args.threads, "load_average": os.getloadavg()},
         "model": "llada-8b shape, 2 layers, random" if args.wide else "shipped tiny teacher",
-        "ref": args.ref, "rounds": args.rounds,
+        "ref": args.ref, "ref_weights": "own" if args.ref_own_weights else "this tree's", "rounds": args.rounds,
         "engines": {name: _merge(counts[name], timings[name]) for name in engines},
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -8,7 +8,14 @@ with ``continuous=false`` / ``true``; rounds interleave the modes, ``--repeats``
    (the same absolute rates for both modes), streaming chat requests: p50/p99 latency and time to
    the first committed token (TTFT), 5xx count;
 3. **overload**: a burst of ``--burst`` concurrent requests: every refusal's latency (target < 1 s)
-   and its ``Retry-After``.
+   and its ``Retry-After``; and, as the floor of what the HTTP path costs on this machine, a burst
+   of as many ``GET /v1/models`` (no model work: Serve's proxy and the ingress only).
+
+``--workload`` picks the requests: ``uniform`` (every request the same settings: the preset's
+``max_tokens`` and threshold, temperature 0), ``mixed`` (each request, seeded by its index, draws
+``max_tokens`` uniformly from 8..48 and, one in four, a strict entropy threshold of 0.1 that commits
+about one token per step, as quality-first clients would ask), or ``both`` (each workload in turn,
+its own request-level capacity and ratios).
 
 ``--kill`` adds a replica-kill run for 1 and 2 replicas: open-loop load, one model replica killed
 mid-run; counts failures, hangs (no answer within the client timeout) and the time until
@@ -43,6 +50,10 @@ logger = logging.getLogger("d3ray.serve_load")
 
 APP = "d3ray-load"
 MODES = {"request-level": False, "continuous": True}
+WORKLOADS = ("uniform", "mixed")
+MIXED_MAX_TOKENS = (8, 48)  # inclusive range of the mixed workload's max_tokens
+MIXED_STRICT_EVERY = 4  # one request in this many asks for the strict threshold
+MIXED_STRICT_THRESHOLD = 0.1
 
 
 def free_port() -> int:
@@ -72,10 +83,16 @@ def hardware() -> dict:
             "ray": ray.__version__}
 
 
-def body(model: str, question: str, stream: bool) -> dict:
+def body(model: str, question: str, stream: bool, workload: str = "uniform", k: int = 0) -> dict:
+    """Request ``k`` of ``workload`` (see the module docstring); the same ``k`` gives the same request."""
     out = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": stream}
     if stream:
         out["stream_options"] = {"include_usage": True}
+    if workload == "mixed":
+        rng = random.Random(f"mixed-{k}")
+        out["max_tokens"] = rng.randint(*MIXED_MAX_TOKENS)
+        if rng.randrange(MIXED_STRICT_EVERY) == 0:
+            out["sampler_params"] = {"threshold": MIXED_STRICT_THRESHOLD}
     return out
 
 
@@ -128,7 +145,7 @@ def summary(recs: list[dict], wall: float) -> dict:
 
 
 async def closed_loop(base: str, model: str, questions: list[str], clients: int, seconds: float,
-                      timeout: float) -> dict:
+                      timeout: float, workload: str = "uniform") -> dict:
     recs: list[dict] = []
     stop = time.perf_counter() + seconds
     start = time.perf_counter()
@@ -136,7 +153,7 @@ async def closed_loop(base: str, model: str, questions: list[str], clients: int,
     async def worker(i: int, http: httpx.AsyncClient) -> None:
         k = i
         while time.perf_counter() < stop:
-            recs.append(await one(http, base, body(model, questions[k % len(questions)], stream=False)))
+            recs.append(await one(http, base, body(model, questions[k % len(questions)], False, workload, k)))
             k += clients
 
     limits = httpx.Limits(max_connections=clients + 4)
@@ -146,7 +163,7 @@ async def closed_loop(base: str, model: str, questions: list[str], clients: int,
 
 
 async def open_loop(base: str, model: str, questions: list[str], rate: float, seconds: float, timeout: float,
-                    seed: int, during=None) -> dict:
+                    seed: int, during=None, workload: str = "uniform") -> dict:
     """Poisson arrivals at ``rate`` req/s for ``seconds``; ``during(t)`` is awaited once at t = seconds / 3."""
     rng = random.Random(seed)
     tasks, stamps = [], []
@@ -161,7 +178,8 @@ async def open_loop(base: str, model: str, questions: list[str], rate: float, se
                 fired = True
                 stamps.append(("event", time.perf_counter() - start))
                 await during()
-            tasks.append(asyncio.ensure_future(one(http, base, body(model, questions[k % len(questions)], True))))
+            payload = body(model, questions[k % len(questions)], True, workload, k)
+            tasks.append(asyncio.ensure_future(one(http, base, payload)))
             stamps.append(("sent", time.perf_counter() - start))
             k += 1
         recs = list(await asyncio.gather(*tasks))
@@ -189,7 +207,26 @@ async def burst(base: str, model: str, questions: list[str], n: int, timeout: fl
     out.update(refused=len(refused), refusal_latency_max_s=pct([r["latency"] for r in refused], 100),
                refusal_latency_p50_s=pct([r["latency"] for r in refused], 50),
                refusals_with_retry_after=sum(1 for r in refused if r["retry_after"]))
+    out["http_floor"] = await http_floor(base, n, timeout)
     return out
+
+
+async def http_floor(base: str, n: int, timeout: float) -> dict:
+    """``n`` concurrent ``GET /v1/models``: what Serve's proxy and the ingress alone cost for a burst."""
+
+    async def get(http: httpx.AsyncClient) -> tuple[int | str, float]:
+        t0 = time.perf_counter()
+        try:
+            status: int | str = (await http.get(f"{base}/v1/models")).status_code
+        except httpx.HTTPError as e:
+            status = type(e).__name__
+        return status, time.perf_counter() - t0
+
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=n + 4)) as http:
+        got = await asyncio.gather(*(get(http) for _ in range(n)))
+    latencies = [t for _, t in got]
+    return {"requests": n, "ok": sum(1 for s, _ in got if s == 200), "latency_p50_s": pct(latencies, 50),
+            "latency_max_s": pct(latencies, 100)}
 
 
 def deploy(app_builder, serve, base: str, args, continuous: bool, replicas: int) -> str:
@@ -201,17 +238,19 @@ def deploy(app_builder, serve, base: str, args, continuous: bool, replicas: int)
     return httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
-def kill_run(ray, serve, app_builder, base: str, args, questions: list[str], replicas: int, rate: float) -> dict:
+def kill_run(ray, serve, app_builder, base: str, args, questions: list[str], replicas: int, rate: float,
+             workload: str) -> dict:
     model = deploy(app_builder, serve, base, args, True, replicas)
-    asyncio.run(closed_loop(base, model, questions, 2, 3, args.timeout))
+    asyncio.run(closed_loop(base, model, questions, 2, 3, args.timeout, workload))
 
     async def kill() -> None:
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == "serve" and "D3LLMModel" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
         ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=False)
 
-    out = asyncio.run(open_loop(base, model, questions, rate, args.kill_seconds, args.timeout, seed=99, during=kill))
-    out["replicas"] = replicas
+    out = asyncio.run(open_loop(base, model, questions, rate, args.kill_seconds, args.timeout, seed=99, during=kill,
+                                workload=workload))
+    out.update(replicas=replicas, workload=workload)
     return out
 
 
@@ -231,7 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kill-seconds", type=float, default=30.0)
     ap.add_argument("--model", default="", help="checkpoint URI (default: the preset's)")
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--workload", default="both", choices=[*WORKLOADS, "both"],
+                    help="the requests' settings (see above); kills use the first")
     args = ap.parse_args(argv)
+    workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
     if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.burst < 1 or not all(0 < x for x in loads):
         ap.error("--clients, --seconds, --repeats, --burst and every --loads fraction must be positive")
@@ -252,32 +294,35 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     kills = []
     try:
-        capacity = None
+        capacity: dict[str, float] = {}
         for rep in range(args.repeats):
             for mode, continuous in MODES.items():  # interleaved: machine drift hits both modes
                 model = deploy(app_builder, serve, base, args, continuous, 1)
-                asyncio.run(closed_loop(base, model, questions, 4, 3, args.timeout))  # warm-up
-                run = {"repeat": rep, "loadavg_1m": round(os.getloadavg()[0], 2)}
-                run["saturation"] = asyncio.run(closed_loop(base, model, questions, args.clients, args.seconds,
-                                                            args.timeout))
-                if capacity is None and mode == "request-level":
-                    capacity = run["saturation"]["requests_per_s"]
-                run["open_loop"] = {str(f): asyncio.run(open_loop(base, model, questions, f * capacity, args.seconds,
-                                                                  args.timeout, seed=rep)) for f in loads}
-                run["overload"] = asyncio.run(burst(base, model, questions, args.burst, args.timeout))
-                runs[mode].append(run)
-                logger.info("%s round %d: %s", mode, rep, json.dumps(run))
+                for workload in workloads:
+                    asyncio.run(closed_loop(base, model, questions, 4, 3, args.timeout, workload))  # warm-up
+                    run = {"repeat": rep, "workload": workload, "loadavg_1m": round(os.getloadavg()[0], 2)}
+                    run["saturation"] = asyncio.run(closed_loop(base, model, questions, args.clients, args.seconds,
+                                                                args.timeout, workload))
+                    if workload not in capacity and mode == "request-level":
+                        capacity[workload] = run["saturation"]["requests_per_s"]
+                    run["open_loop"] = {str(f): asyncio.run(open_loop(base, model, questions, f * capacity[workload],
+                                                                      args.seconds, args.timeout, seed=rep,
+                                                                      workload=workload)) for f in loads}
+                    run["overload"] = asyncio.run(burst(base, model, questions, args.burst, args.timeout))
+                    runs[mode].append(run)
+                    logger.info("%s %s round %d: %s", mode, workload, rep, json.dumps(run))
         if args.kill:
             for replicas in (1, 2):
-                kills.append(kill_run(ray, serve, app_builder, base, args, questions, replicas, 0.5 * capacity))
+                kills.append(kill_run(ray, serve, app_builder, base, args, questions, replicas,
+                                      0.5 * capacity[workloads[0]], workloads[0]))
                 logger.info("kill, %d replicas: %s", replicas, json.dumps(kills[-1]))
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    def med(mode: str, *path) -> float | None:
+    def med(mode: str, workload: str, *path) -> float | None:
         values = []
-        for run in runs[mode]:
+        for run in (r for r in runs[mode] if r["workload"] == workload):
             node = run
             for key in path:
                 node = node[key]
@@ -285,13 +330,15 @@ def main(argv: list[str] | None = None) -> dict:
                 values.append(node)
         return round(statistics.median(values), 4) if values else None
 
-    ratios = {"continuous_vs_request_level_tokens_per_s_at_saturation":
-              round(med("continuous", "saturation", "tokens_per_s") / med("request-level", "saturation",
-                                                                          "tokens_per_s"), 3)}
-    for f in loads:
-        rl, ct = med("request-level", "open_loop", str(f), "latency_p99_s"), med("continuous", "open_loop", str(f),
-                                                                                 "latency_p99_s")
-        ratios[f"continuous_vs_request_level_p99_latency_at_{f}"] = round(ct / rl, 3) if rl and ct else None
+    def ratio(workload: str, *path) -> float | None:
+        rl, ct = med("request-level", workload, *path), med("continuous", workload, *path)
+        return round(ct / rl, 3) if rl and ct else None
+
+    ratios = {workload: {"continuous_vs_request_level_tokens_per_s_at_saturation":
+                         ratio(workload, "saturation", "tokens_per_s"),
+                         **{f"continuous_vs_request_level_p99_latency_at_{f}":
+                            ratio(workload, "open_loop", str(f), "latency_p99_s") for f in loads}}
+              for workload in workloads}
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": hardware(),
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "capacity_request_level_rps": capacity,
            "loadavg_before": [round(x, 2) for x in load_before],

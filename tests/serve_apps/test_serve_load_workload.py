@@ -1,0 +1,45 @@
+"""The load benchmark's request mix: reproducible, spread out as documented, and valid for the tiny server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from serve_apps import protocol as P
+from serve_apps.config import ServeConfig
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uniform_requests_carry_only_the_presets_settings(bench):
+    for k in range(20):
+        payload = bench.body("m", "q?", stream=False, workload="uniform", k=k)
+        assert "max_tokens" not in payload and "sampler_params" not in payload
+
+
+def test_mixed_requests_are_reproducible_spread_and_accepted(bench):
+    cfg = ServeConfig.from_preset("tiny")
+    payloads = [bench.body("m", "q?", stream=True, workload="mixed", k=k) for k in range(400)]
+    assert payloads == [bench.body("m", "q?", stream=True, workload="mixed", k=k) for k in range(400)]
+    lengths = [p["max_tokens"] for p in payloads]
+    low, high = bench.MIXED_MAX_TOKENS
+    assert min(lengths) == low and max(lengths) == high and len(set(lengths)) > 30
+    strict = [p for p in payloads if "sampler_params" in p]
+    assert 0.15 < len(strict) / len(payloads) < 0.35  # one in four, by a seeded draw
+    assert {p["sampler_params"]["threshold"] for p in strict} == {bench.MIXED_STRICT_THRESHOLD}
+    for p in payloads[:50]:  # the server takes every one of them (no 400 from the benchmark's own mix)
+        req = P.parse_request(json.dumps(p).encode(), P.ChatCompletionRequest)
+        params, max_tokens = P.resolve_params(cfg, req)
+        assert max_tokens == p["max_tokens"] <= params.gen_length
+        assert params.threshold == p.get("sampler_params", {}).get("threshold", cfg.sampler_params["threshold"])
