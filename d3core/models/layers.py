@@ -36,10 +36,20 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's ``1 / theta^(2i / head_dim)``, computed once per (head_dim, theta, device)."""
+    key = (head_dim, float(theta), device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    return _INV_FREQ[key]
+
+
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape ``positions.shape + (head_dim,)`` for the rotate-half RoPE convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = positions.to(torch.float32)[..., None] * inverse_frequencies(head_dim, theta, positions.device)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

@@ -46,10 +46,11 @@ class BlockwiseParams(BlockParams):
 
 
 def with_best(take: torch.Tensor, score: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """``take`` plus, in every row with a masked position, the masked position of highest ``score``."""
-    best = torch.where(masked, score, torch.full_like(score, -float("inf"))).argmax(-1, keepdim=True)
-    forced = torch.zeros_like(take).scatter_(-1, best, True) & masked
-    return (take & masked) | forced
+    """``take`` plus, in every row with a masked position, the masked position of highest ``score``.
+
+    ``take`` must lie within ``masked`` and is updated in place (callers pass a fresh tensor)."""
+    best = score.masked_fill(~masked, -float("inf")).argmax(-1, keepdim=True)
+    return take.scatter_(-1, best, masked.gather(-1, best))  # a row with nothing masked keeps its all-False take
 
 
 @dataclass

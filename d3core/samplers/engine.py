@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,7 +31,8 @@ import torch
 from d3core.cache import KVCache
 from d3core.samplers.base import GenerationResult, SequenceResult, validate_prompts
 from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
-from d3core.samplers.packing import Cells, HostLayout, Packer, RowPlan, StepMeta, build_segment_step, segment_meta
+from d3core.samplers.packing import (DYNAMIC_PARTS, Cells, HostLayout, HostStep, Packer, RowPlan, StepMeta,
+                                     build_segment_step, segment_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,15 @@ class Program:
 
 
 @dataclass
+class _EagerStep:
+    """The last eager step's host arrays and the device views made of them (CPU: the same memory)."""
+
+    parts: dict[str, np.ndarray]
+    cand: torch.Tensor  # int64 view of the uploaded candidate part
+    meta: StepMeta
+
+
+@dataclass
 class StepReport:
     finished: list[Row] = field(default_factory=list)
     forwarded: bool = False
@@ -144,6 +154,8 @@ class Decoder:
         self.forwards = 0
         self.packer = Packer(self.device, capacity)
         self._seg: int | None = None
+        self._last_step: HostStep | None = None  # reused while the geometry repeats (see build_segment_step)
+        self._eager: _EagerStep | None = None
         self.graphs = None
         if graphs if graphs is not None else self.device.type == "cuda":
             from d3core.samplers.graphs import GraphRunner
@@ -269,12 +281,27 @@ class Decoder:
                      "pad_id": self.pad_id, "max_segments": max(r.params.gen_length // self._seg for r in rows)}
         step = build_segment_step(self.tokens, plans, self._seg, self.mask_id, [r.seed for r in rows], steps,
                                   any(self.program.wants_uniform(r.params) for r in rows), self.capacity, sizes,
-                                  store=any(self.program.reads_cache(r.params) for r in rows))
-        if self.graphs is not None:
-            out = self.graphs.run(step)
-        else:
-            out = self._segment_device(segment_meta(self.packer.upload(step.parts), step.shape, self.device))
+                                  store=any(self.program.reads_cache(r.params) for r in rows),
+                                  previous=self._last_step)
+        self._last_step = step
+        out = self.graphs.run(step) if self.graphs is not None else self._segment_device(self._eager_meta(step))
         return self.apply(self.fetch(out), step.layout, rows)
+
+    def _eager_meta(self, step: HostStep) -> StepMeta:
+        """The device views of an eager step. On the CPU the views alias the host arrays, so a step that
+        reused the last one's arrays (same geometry) reuses its views too: only the candidate mask is redone."""
+        last = self._eager
+        if last is not None and last.parts is step.parts:
+            torch.ne(last.cand, 0, out=last.meta.cand)
+            if last.meta.int_max != step.shape.int_max:
+                last.meta = replace(last.meta, int_max=step.shape.int_max)
+            return last.meta
+        dev = self.packer.upload(step.parts)
+        meta = segment_meta(dev, step.shape, self.device)
+        aliased = self.device.type == "cpu" and all(
+            dev[k].data_ptr() == step.parts[k].ctypes.data for k in DYNAMIC_PARTS if k in step.parts)
+        self._eager = _EagerStep(step.parts, dev["cand"].view(meta.cand.shape), meta) if aliased else None
+        return meta
 
     def _segment_device(self, meta: StepMeta) -> torch.Tensor:
         logits = self.model.forward_windows(meta.windows, self.cache)

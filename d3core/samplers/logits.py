@@ -86,8 +86,8 @@ def token_stats(
     probabilities and entropy stay those of the model's full distribution.
     """
     z = logits.float()
-    shifted = z - z.amax(dim=-1, keepdim=True)
-    probs = torch.softmax(shifted, dim=-1)  # bitwise softmax(z): the kernel subtracts the same max
+    shifted = z - z.amax(dim=-1, keepdim=True) if want_entropy else z
+    probs = torch.softmax(shifted, dim=-1)  # the same bits either way: the kernel subtracts the same max
     if temperature is None:
         tokens = choose(logits, forbid)
     else:
@@ -105,9 +105,18 @@ def choose(scores: torch.Tensor, forbid: int | None) -> torch.Tensor:
     """Argmax over the last dim, except that ``forbid`` loses to the runner-up."""
     if forbid is None:
         return scores.argmax(dim=-1)
-    allowed = scores.clone()
-    allowed[:, forbid] = -float("inf")
-    return allowed.argmax(dim=-1)
+    return scores.index_fill(-1, _index(forbid, scores.device), -float("inf")).argmax(dim=-1)
+
+
+_INDEX: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _index(i: int, device: torch.device) -> torch.Tensor:
+    """A cached one-element index tensor, made once per device by a fill (no host-to-device copy)."""
+    key = (i, device)
+    if key not in _INDEX:
+        _INDEX[key] = torch.full((1,), i, dtype=torch.long, device=device)
+    return _INDEX[key]
 
 
 def _entropy(shifted: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ to the cache's scratch row; padding rows attend to one slot and commit nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -119,10 +119,29 @@ class HostLayout:
 
 
 @dataclass(frozen=True)
+class Refill:
+    """How a later step with the same geometry (:func:`step_key`) rebuilds the parts that change every
+    step (window tokens, candidates, rule parameters, step counters), in place."""
+
+    key: tuple
+    id_rows: np.ndarray | None  # ids[:len(id_rows)] = tokens[id_rows, id_slots]; None: dense, tokens[:n, :T]
+    id_slots: np.ndarray | None
+    cand_rows: np.ndarray  # cand[cand_at] = tokens[cand_rows, cand_slots] == mask_id
+    cand_slots: np.ndarray
+    cand_at: np.ndarray | None  # None: every cand entry, in order
+    cell_rows: np.ndarray  # the row of each logit slot (for the per-slot step counters)
+
+
+# The parts a refill rewrites; every other part depends on the step key alone.
+DYNAMIC_PARTS = ("ids", "cand", "ints", "floats", "steps")
+
+
+@dataclass(frozen=True)
 class HostStep:
     parts: dict[str, np.ndarray]  # int64 arrays in transfer order
     shape: Shape
     layout: HostLayout
+    refill: Refill | None = None
 
 
 def bucket(x: int, cap: int | None = None) -> int:
@@ -238,14 +257,27 @@ def _rule_params(plans: list[RowPlan]) -> tuple[np.ndarray, np.ndarray, tuple[in
             int_max)
 
 
+def step_key(plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int], uniform: bool, capacity: int,
+             buckets: dict | None, store: bool) -> tuple:
+    """Everything a segment step's parts depend on except the tokens, rule parameters and step counters."""
+    return (seg, mask_id, uniform, capacity, store, None if buckets is None else tuple(buckets.values()),
+            tuple(seeds), tuple((p.start, p.end, p.keys, tuple(p.segments), tuple(p.flags), p.temperature,
+                                 len(p.ints), len(p.floats)) for p in plans))
+
+
 def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
                        steps: list[int], uniform: bool, capacity: int, buckets: dict | None = None,
-                       store: bool = True) -> HostStep:
+                       store: bool = True, previous: HostStep | None = None) -> HostStep:
     """A segment step's host arrays; ``plans[r]`` is cache row ``r``; a cell is a candidate while it holds ``mask_id``.
 
     ``buckets`` (``rows``, ``capacity``, ``scratch_row``, ``pad_id``, ``max_segments``) rounds every size up;
-    ``store=False`` skips the cache write (no later step reads these slots' K/V).
+    ``store=False`` skips the cache write (no later step reads these slots' K/V). When ``previous`` has this
+    step's :func:`step_key` (rows in a block keep their windows for many steps), its arrays are reused: only
+    the :data:`DYNAMIC_PARTS` are rewritten, in place, and the returned step holds the same ``parts`` dict.
     """
+    key = step_key(plans, seg, mask_id, seeds, uniform, capacity, buckets, store)
+    if previous is not None and previous.refill is not None and previous.refill.key == key:
+        return _refilled(previous, tokens, plans, steps, mask_id)
     n_real = len(plans)
     if buckets is not None:
         n = min(bucket(n_real), buckets["rows"])
@@ -256,14 +288,16 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
     if buckets is not None:
         ns = min(1 << (ns - 1).bit_length(), max(buckets["max_segments"], ns))
     seg_start, flags, cell_rows, cell_slots, pad_pos, real = _cell_layout(plans, ns, seg, buckets is not None)
+    cand_rows, cand_slots, cand_at = cell_rows, cell_slots, pad_pos
     if pad_pos is not None:  # some row has fewer segments: its missing ones are never candidates
         cand = np.zeros(n * ns * seg, dtype=np.int64)
-        cand[pad_pos] = tokens[cell_rows, cell_slots] == mask_id
     elif real is not None:  # bucketed padding
         cand = np.zeros(len(cell_rows), dtype=np.int64)
-        cand[real] = tokens[cell_rows[real], cell_slots[real]] == mask_id
+        cand_at = np.flatnonzero(real)
+        cand_rows, cand_slots = cell_rows[cand_at], cell_slots[cand_at]
     else:
-        cand = (tokens[cell_rows, cell_slots] == mask_id).astype(np.int64)
+        cand = np.zeros(len(cell_rows), dtype=np.int64)
+    _fill_cand(cand, tokens, cand_rows, cand_slots, cand_at, mask_id)
     ints, floats, int_max = _rule_params(plans)
     sampling = any(p.temperature > 0 for p in plans)
     pad_to = None
@@ -288,7 +322,44 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
     # A gathered (non-dense) attention reads the window's keys back from the cache: it must store them.
     shape = Shape(n, n_tok, width, span, ns, seg, ints.shape[1], floats.shape[1], int_max, sampling, uniform, masked,
                   pad_pos is not None, aligned, dense, store or not dense)
-    return HostStep(parts, shape, HostLayout(seg_start, n, ns, seg, cell_rows, cell_slots, pad_pos))
+    if dense:
+        id_rows = id_slots = None
+    else:
+        real_tokens = n_tok if aligned else sum(max(p.end - p.start, 0) for p in plans)
+        id_rows, id_slots = parts["rows"][:real_tokens], parts["slots"][:real_tokens]
+    refill = Refill(key, id_rows, id_slots, cand_rows, cand_slots, cand_at, cell_rows)
+    return HostStep(parts, shape, HostLayout(seg_start, n, ns, seg, cell_rows, cell_slots, pad_pos), refill)
+
+
+def _fill_cand(cand: np.ndarray, tokens: np.ndarray, rows: np.ndarray, slots: np.ndarray, at: np.ndarray | None,
+               mask_id: int) -> None:
+    hit = tokens[rows, slots] == mask_id
+    if at is None:
+        cand[:] = hit
+    else:
+        cand[at] = hit
+
+
+def _refilled(previous: HostStep, tokens: np.ndarray, plans: list[RowPlan], steps: list[int],
+              mask_id: int) -> HostStep:
+    """``previous`` with its dynamic parts rewritten in place for this step (same geometry, see :func:`step_key`)."""
+    parts, fill, shape = previous.parts, previous.refill, previous.shape
+    n = shape.n
+    plans = plans + [SIT_OUT] * (n - len(plans))  # bucketed padding rows, as in build_segment_step
+    ids = parts["ids"]
+    if fill.id_rows is None:
+        ids.reshape(n, shape.T)[:] = tokens[:n, : shape.T]
+    else:
+        ids[: len(fill.id_rows)] = tokens[fill.id_rows, fill.id_slots]
+    _fill_cand(parts["cand"], tokens, fill.cand_rows, fill.cand_slots, fill.cand_at, mask_id)
+    ints, floats, int_max = _rule_params(plans)
+    parts["ints"][:] = ints.reshape(-1)
+    parts["floats"][:] = floats.reshape(-1).view(np.int64)
+    if "steps" in parts:
+        parts["steps"][:] = np.asarray(list(steps) + [0] * (n - len(steps)), dtype=np.int64)[fill.cell_rows]
+    if int_max != shape.int_max:
+        shape = replace(shape, int_max=int_max)
+    return HostStep(parts, shape, previous.layout, fill)
 
 
 class Packer:
