@@ -298,8 +298,8 @@ class Decoder:
             return last.meta
         dev = self.packer.upload(step.parts)
         meta = segment_meta(dev, step.shape, self.device)
-        aliased = self.device.type == "cpu" and all(
-            dev[k].data_ptr() == step.parts[k].ctypes.data for k in DYNAMIC_PARTS if k in step.parts)
+        aliased = self.device.type == "cpu" and all(  # an empty part has nothing to alias
+            dev[k].data_ptr() == step.parts[k].ctypes.data for k in DYNAMIC_PARTS if k in step.parts and step.parts[k].size)
         self._eager = _EagerStep(step.parts, dev["cand"].view(meta.cand.shape), meta) if aliased else None
         return meta
 

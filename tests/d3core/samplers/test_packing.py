@@ -72,20 +72,25 @@ def test_another_geometry_is_built_afresh():
         np.testing.assert_array_equal(step.parts[key], value, err_msg=key)
 
 
-def test_the_decoder_reuses_its_step_views_on_the_cpu_and_stays_exact():
+@pytest.mark.parametrize("name", ["fast_dllm", "dparallel"])  # dparallel's rule has no int parameters
+def test_the_decoder_reuses_its_step_views_on_the_cpu_and_stays_exact(name):
     """Decoding with step reuse gives the tokens of decoding with every step built afresh."""
     from d3core.eval import synthetic
     from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
     from d3core.samplers import engine
+    from d3core.samplers.dparallel import DParallelParams, DParallelProgram
     from d3core.samplers.fast_dllm import FastDLLMParams, FastDLLMProgram
     from d3core.sft import encode_prompt
 
     model, tok = load_tiny_teacher(), load_tiny_tokenizer()
     prompts = [encode_prompt(tok, p.question) for p in synthetic.generate("test", 2, seed=0)]
-    params = FastDLLMParams(gen_length=32, block_length=8, threshold=0.9, cache="dual")
+    if name == "fast_dllm":
+        program, params = FastDLLMProgram(), FastDLLMParams(gen_length=32, block_length=8, threshold=0.9, cache="dual")
+    else:
+        program, params = DParallelProgram(), DParallelParams(gen_length=32, block_length=8, threshold=0.5)
 
     def decode(reuse: bool) -> tuple[list[list[int]], int]:
-        d = engine.Decoder(model, FastDLLMProgram(), 2, max(map(len, prompts)) + 32)
+        d = engine.Decoder(model, program, 2, max(map(len, prompts)) + 32)
         rows = [d.add(p, params, seed=i) for i, p in enumerate(prompts)]
         reused = 0
         while d.rows:
