@@ -1,6 +1,6 @@
 """Decode hot path: host<->device syncs, kernel-launching ops and host time per step, old vs new engine.
 
-    python benchmarks/hotpath.py --out runs/bench/hotpath.json [--ref 18a9495] [--wide] [--rounds 3]
+    python benchmarks/hotpath.py --out runs/bench/hotpath.json [--ref 18a9495] [--wide] [--rounds 3] [--samplers vanilla,d3llm]
 
 For every dLLM sampler at batch 1 and batch 8, on the shipped tiny teacher (and with ``--wide``
 on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports:
@@ -188,7 +188,7 @@ def worker(args) -> dict:
     prompts = _prompts(load_tiny_tokenizer(), 16 if not args.wide else 8)
     rows = []
     for name, kwargs in CONFIGS:
-        if args.wide and name == "apd":
+        if (args.wide and name == "apd") or (args.samplers and name not in args.samplers.split(",")):
             continue
         spec = get_sampler(name)
         kw = dict(kwargs, **(WIDE if args.wide and name != "apd" else {}))
@@ -229,6 +229,7 @@ def _spawn(root: str, args, timing_only: bool) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--worker-out", path, "--threads", str(args.threads)]
     cmd += ["--wide"] if args.wide else []
     cmd += ["--timing-only"] if timing_only else []
+    cmd += ["--samplers", args.samplers] if args.samplers else []
     env = dict(os.environ, PYTHONPATH=root)
     subprocess.run(cmd, cwd=root, env=env, check=True)
     with open(path) as f:
@@ -269,12 +270,18 @@ def main() -> None:
     parser.add_argument("--wide", action="store_true", help="a 2-layer LLaDA-8B-shape random model instead of tiny")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per engine")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samplers", default="",
+                        help="comma-separated sampler names to run (default: all of " + ",".join(
+                            sorted({name for name, _ in CONFIGS})) + ")")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1:
         parser.error(f"--rounds={args.rounds} and --threads={args.threads} must be >= 1")
+    unknown = set(filter(None, args.samplers.split(","))) - {name for name, _ in CONFIGS}
+    if unknown:
+        parser.error(f"--samplers {args.samplers!r}: {sorted(unknown)} not among {sorted({n for n, _ in CONFIGS})}")
     if args.worker:
         with open(args.worker_out, "w") as f:
             json.dump(worker(args), f)

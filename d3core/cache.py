@@ -58,7 +58,8 @@ class Windows:
     T: int
     S: int
     aligned: bool = False  # every window has ``T`` slots (``N == n * T``): ``q_index`` / ``q_flat`` are the identity
-    # Aligned, and every row recomputes all of its ``S == T`` slots: attention reads this forward's own K/V.
+    # Aligned, and every row recomputes slots ``[0, T)`` with ``S == T``: attention reads this forward's own
+    # K/V. A row shorter than ``T`` is padded: ``key_mask`` hides its extra slots, whose outputs nobody reads.
     dense: bool = False
     store: bool = True  # write the window's K/V into the cache (False: no later step reads them)
 

@@ -43,7 +43,9 @@ def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> to
     """RoPE's ``1 / theta^(2i / head_dim)``, computed once per (head_dim, theta, device)."""
     key = (head_dim, float(theta), device)
     if key not in _INV_FREQ:
-        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+        with torch.inference_mode(False):  # first made in a decode step, later read by training too
+            _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                                              / head_dim))
     return _INV_FREQ[key]
 
 
@@ -60,8 +62,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def attention_bias(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean key mask as the additive ``0 / -inf`` bias SDPA turns it into, made once per forward.
+
+    SDPA converts a boolean mask on every call (three kernels per layer); the bias gives the
+    same bits (the conversion's own values) for one conversion per forward."""
+    if key_mask is None:
+        return None
+    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(~key_mask, -float("inf"))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA for ``q (B, H, T, D)`` against ``k, v (B, H_kv, S, D)``; returns ``(B, H, T, D)``.
+
+    ``mask`` is a boolean key mask or its :func:`attention_bias` (broadcast over heads and queries).
 
     Grouped-query attention folds each KV group's query heads into the query length instead of
     broadcasting K/V (``enable_gqa``): the fused SDPA kernels accept that shape with a padding
@@ -102,8 +116,12 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_windows(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: Windows,
-                        cache: KVCache, layer: int) -> torch.Tensor:
-        """Packed windows: ``x (N, hidden)``, ``rope`` tables ``(N, 1, D)``; K/V go into the cache first."""
+                        cache: KVCache, layer: int, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed windows: ``x (N, hidden)``, ``rope`` tables ``(N, 1, D)``; K/V go into the cache first.
+
+        ``key_bias`` is ``w.key_mask`` as :func:`attention_bias` (the forward makes it once for every layer)."""
+        if key_bias is None:
+            key_bias = w.key_mask
         n_tok = x.shape[0]
         q = self.q(x).view(n_tok, self.num_heads, self.head_dim)
         k = self.k(x).view(n_tok, self.num_kv_heads, self.head_dim)
@@ -115,12 +133,12 @@ class Attention(nn.Module):
             def rows(t: torch.Tensor) -> torch.Tensor:
                 return t.view(w.n, w.T, t.shape[1], self.head_dim).transpose(1, 2)
 
-            out = attend(rows(q), rows(k), rows(v), w.key_mask)
+            out = attend(rows(q), rows(k), rows(v), key_bias)
             return self.o(out.transpose(1, 2).reshape(n_tok, -1))
         keys, values = cache.layer(layer)
         queries = q if w.aligned else q.index_select(0, w.q_index.view(-1))
         queries = queries.view(w.n, w.T, self.num_heads, self.head_dim).transpose(1, 2)
-        out = attend(queries, keys[: w.n, : w.S].transpose(1, 2), values[: w.n, : w.S].transpose(1, 2), w.key_mask)
+        out = attend(queries, keys[: w.n, : w.S].transpose(1, 2), values[: w.n, : w.S].transpose(1, 2), key_bias)
         out = out.transpose(1, 2).reshape(w.n * w.T, -1)
         return self.o(out if w.aligned else out.index_select(0, w.q_flat))
 
@@ -148,8 +166,8 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward_windows(self, x, rope, w: Windows, cache: KVCache, layer: int):
-        x = x + self.attn.forward_windows(self.attn_norm(x), rope, w, cache, layer)
+    def forward_windows(self, x, rope, w: Windows, cache: KVCache, layer: int, key_bias: torch.Tensor | None = None):
+        x = x + self.attn.forward_windows(self.attn_norm(x), rope, w, cache, layer, key_bias)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -225,8 +243,9 @@ class DiffusionTransformer(nn.Module):
         cos, sin = rotary_tables(w.slots, self.config.head_dim, self.config.rope_theta)
         rope = (cos[:, None], sin[:, None])
         x = self.embed(w.ids)
+        key_bias = attention_bias(w.key_mask, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block.forward_windows(x, rope, w, cache, i)
+            x = block.forward_windows(x, rope, w, cache, i, key_bias)
         h = self.norm(x)
         if self.config.shift_logits:
             hidden = cache.hidden.view(-1, h.shape[-1])

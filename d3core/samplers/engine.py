@@ -164,7 +164,7 @@ class Decoder:
         self.buckets = self.graphs is not None if buckets is None else buckets
 
     # ------------------------------------------------------------------ membership
-    @torch.no_grad()
+    @torch.inference_mode()
     def add(self, prompt: Sequence[int], params, seed: int = 0, tag: Any = None) -> Row:
         """Start decoding ``prompt``; raises ValueError (nothing changed) if it cannot be decoded here."""
         cfg = self.model.config
@@ -191,7 +191,7 @@ class Decoder:
         self.rows.append(row)
         return row
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def cancel(self, row: Row) -> None:
         """Remove a row now (its partial result is kept in ``row.result``)."""
         if row in self.rows:
@@ -242,7 +242,9 @@ class Decoder:
                               self.unmask[r, p:end].tolist(), self.eos_ids, self.logprob[r, p:end].tolist())
 
     # ------------------------------------------------------------------ stepping
-    @torch.no_grad()  # grad mode is per thread: a serving thread must not build an autograd graph
+    # Inference mode (per thread, like grad mode: a serving thread must not build an autograd graph) also
+    # skips the version counters and view tracking of no_grad: 5-10% of a CPU step on the tiny model.
+    @torch.inference_mode()
     def step(self) -> StepReport:
         report = StepReport()
         plans = self.program.plan_all(self)
@@ -394,7 +396,7 @@ def row_seeds(n: int, generator: torch.Generator | None) -> list[int]:
     return torch.randint(0, 2**62, (n,), generator=generator, device=device).tolist()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run(program: Program, model: torch.nn.Module, prompts: Sequence[Sequence[int]], params,
         generator: torch.Generator | None = None, on_step: OnStep | None = None,
         verifier: torch.nn.Module | None = None, **stats) -> GenerationResult:
@@ -424,4 +426,6 @@ def _snapshot(decoder: Decoder, rows: list[Row], gen_length: int) -> Snapshot:
         else:
             gen[i] = decoder.tokens[row.cache_row, row.prompt_len: row.length]
     committed = [committed_length(g, decoder.mask_id, decoder.eos_ids) for g in gen]
-    return Snapshot(torch.from_numpy(gen), decoder.mask_id, committed, [row.result is not None for row in rows])
+    with torch.inference_mode(False):  # a hook may keep and edit the tensor outside inference mode
+        tokens = torch.from_numpy(gen)
+    return Snapshot(tokens, decoder.mask_id, committed, [row.result is not None for row in rows])

@@ -115,7 +115,8 @@ def _index(i: int, device: torch.device) -> torch.Tensor:
     """A cached one-element index tensor, made once per device by a fill (no host-to-device copy)."""
     key = (i, device)
     if key not in _INDEX:
-        _INDEX[key] = torch.full((1,), i, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # a plain tensor, whatever mode the first caller is in
+            _INDEX[key] = torch.full((1,), i, dtype=torch.long, device=device)
     return _INDEX[key]
 
 

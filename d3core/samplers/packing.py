@@ -162,6 +162,8 @@ def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarr
     width = max(max(p.end - p.start for p in plans), 1)
     if pad_to is None and all(p.end - p.start == width for p in plans):
         return _aligned_parts(tokens, plans, width, head_rows, head_slots, capacity)
+    if pad_to is None and _whole_rows(plans, width):
+        return _aligned_parts(tokens, plans, width, head_rows, head_slots, capacity, dense=True)
     lens = np.array([max(p.end - p.start, 0) for p in plans], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     n_tok = int(offsets[-1])
@@ -191,14 +193,33 @@ def _windows_parts(tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarr
     return parts, len(ids), width, span, bool((key_len < span).any()) or pad_to is not None, False, False
 
 
+# A step of whole-row recomputes is padded to its longest row (see _whole_rows) while that adds at
+# most this fraction of its real tokens.
+WHOLE_ROW_PADDING = 0.25
+
+
+def _whole_rows(plans: list[RowPlan], width: int) -> bool:
+    """Whether every row recomputes its whole sequence ``[0, keys)`` and padding them all to ``width``
+    slots costs at most :data:`WHOLE_ROW_PADDING` more tokens.
+
+    Such a step runs dense (:attr:`~d3core.cache.Windows.dense`): each row's window is ``[0, width)``,
+    the slots past its own length hold padding whose keys are masked and whose outputs nobody reads,
+    and the forward needs no query gather, output gather or (with ``store=False``) cache write."""
+    real = sum(p.end for p in plans)
+    return (all(p.start == 0 and p.end == p.keys for p in plans)
+            and len(plans) * width <= (1 + WHOLE_ROW_PADDING) * real)
+
+
 def _aligned_parts(tokens: np.ndarray, plans: list[RowPlan], width: int, head_rows: np.ndarray,
-                   head_slots: np.ndarray, capacity: int):
+                   head_slots: np.ndarray, capacity: int, dense: bool | None = None):
     """:func:`_windows_parts` when every window has ``width`` slots: the same arrays from fewer host
-    operations, the query layout being the identity."""
+    operations, the query layout being the identity. ``dense=True``: every window is ``[0, width)``
+    (whole rows padded to the longest, see :func:`_whole_rows`); default: whether the plans' are."""
     n = len(plans)
     flat = np.arange(n * width, dtype=np.int64)
     rows, within = np.divmod(flat, width)
-    dense = all(p.start == 0 and p.keys == width for p in plans)
+    if dense is None:
+        dense = all(p.start == 0 and p.keys == width for p in plans)
     if dense:
         starts, slots, ids = np.zeros(n, dtype=np.int64), within, tokens[:n, :width].reshape(-1).copy()
     else:

@@ -9,9 +9,13 @@ fixture holds per prompt the generation slots, NFE and unmask steps. A small ran
 model with a sharpened head (decisive logits, few float near-ties) covers the shifted-logit
 paths at batch 8. ``test_golden.py`` replays it.
 
-Another CPU's float arithmetic (AVX2 against AVX-512 GEMM kernels) can break an exact near-tie
-the other way: :func:`check_rows` accepts a differing row only when relative noise of 1e-6 on
-the logits of its first differing step brings the recorded commits back.
+Another CPU's float arithmetic (AVX2 against AVX-512 GEMM kernels) can break a near-tie the
+other way: :func:`check_rows` accepts a differing row only when relative noise of 1e-6 on the
+logits of its first differing step brings the recorded commits back (at most one row in eight),
+or when the slots committed differently there had scores equal within 1e-6 (:func:`score_tie`):
+a well-trained model's confidences saturate (0.9999969006 and 0.9999970198 for two EOS slots, two
+floats apart), so the GEMM kernels of another CPU reorder them, and no noise on the logits moves a
+probability rounded that close to 1.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FIXTURE = Path(__file__).with_name("golden_decode.json.gz")
@@ -132,9 +137,62 @@ def near_tie(name: str, kwargs: dict, model, verifier, prompts, index: int, want
     return False
 
 
+def score_tie(name: str, kwargs: dict, model, verifier, prompts, index: int, want: dict, got: dict,
+              step: int, rel: float = 1e-6) -> bool:
+    """Whether the slots that ``want`` and ``got`` commit differently at ``step`` (each slot committed by
+    one of them only) had confidences, or entropies, within ``rel`` of each other in this machine's forward
+    of that step: which of them a top-k or threshold takes is then the float arithmetic's choice."""
+    if name in ("apd", "ar"):
+        return False
+    from d3core.samplers import engine
+
+    recorded = {(i, t) for u, i, t in commits_until(want, step) if u == step}
+    mine = {(i, t) for u, i, t in commits_until(got, step) if u == step}
+    slots = {i for i, _ in recorded ^ mine}
+    if len(slots) != len(recorded ^ mine):
+        return False  # a slot committed by both with different tokens: not a question of order
+    seen: dict = {}
+    created: list = []
+    real_stats, real_apply, real_add = engine.token_stats, engine.Decoder.apply, engine.Decoder.add
+
+    def add(self, *args, **kw):
+        created.append(real_add(self, *args, **kw))
+        return created[-1]
+
+    def stats(*args, **kw):
+        out = real_stats(*args, **kw)
+        seen["calls"] = seen.get("calls", 0) + 1
+        if seen["calls"] - 1 == step:
+            seen["stats"] = out
+        return out
+
+    def apply(self, decisions, layout, rows):
+        if "stats" in seen and "layout" not in seen:
+            seen["layout"], seen["rows"] = layout, list(rows)
+        return real_apply(self, decisions, layout, rows)
+
+    engine.token_stats, engine.Decoder.apply, engine.Decoder.add = stats, apply, add
+    try:
+        decode(name, kwargs, model, verifier, prompts, len(prompts))
+    finally:
+        engine.token_stats, engine.Decoder.apply, engine.Decoder.add = real_stats, real_apply, real_add
+    if "layout" not in seen or created[index] not in seen["rows"]:
+        return False
+    layout, row = seen["layout"], seen["rows"].index(created[index])
+    first = len(prompts[index])
+    cells = [int(np.flatnonzero((layout.cell_rows == row) & (layout.cell_slots == first + i))[0]) for i in sorted(slots)
+             if ((layout.cell_rows == row) & (layout.cell_slots == first + i)).any()]
+    if len(cells) != len(slots):
+        return False
+    scores = [seen["stats"].conf, seen["stats"].entropy]
+    return any(s is not None and float(s[cells].max() - s[cells].min()) <= rel * float(s[cells].abs().max())
+               for s in scores)
+
+
 def check_rows(name: str, kwargs: dict, model, verifier, prompts, batch_size: int, want: list[dict]) -> list[str]:
     """Decode and compare with the fixture: a differing row is accepted only when its first difference
-    is a float near-tie (:func:`near_tie`), and at most one row in eight; returns what failed."""
+    is a tie of the scores that order the commits (:func:`score_tie`) or a float near-tie that noise on
+    the logits breaks (:func:`near_tie`), the latter in at most one row in eight; returns what failed."""
     got = decode(name, kwargs, model, verifier, prompts, batch_size)
     if len(got) != len(want):
         return [f"{len(got)} rows decoded, {len(want)} recorded"]
@@ -144,7 +202,10 @@ def check_rows(name: str, kwargs: dict, model, verifier, prompts, batch_size: in
             continue
         step = first_divergence(w, g)
         lo = i - i % batch_size
-        if near_tie(name, kwargs, model, verifier, prompts[lo: lo + batch_size], i - lo, w, step):
+        batch = prompts[lo: lo + batch_size]
+        if score_tie(name, kwargs, model, verifier, batch, i - lo, w, g, step):
+            continue
+        if near_tie(name, kwargs, model, verifier, batch, i - lo, w, step):
             ties.append(i)
         else:
             bad.append(f"prompt {i}: first differs at step {step}, not a float near-tie "

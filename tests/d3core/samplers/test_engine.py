@@ -158,3 +158,29 @@ def test_steps_in_a_fresh_thread_build_no_autograd_graph(teacher, prompts):
     cache = d.cache
     for t in (cache.keys, cache.values) + ((cache.hidden,) if cache.hidden is not None else ()):
         assert not t.requires_grad and t.grad_fn is None
+
+
+def test_a_decode_in_inference_mode_leaves_plain_tensors_for_training_and_hooks():
+    """Decoding runs in inference mode. What it caches for later callers (RoPE frequencies, the
+    mask-avoiding index) and the snapshots it hands to ``on_step`` stay plain tensors: a hook may edit
+    its snapshot in place, and a training step after the first decode runs its backward."""
+    from d3core.models.layers import inverse_frequencies
+    from d3core.models.registry import build_model
+    from d3core.samplers.logits import choose
+
+    model = build_model("llada", "tiny", seed=0, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4,
+                        intermediate_size=64, rope_theta=4321.0)  # a theta no other test uses: its RoPE table is first made here
+    snapshots = []
+    get_sampler("vanilla").generate(model.eval(), [[5, 6, 7]], VanillaParams(gen_length=8, block_length=8),
+                                    on_step=snapshots.append)
+    assert snapshots and not snapshots[-1].tokens.is_inference()
+    assert not inverse_frequencies(8, 4321.0, torch.device("cpu")).is_inference()  # made during the decode
+    scores = torch.zeros(2, model.config.vocab_size, requires_grad=True)
+    choose(scores * 2, model.config.mask_id)  # its cached index may meet autograd outside inference mode
+    snapshots[-1].tokens.add_(0)  # an inference tensor would refuse this outside inference mode
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model.embed.weight.requires_grad_(True)
+    loss = model(ids).logsumexp(-1).mean()
+    loss.backward()  # would raise "Inference tensors cannot be saved for backward"
+    assert model.embed.weight.grad is not None

@@ -106,3 +106,49 @@ def test_the_decoder_reuses_its_step_views_on_the_cpu_and_stays_exact(name):
         tokens, reused = decode(True)
     assert none_reused == 0 and reused > 0
     assert tokens == fresh
+
+
+def test_whole_rows_of_different_lengths_run_dense_padded_to_the_longest():
+    """Rows that each recompute their whole sequence run as one dense step (no gathers, no cache write),
+    their shorter rows' extra keys masked; rows too unequal for that keep the gathered layout."""
+    rng = np.random.default_rng(2)
+    tokens = _tokens(rng, 3)
+    plans = [RowPlan(0, 36, 36, [24]), RowPlan(0, 30, 30, [16]), RowPlan(0, 40, 40, [32])]
+    step = build_segment_step(tokens, plans, SEG, MASK, [1, 2, 3], [0, 0, 0], False, CAP, store=False)
+    assert (step.shape.dense, step.shape.aligned, step.shape.masked_keys, step.shape.store) == (True, True, True, False)
+    assert (step.shape.T, step.shape.S, step.shape.tokens) == (40, 40, 120)
+    np.testing.assert_array_equal(step.parts["ids"], tokens[:3, :40].reshape(-1))
+    np.testing.assert_array_equal(step.parts["key_len"], [36, 30, 40])
+    np.testing.assert_array_equal(step.parts["head_index"], np.repeat([0, 40, 80], SEG) + step.layout.cell_slots)
+    unequal = [RowPlan(0, 40, 40, [32]), RowPlan(0, 12, 12, [0])]  # 80 padded slots for 52 real: gathered
+    gathered = build_segment_step(tokens, unequal, SEG, MASK, [1, 2], [0, 0], False, CAP, store=False)
+    assert (gathered.shape.dense, gathered.shape.aligned, gathered.shape.tokens) == (False, False, 52)
+    assert gathered.shape.store  # a gathered attention reads the window's keys back from the cache
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_a_padded_dense_step_gives_the_logits_of_the_gathered_step(arch, monkeypatch):
+    """The same whole-row windows through the padded dense layout and through the gathered one."""
+    from d3core.cache import KVCache
+    from d3core.models.registry import build_model
+    from d3core.samplers import packing
+    from d3core.samplers.packing import Packer
+
+    model = build_model(arch, "tiny", seed=0, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        num_kv_heads=4 if arch == "llada" else 2).eval()
+    lengths = [17, 20, 15]
+    tokens = np.random.default_rng(3).integers(0, model.config.vocab_size, size=(3, 20))
+    plans = [RowPlan(0, n, n) for n in lengths]
+    rows = np.repeat(np.arange(3), lengths).astype(np.int64)
+    slots = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
+
+    def logits() -> tuple[torch.Tensor, bool]:
+        w, _ = Packer(torch.device("cpu"), 20).windows(tokens, plans, rows, slots)
+        with torch.no_grad():
+            return model.forward_windows(w, KVCache.for_model(model, 3, 20)), w.dense
+
+    padded, dense = logits()
+    monkeypatch.setattr(packing, "WHOLE_ROW_PADDING", -1.0)  # never pad: the gathered layout
+    gathered, still_dense = logits()
+    assert dense and not still_dense
+    torch.testing.assert_close(padded, gathered, rtol=1e-6, atol=1e-6)
