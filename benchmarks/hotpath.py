@@ -8,7 +8,7 @@ on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports
 * ``syncs_in_forward`` / ``syncs_per_step``: calls of the entry points that read device data on
   the host or block on a host-to-device copy (``Tensor.item/tolist/__bool__/__int__/__float__/
   __index__/cpu``, ``nonzero``, ``masked_select``, boolean-mask indexing,
-  ``torch.tensor/as_tensor`` of host data onto a device), counted by wrapping them; "in forward"
+  ``torch.tensor/as_tensor`` of non-empty host data onto a device), counted by wrapping them; "in forward"
   are those made while the model's forward runs;
 * ``kernel_ops_per_step``: non-view aten ops (what launches a kernel in eager mode), counted
   with a ``TorchDispatchMode``;
@@ -86,7 +86,10 @@ class SyncCounter:
         self._wrap(torch, "masked_select")
 
         def host_data_to_device(args, kwargs):
-            return kwargs.get("device") is not None and not isinstance(args[0] if args else None, torch.Tensor)
+            # Empty host data copies no bytes (``copy_`` returns at once for zero elements): not a sync.
+            data = args[0] if args else kwargs.get("data")
+            empty = (isinstance(data, (list, tuple)) and not data) or getattr(data, "size", 1) == 0
+            return kwargs.get("device") is not None and not isinstance(data, torch.Tensor) and not empty
 
         self._wrap(torch, "tensor", host_data_to_device)
         self._wrap(torch, "as_tensor", host_data_to_device)

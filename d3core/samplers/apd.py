@@ -120,15 +120,19 @@ class APDProgram(Program):
         row_slots = lp_slots[None] - pads[:, None]  # (B, hi - c0) row slot of each left-padded slot
         real = row_slots >= 0
         base_ids = np.where(real, d.tokens[np.arange(len(rows))[:, None], np.maximum(row_slots, 0)], d.pad_id)
-        attn = (np.arange(hi)[None] >= pads[:, None]).astype(np.int64)
+        # With no left padding the verifier's mask is purely causal: pass none, so that transformers does
+        # not read an all-ones mask back from the device to find that out.
+        attn = (np.arange(hi)[None] >= pads[:, None]).astype(np.int64) if pads.any() else None
         longest = int((right - curr).max())
         run_index = np.minimum(first[:-1, None] + np.arange(longest)[None], len(cell_rows) - 1)
         run_valid = np.arange(longest)[None] < (right - curr)[:, None]
-        extra = {"v_ids": base_ids, "v_attn": attn, "v_pos": np.maximum(row_slots, 0),
+        extra = {"v_ids": base_ids, "v_pos": np.maximum(row_slots, 0),
                  "run_index": run_index, "run_valid": run_valid,
                  "v_col": cell_slots + pads[cell_rows] - c0, "cell_rows": cell_rows,
                  "seeds": np.array([rows[i].seed for i in cell_rows], dtype=np.int64),
                  "steps": np.array([steps[i] for i in cell_rows], dtype=np.int64)}
+        if attn is not None:
+            extra["v_attn"] = attn
         w, dev = d.packer.windows(d.tokens, plans, cell_rows, cell_slots, extra)
         out = self._device(d, w, dev, len(rows), hi - c0, c0, (len(active), longest))
         self.verifier_forwards += 1
@@ -155,7 +159,8 @@ class APDProgram(Program):
         ids[dev["cell_rows"], dev["v_col"]] = draft
         if self.v_cache is not None and self.v_cache.get_seq_length() > c0:
             self.v_cache.crop(c0 - self.v_cache.get_seq_length())  # keep only the accepted prefix [0, c0)
-        v_out = self.verifier(input_ids=ids, attention_mask=dev["v_attn"].view(batch, -1),
+        attn = dev["v_attn"].view(batch, -1) if "v_attn" in dev else None
+        v_out = self.verifier(input_ids=ids, attention_mask=attn,
                               position_ids=dev["v_pos"].view(batch, span), past_key_values=self.v_cache,
                               use_cache=True)
         self.v_cache = v_out.past_key_values

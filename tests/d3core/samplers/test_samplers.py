@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from d3core.eval import synthetic
 from d3core.eval.harness import evaluate_synthetic
@@ -128,6 +129,32 @@ def test_apd_with_full_trust_in_the_dllm_accepts_whole_drafts(teacher, verifier,
     careful = run("apd", dict(mixture_weight=0.5, kv_window=None), teacher, verifier, prompts[:4])
     assert all(s.nfe == 1 for s in trusting.sequences)
     assert sum(s.nfe for s in careful.sequences) > 4
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the aten ops that read device data on the host (each is a sync on a GPU)."""
+
+    READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "item", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_apd_without_left_padding_reads_nothing_back_from_the_device(teacher, verifier, prompts):
+    params = dict(mixture_weight=0.5, kv_window=8)  # careful: several verifier forwards
+    with _HostReads() as spy:
+        same = run("apd", params, teacher, verifier, [prompts[0], prompts[0]])
+    assert same.stats["verifier_forwards"] > 2 and spy.seen == []
+    assert same.sequences[0].tokens == run("apd", params, teacher, verifier, [prompts[0]]).sequences[0].tokens
+    with _HostReads() as spy:  # the spy does see a read: a padded batch's mask is checked by transformers
+        run("apd", params, teacher, verifier, [prompts[0], prompts[2]])
+    assert spy.seen
 
 
 def sharp_dream():
