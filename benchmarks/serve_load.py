@@ -19,7 +19,8 @@ its own request-level capacity and ratios).
 
 ``--kill`` adds a replica-kill run for 1 and 2 replicas: open-loop load, one model replica killed
 mid-run; counts failures, hangs (no answer within the client timeout) and the time until
-requests succeed again. Writes one JSON file with every run, the command, the hardware and the
+requests succeed again. The load generator is aiohttp (see :func:`session`); each burst also times
+the floor from httpx's client, the one earlier runs used. Writes one JSON file with every run, the command, the hardware and the
 machine load.
 
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py --out runs/bench/serve_load.json --kill
@@ -44,6 +45,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import aiohttp  # noqa: E402  (comes with ray[serve])
 import httpx  # noqa: E402
 
 logger = logging.getLogger("d3ray.serve_load")
@@ -96,22 +98,30 @@ def body(model: str, question: str, stream: bool, workload: str = "uniform", k: 
     return out
 
 
-async def one(http: httpx.AsyncClient, base: str, payload: dict) -> dict:
+def session(connections: int, timeout: float) -> aiohttp.ClientSession:
+    """The load generator's client. aiohttp, not httpx: with 200 requests in flight in one event loop,
+    httpx's ``AsyncClient`` alone takes about 1.5 s to get 200 answers from a bare uvicorn app on 2 cores, and
+    aiohttp 0.07 s (encode/httpx#3215), which would hide the server's own refusal latency. ``timeout``
+    bounds connecting and each read, as httpx's did: a request that hears nothing for that long hangs."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout))
+
+
+async def one(http: aiohttp.ClientSession, base: str, payload: dict) -> dict:
     """One request; returns status, latency, TTFT (streaming) and completion tokens."""
     t0 = time.perf_counter()
     rec = {"status": None, "latency": None, "ttft": None, "tokens": 0, "retry_after": None}
     try:
-        if not payload["stream"]:
-            r = await http.post(f"{base}/v1/chat/completions", json=payload)
-            rec["status"] = r.status_code
-            if r.status_code == 200:
-                rec["tokens"] = r.json()["usage"]["completion_tokens"]
-            rec["retry_after"] = r.headers.get("retry-after")
-        else:
-            async with http.stream("POST", f"{base}/v1/chat/completions", json=payload) as r:
-                rec["status"] = r.status_code
-                rec["retry_after"] = r.headers.get("retry-after")
-                async for line in r.aiter_lines():
+        async with http.post(f"{base}/v1/chat/completions", json=payload) as r:
+            rec["status"] = r.status
+            rec["retry_after"] = r.headers.get("Retry-After")
+            if not payload["stream"] or r.status != 200:
+                data = await r.read()
+                if r.status == 200:
+                    rec["tokens"] = json.loads(data)["usage"]["completion_tokens"]
+            else:
+                async for raw in r.content:  # one SSE line at a time
+                    line = raw.decode().rstrip("\r\n")
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line[6:])
@@ -122,9 +132,9 @@ async def one(http: httpx.AsyncClient, base: str, payload: dict) -> dict:
                             rec["ttft"] = time.perf_counter() - t0
                     if event.get("usage"):
                         rec["tokens"] = event["usage"]["completion_tokens"]
-    except httpx.TimeoutException:
+    except asyncio.TimeoutError:  # aiohttp's read and connect timeouts derive from it
         rec["status"] = "timeout"
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         rec["status"] = type(e).__name__
     rec["latency"] = time.perf_counter() - t0
     return rec
@@ -150,14 +160,13 @@ async def closed_loop(base: str, model: str, questions: list[str], clients: int,
     stop = time.perf_counter() + seconds
     start = time.perf_counter()
 
-    async def worker(i: int, http: httpx.AsyncClient) -> None:
+    async def worker(i: int, http: aiohttp.ClientSession) -> None:
         k = i
         while time.perf_counter() < stop:
             recs.append(await one(http, base, body(model, questions[k % len(questions)], False, workload, k)))
             k += clients
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    async with session(clients + 4, timeout) as http:
         await asyncio.gather(*(worker(i, http) for i in range(clients)))
     return summary(recs, time.perf_counter() - start)
 
@@ -168,8 +177,7 @@ async def open_loop(base: str, model: str, questions: list[str], rate: float, se
     rng = random.Random(seed)
     tasks, stamps = [], []
     start = time.perf_counter()
-    limits = httpx.Limits(max_connections=1000)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    async with session(1000, timeout) as http:
         t, k, fired = 0.0, 0, during is None
         while t < seconds:
             t += rng.expovariate(rate)
@@ -197,9 +205,8 @@ async def open_loop(base: str, model: str, questions: list[str], rate: float, se
 
 async def burst(base: str, model: str, questions: list[str], n: int, timeout: float) -> dict:
     slow = {"sampler_params": {"threshold": 0.0}}  # one token per step: the queues fill
-    limits = httpx.Limits(max_connections=n + 4)
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    async with session(n + 4, timeout) as http:
         recs = await asyncio.gather(*(one(http, base, {**body(model, questions[i % len(questions)], False), **slow})
                                       for i in range(n)))
     refused = [r for r in recs if r["status"] in (429, 503)]
@@ -208,11 +215,32 @@ async def burst(base: str, model: str, questions: list[str], n: int, timeout: fl
                refusal_latency_p50_s=pct([r["latency"] for r in refused], 50),
                refusals_with_retry_after=sum(1 for r in refused if r["retry_after"]))
     out["http_floor"] = await http_floor(base, n, timeout)
+    out["http_floor_httpx"] = await http_floor_httpx(base, n, timeout)
     return out
 
 
 async def http_floor(base: str, n: int, timeout: float) -> dict:
     """``n`` concurrent ``GET /v1/models``: what Serve's proxy and the ingress alone cost for a burst."""
+
+    async def get(http: aiohttp.ClientSession) -> tuple[int | str, float]:
+        t0 = time.perf_counter()
+        try:
+            async with http.get(f"{base}/v1/models") as r:
+                await r.read()
+                status: int | str = r.status
+        except asyncio.TimeoutError:
+            status = "timeout"
+        except aiohttp.ClientError as e:
+            status = type(e).__name__
+        return status, time.perf_counter() - t0
+
+    async with session(n + 4, timeout) as http:
+        got = await asyncio.gather(*(get(http) for _ in range(n)))
+    return _floor(got, n)
+
+
+async def http_floor_httpx(base: str, n: int, timeout: float) -> dict:
+    """The same burst from httpx's ``AsyncClient`` (the client of earlier runs): how much of it is the client."""
 
     async def get(http: httpx.AsyncClient) -> tuple[int | str, float]:
         t0 = time.perf_counter()
@@ -224,6 +252,10 @@ async def http_floor(base: str, n: int, timeout: float) -> dict:
 
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=n + 4)) as http:
         got = await asyncio.gather(*(get(http) for _ in range(n)))
+    return _floor(got, n)
+
+
+def _floor(got: list[tuple[int | str, float]], n: int) -> dict:
     latencies = [t for _, t in got]
     return {"requests": n, "ok": sum(1 for s, _ in got if s == 200), "latency_p50_s": pct(latencies, 50),
             "latency_max_s": pct(latencies, 100)}

@@ -49,6 +49,16 @@ API_KEY_ENV = "D3RAY_API_KEY"
 STATUS_TTL_S = 1.0
 
 
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """Both releases (each idempotent) as one."""
+
+    def release() -> None:
+        first()
+        second()
+
+    return release
+
+
 async def _await(response) -> Any:
     return await response
 
@@ -379,13 +389,16 @@ class OpenAIIngress:
 
     async def _serve(self, request: Request, model_cls: type, chat: bool):
         raw = await self._read_body(request)
-        if self.rows_in_use >= self.capacity:  # full: refuse before parsing and tokenizing
-            raise self._overloaded(1)
-        loop = asyncio.get_running_loop()
-        req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
-        release = self._reserve(sum(g.n for g in gens))
+        # A row is held from arrival, while the request waits for the tokenizer thread: in a burst beyond
+        # capacity the rest are refused at once instead of after every one before them has been tokenized.
+        release = self._reserve(1)
         handed_over = False
         try:
+            loop = asyncio.get_running_loop()
+            req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
+            rows = sum(g.n for g in gens)
+            if rows > 1:
+                release = _both(release, self._reserve(rows - 1))
             if req.stream:
                 response = await self._stream(gens, req, prompts, chat, release)
                 handed_over = True  # the event stream releases the rows when it ends or is dropped

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from d3core.cache import KVCache
 from d3core.models.registry import build_model, preset
 from d3core.samplers.base import make_batch
 from d3core.samplers.packing import Packer, RowPlan
+from host_reads import HostReads
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 ATOL = dict(rtol=1e-5, atol=1e-5)
@@ -159,22 +159,6 @@ def test_moving_a_row_moves_its_whole_cache():
     assert torch.equal(cache.keys[:, 0], keys) and torch.equal(cache.hidden[0], hidden)
 
 
-class _SyncSpy(TorchDispatchMode):
-    """Records aten ops that read device data on the host (they synchronise on a GPU)."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item", "equal")
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in self.SYNCING:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_the_window_forward_never_reads_device_data_on_the_host(arch):
     model = model_for(arch)
@@ -182,10 +166,10 @@ def test_the_window_forward_never_reads_device_data_on_the_host(arch):
     plans = [RowPlan(0, 12, 12), RowPlan(4, 10, 10)]
     cache = KVCache.for_model(model, 2, 12)
     w, _ = Packer(torch.device("cpu"), cache.capacity).windows(tokens, plans, np.array([0, 1]), np.array([11, 6]))
-    with torch.no_grad(), _SyncSpy() as spy:
+    with torch.no_grad(), HostReads() as spy:
         model.forward_windows(w, cache)
     assert spy.seen == []
-    with torch.no_grad(), _SyncSpy() as spy:  # the spy does see syncs
+    with torch.no_grad(), HostReads() as spy:  # the spy does see syncs
         model(torch.as_tensor(tokens), attention_mask=torch.ones(2, 12, dtype=torch.bool))
     assert "_local_scalar_dense" in spy.seen or "is_nonzero" in spy.seen
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from d3core.eval import synthetic
 from d3core.eval.harness import evaluate_synthetic
@@ -12,6 +11,7 @@ from d3core.models.shipped import load_tiny_ar
 from d3core.samplers import get_sampler
 from d3core.samplers.logits import entropy
 from d3core.sft import encode_prompt
+from host_reads import HostReads
 
 CASES = [
     ("fast_dllm", dict(threshold=0.9, cache="none")),
@@ -131,28 +131,13 @@ def test_apd_with_full_trust_in_the_dllm_accepts_whole_drafts(teacher, verifier,
     assert sum(s.nfe for s in careful.sequences) > 4
 
 
-class _HostReads(TorchDispatchMode):
-    """Records the aten ops that read device data on the host (each is a sync on a GPU)."""
-
-    READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "item", "equal")
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.READS:
-            self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_apd_without_left_padding_reads_nothing_back_from_the_device(teacher, verifier, prompts):
     params = dict(mixture_weight=0.5, kv_window=8)  # careful: several verifier forwards
-    with _HostReads() as spy:
+    with HostReads() as spy:
         same = run("apd", params, teacher, verifier, [prompts[0], prompts[0]])
     assert same.stats["verifier_forwards"] > 2 and spy.seen == []
     assert same.sequences[0].tokens == run("apd", params, teacher, verifier, [prompts[0]]).sequences[0].tokens
-    with _HostReads() as spy:  # the spy does see a read: a padded batch's mask is checked by transformers
+    with HostReads() as spy:  # the spy does see a read: a padded batch's mask is checked by transformers
         run("apd", params, teacher, verifier, [prompts[0], prompts[2]])
     assert spy.seen
 
