@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_sweep.py"
-_spec = importlib.util.spec_from_file_location("distill_sweep", _PATH)
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["distill_sweep"] = sweep  # dataclasses resolve their annotations through sys.modules
-_spec.loader.exec_module(sweep)
+from benchmark_module import load_benchmark
+
+sweep = load_benchmark("distill_sweep")
 
 
 def test_grid_is_the_product_in_order():

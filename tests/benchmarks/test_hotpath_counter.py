@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotpath.py"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def hotpath():
-    spec = importlib.util.spec_from_file_location("hotpath", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hotpath")
 
 
 class _Model(torch.nn.Module):

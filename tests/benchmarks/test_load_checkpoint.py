@@ -3,22 +3,17 @@ LLaDA-8B-shape bf16 sharded checkpoint loads from disk onto the GPU within bound
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from d3core.models.checkpoint import load_pretrained
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "load_checkpoint.py"
-_spec = importlib.util.spec_from_file_location("load_checkpoint", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["load_checkpoint"] = bench
-_spec.loader.exec_module(bench)
+from benchmark_module import load_benchmark
+
+bench = load_benchmark("load_checkpoint")
 
 
 def test_the_random_checkpoint_is_a_sharded_bf16_official_layout(tmp_path, monkeypatch):

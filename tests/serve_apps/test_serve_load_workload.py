@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from serve_apps import protocol as P
 from serve_apps.config import ServeConfig
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_load")
 
 
 def test_uniform_requests_carry_only_the_presets_settings(bench):
