@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ray.serve.config import BackpressureConfig
+
 from d3core.samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ DEFAULT_SAMPLER_PARAMS: dict[str, Any] = {"gen_length": 48, "block_length": 16, 
                                           "cache_delay_iter": 2}
 
 DEVICES = ("cpu", "cuda")
+INGRESS_QUEUE_FACTOR = 4  # default proxy queue for the ingress, in multiples of its own bound
+INGRESS_HEADROOM = 32  # ingress calls beyond the engines' rows: health, metrics, models and quick refusals
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,6 +63,11 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs per model replica
     num_gpus: float = 0.0  # GPUs per model replica
     ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
+    # HTTP requests the ingress holds at once; None: every replica's rows and queue + INGRESS_HEADROOM
+    ingress_max_ongoing_requests: int | None = None
+    # requests that wait in Serve's proxy for the ingress; beyond both, the proxy itself answers 429.
+    # None: INGRESS_QUEUE_FACTOR x what the ingress holds (a burst's requests all wait there until assigned)
+    ingress_max_queued_requests: int | None = None
     num_replicas: int | None = 1  # fixed replicas (None: autoscaling)
     autoscaling: Mapping[str, Any] | None = None  # Ray Serve autoscaling_config (with num_replicas=None)
     max_ongoing_requests: int | None = None  # Serve's per-replica limit; None: max_batch_size + max_queued + 8
@@ -143,6 +152,19 @@ class ServeConfig:
                                                       or self.max_ongoing_requests < self.max_batch_size):
             fail("max_ongoing_requests", self.max_ongoing_requests, f"must be an int >= max_batch_size "
                  f"{self.max_batch_size} (a replica must accept a full batch)", "raise it, or None to derive it")
+        if self.ingress_max_ongoing_requests is not None and (
+                not isinstance(self.ingress_max_ongoing_requests, int)
+                or self.ingress_max_ongoing_requests < self.row_capacity):
+            fail("ingress_max_ongoing_requests", self.ingress_max_ongoing_requests,
+                 f"must be an int >= the replicas' rows and queues, {self.row_capacity} (else Serve's proxy refuses "
+                 "requests the engines could take)", "raise it, or None to derive it")
+        if self.ingress_max_queued_requests is not None and (
+                not isinstance(self.ingress_max_queued_requests, int)
+                or self.ingress_max_queued_requests < self.row_capacity):
+            fail("ingress_max_queued_requests", self.ingress_max_queued_requests,
+                 f"must be an int >= the replicas' rows and queues, {self.row_capacity} (the requests of a burst all "
+                 "wait in Serve's proxy until it assigns them, so a smaller queue refuses requests the engines could "
+                 "take)", "raise it, or None to derive it")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len <= self.max_gen_length):
             fail("max_model_len", self.max_model_len, f"must be an int > max_gen_length {self.max_gen_length}",
@@ -174,6 +196,11 @@ class ServeConfig:
         return self.num_replicas if self.num_replicas is not None else int(self.autoscaling.get("max_replicas", 1))
 
     @property
+    def row_capacity(self) -> int:
+        """Decoder rows and queue places of all replicas (at the most replicas): what the ingress admits."""
+        return self.max_replicas * (self.max_batch_size + self.max_queued_requests)
+
+    @property
     def replica_ongoing(self) -> int:
         """Calls a replica takes at once: its rows, its admission queue, and room for quick refusals."""
         return self.max_ongoing_requests or self.max_batch_size + self.max_queued_requests + 8
@@ -200,6 +227,21 @@ class ServeConfig:
         else:
             opts["num_replicas"] = self.num_replicas
         return opts
+
+    def ingress_options(self) -> dict[str, Any]:
+        """Ray Serve options of the ingress deployment.
+
+        The ingress answers 429 itself once the engines' rows are taken, but under Serve each request it
+        sees costs an actor call from the proxy and back. So it takes at most its rows and queues plus
+        ``INGRESS_HEADROOM`` (room for health checks, metrics and its own quick refusals), up to
+        ``INGRESS_QUEUE_FACTOR`` times as many wait in the proxy, and the proxy refuses the rest with
+        429 + ``Retry-After`` without the hop. So a burst of any size costs the ingress a bounded amount of work.
+        """
+        ongoing = self.ingress_max_ongoing_requests or self.row_capacity + INGRESS_HEADROOM
+        return {"ray_actor_options": {"num_cpus": self.ingress_num_cpus},
+                "max_ongoing_requests": ongoing,
+                "max_queued_requests": self.ingress_max_queued_requests or INGRESS_QUEUE_FACTOR * ongoing,
+                "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1.0)}
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":

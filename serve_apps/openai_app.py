@@ -8,7 +8,9 @@ model deployment (:class:`D3LLMModel`), which owns the checkpoint and a
 :class:`~serve_apps.engine.ContinuousEngine` and streams final text back. Every failure reaches the
 client as an OpenAI-style error body: 4xx for bad requests (401 without the API key, 413 for an
 oversized body, 429 + ``Retry-After`` when the queues are full), 408 for a request past its
-timeout, 503 when no replica could serve it.
+timeout, 503 when no replica could serve it. The one exception is a burst beyond the ingress's own
+bound and the proxy's queue for it (``ServeConfig.ingress_options``): Serve's proxy refuses that
+surplus itself, with 429 + ``Retry-After`` and Serve's plain-text body.
 """
 
 import asyncio
@@ -19,7 +21,6 @@ import time
 import weakref
 from typing import Any, AsyncIterator, Callable
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,20 +32,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps import protocol as P
 from serve_apps.config import PRESETS, ServeConfig
-from serve_apps.engine import (ContinuousEngine, EngineClosed, EngineOverloaded, EngineTimeout, GenerationOutput,
-                               GenerationRequest, RequestFailed)
-from serve_apps.metrics import CONTENT_TYPE, HttpMetrics, engine_metrics
+from serve_apps.engine import GenerationOutput, GenerationRequest
+from serve_apps.metrics import CONTENT_TYPE, HttpMetrics
 from serve_apps.openapi import install_openapi
 from serve_apps.outputs import Delta
+from serve_apps.replica import TRUST_FLAG, D3LLMModel, engine_error
 from serve_apps.text import decode_prompt, encode_chat, encode_completion_prompt, token_strings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ServeConfig", "PRESETS", "D3LLMModel", "OpenAIIngress", "build_app", "app_builder"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INGRESS: dict[str, Any] = {}  # the ingress instance of this replica process
-TRUST_FLAG = "trust_remote_code: true in the serve config args (serve run: trust_remote_code=true)"
 API_KEY_ENV = "D3RAY_API_KEY"
 STATUS_TTL_S = 1.0
 
@@ -63,87 +62,11 @@ async def _await(response) -> Any:
     return await response
 
 
-def _engine_error(e: BaseException) -> P.APIError:
-    if isinstance(e, P.APIError):
-        return e
-    if isinstance(e, EngineTimeout):
-        return P.APIError(408, str(e), type="timeout_error", code="request_timeout")
-    if isinstance(e, EngineOverloaded):
-        return P.APIError(429, str(e), type="rate_limit_error", code="overloaded", retry_after_s=e.retry_after_s)
-    if isinstance(e, BackPressureError):
-        return P.APIError(429, f"server overloaded ({e}): retry shortly", type="rate_limit_error", code="overloaded",
-                          retry_after_s=1.0)
-    if isinstance(e, ValueError):
-        return P.APIError(400, str(e), code="invalid_value")
-    if isinstance(e, RequestFailed):
-        return P.APIError(503, f"this request failed in the decoder ({e}); other requests are unaffected",
-                          type="service_unavailable_error", code="decode_failed")
-    return P.APIError(503, f"the model could not serve this request ({type(e).__name__}): retry",
-                      type="service_unavailable_error", code="unavailable")
-
-
 def check_canvas(cfg: ServeConfig, context: int) -> None:
     limit = min(context, cfg.max_model_len or context)
     if cfg.max_gen_length >= limit:
         raise ValueError(f"ServeConfig.max_gen_length={cfg.max_gen_length}: must be below the model's context "
                          f"{limit} so that a prompt fits; lower max_gen_length")
-
-
-@serve.deployment
-class D3LLMModel:
-    """One model replica: the checkpoint, its tokenizer (for final text and stop strings) and the engine."""
-
-    def __init__(self, cfg: ServeConfig) -> None:
-        from d3core.models.checkpoint import load_pretrained
-        from d3core.models.tokenizer import load_tokenizer
-
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
-        self.cfg = cfg
-        model = load_pretrained(cfg.model, device=cfg.device)
-        self.model = model.to(dtype=DTYPES[cfg.dtype]).eval()
-        tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
-        self.engine = ContinuousEngine(self.model, tokenizer, cfg.sampler, cfg.max_batch_size,
-                                       max_queued=cfg.max_queued_requests, continuous=cfg.continuous,
-                                       batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-                                       metrics=engine_metrics(cfg.model_name), capacity=cfg.max_model_len)
-        logger.info("loaded %s (%s, %s) with sampler %s, %s batching", cfg.model, cfg.device, cfg.dtype,
-                    cfg.sampler, "continuous" if cfg.continuous else "request-level")
-
-    async def generate(self, req: GenerationRequest) -> GenerationOutput | P.APIError:
-        try:
-            return await self.engine.generate(req)
-        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
-            return _engine_error(e)
-
-    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
-        """First ``"accepted"`` (or an APIError), then :class:`Delta` s, then the output (or an APIError)."""
-        try:
-            stream = self.engine.stream(req)
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            yield P.APIError(503, "the engine ended the stream", type="service_unavailable_error")
-            return
-        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
-            yield _engine_error(e)
-            return
-        yield "accepted"
-        yield first
-        try:
-            async for event in stream:
-                yield event
-        except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
-            yield _engine_error(e)
-        finally:
-            await stream.aclose()
-
-    def stats(self) -> dict:
-        return dict(self.engine.stats, queued=self.engine.queued, running=self.engine.running)
-
-    def check_health(self) -> None:
-        """Liveness for Serve's controller: the decode thread runs and makes progress."""
-        if not self.engine.alive:
-            raise RuntimeError("the decode scheduler is not running or has stalled")
 
 
 def _schema_limits() -> dict[str, Any]:
@@ -195,17 +118,31 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                                      "internal_error"), status_code=500)
 
 
-def _route(request: Request) -> str:
-    route = request.scope.get("route")
+def _route(scope: dict) -> str:
+    route = scope.get("route")  # set by FastAPI's router on the shared scope once a route matched
     return getattr(route, "path", None) or "unmatched"
 
 
-@api.middleware("http")
-async def _observe(request: Request, call_next):
-    ingress = _INGRESS.get("current")
-    if ingress is None:
-        return await call_next(request)
-    return await ingress.observe(request, call_next)
+class _Observe:
+    """Pure ASGI middleware around every HTTP request (see :meth:`OpenAIIngress.observe`).
+
+    Not ``@api.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` reads ``receive`` on its own
+    to watch for disconnects, and under Serve each read is an actor call back to the proxy. On 2 cores
+    that doubled the CPU that both the proxy and the ingress spend on a request (docs/benchmarks.md).
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        ingress = _INGRESS.get("current")
+        if scope["type"] != "http" or ingress is None:
+            await self.app(scope, receive, send)
+            return
+        await ingress.observe(scope, receive, send, self.app)
+
+
+api.add_middleware(_Observe)
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -226,7 +163,7 @@ class OpenAIIngress:
         self.context = min(self.model_config.max_seq_len, cfg.max_model_len or self.model_config.max_seq_len)
         self.metrics = HttpMetrics()
         self.inflight = 0
-        self.capacity = cfg.max_replicas * (cfg.max_batch_size + cfg.max_queued_requests)
+        self.capacity = cfg.row_capacity
         # Decoder rows (n per prompt) handed to the model and not finished: beyond ``capacity`` every
         # engine is full, so the ingress refuses at once instead of queueing in Serve's router.
         self.rows_in_use = 0
@@ -240,25 +177,31 @@ class OpenAIIngress:
         module._INGRESS["current"] = self
 
     # ------------------------------------------------------------ middleware
-    async def observe(self, request: Request, call_next):
-        """Every request: API key on /v1 routes, in-flight count, status code and latency by route."""
+    async def observe(self, scope: dict, receive, send, app) -> None:
+        """Every request: API key on /v1 routes, in-flight count, status code sent and latency by route."""
         started = time.monotonic()
         self.inflight += 1
         self.metrics.inflight.inc()
-        status = 500
+        status = 500  # what the outer error handler sends if the app raises before answering
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            if self.api_key and request.url.path.startswith("/v1") and not self._authorized(request):
+            if self.api_key and scope["path"].startswith("/v1") and not self._authorized(Request(scope)):
                 response = JSONResponse(P.error_body(401, "missing or incorrect API key: send 'Authorization: "
                                                           "Bearer <key>'", "invalid_request_error",
                                                      code="invalid_api_key"), status_code=401)
+                await response(scope, receive, sending)
             else:
-                response = await call_next(request)
-            status = response.status_code
-            return response
+                await app(scope, receive, sending)
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
-            self.metrics.observe(request.method, _route(request), status, time.monotonic() - started)
+            self.metrics.observe(scope["method"], _route(scope), status, time.monotonic() - started)
 
     def _authorized(self, request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -388,12 +331,13 @@ class OpenAIIngress:
         return release
 
     async def _serve(self, request: Request, model_cls: type, chat: bool):
-        raw = await self._read_body(request)
-        # A row is held from arrival, while the request waits for the tokenizer thread: in a burst beyond
-        # capacity the rest are refused at once instead of after every one before them has been tokenized.
+        # A row is held from arrival, before the body is read (under Serve each read is a call back to the
+        # proxy) and while the request waits for the tokenizer thread: in a burst beyond capacity the rest
+        # are refused at once instead of after every one before them has been read and tokenized.
         release = self._reserve(1)
         handed_over = False
         try:
+            raw = await self._read_body(request)
             loop = asyncio.get_running_loop()
             req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
             rows = sum(g.n for g in gens)
@@ -422,7 +366,7 @@ class OpenAIIngress:
                              code="request_timeout") from None
         except (RayError, RayServeException, BackPressureError) as e:
             logger.warning("model call failed: %r", e)
-            raise _engine_error(e) from e
+            raise engine_error(e) from e
         if isinstance(out, P.APIError):
             raise out
         self.metrics.on_output(out)
@@ -461,7 +405,7 @@ class OpenAIIngress:
         except StopAsyncIteration:
             raise P.APIError(503, "the model closed the stream", type="service_unavailable_error") from None
         except (RayError, RayServeException, BackPressureError) as e:
-            raise _engine_error(e) from e
+            raise engine_error(e) from e
         except BaseException:
             for s in streams:
                 s.cancel()
@@ -481,7 +425,7 @@ class OpenAIIngress:
                 async for event in events:
                     await queue.put((i, event))
             except (RayError, RayServeException) as e:
-                await queue.put((i, _engine_error(e)))
+                await queue.put((i, engine_error(e)))
             await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
@@ -555,7 +499,7 @@ class OpenAIIngress:
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The application for ``cfg``: ingress (CPU) -> model deployment (replicas/autoscaling)."""
     model = D3LLMModel.options(**cfg.deployment_options()).bind(cfg)
-    ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus})
+    ingress = OpenAIIngress.options(**cfg.ingress_options())
     return ingress.bind(model, cfg)
 
 

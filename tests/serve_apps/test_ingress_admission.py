@@ -68,3 +68,40 @@ def test_a_request_for_more_rows_than_are_free_is_refused_after_parsing_and_hold
         ingress.cpu.shutdown()
     assert isinstance(result, P.APIError) and result.status == 429 and "needs 1" in result.message
     assert ingress.rows_in_use == 1  # its provisional row came back; the other request's row is untouched
+
+
+def test_a_refused_request_is_answered_without_reading_its_body():
+    # Under Serve every body read is a call back to the proxy: a request refused for lack of rows skips it.
+    ingress = _ingress(1, threading.Event())
+    ingress.rows_in_use = 1
+    reads = []
+
+    async def read_body(request) -> bytes:
+        reads.append(request)
+        return b"{}"
+
+    ingress._read_body = read_body
+    try:
+        asyncio.run(ingress._serve("request", None, True))
+    except P.APIError as e:
+        result = e
+    finally:
+        ingress.cpu.shutdown()
+    assert result.status == 429 and reads == []
+    assert ingress.rows_in_use == 1
+
+
+def test_a_body_that_fails_to_read_gives_its_row_back():
+    ingress = _ingress(2, threading.Event())
+
+    async def read_body(request) -> bytes:
+        raise P.APIError(413, "request body exceeds the limit")
+
+    ingress._read_body = read_body
+    try:
+        asyncio.run(ingress._serve("request", None, True))
+    except P.APIError as e:
+        result = e
+    finally:
+        ingress.cpu.shutdown()
+    assert result.status == 413 and ingress.rows_in_use == 0

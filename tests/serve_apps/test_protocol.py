@@ -63,10 +63,27 @@ def test_from_args_parses_cli_strings_and_student_uri(tmp_path):
     ({"num_replicas": 2, "autoscaling": {"max_replicas": 2}}, "exactly one of"),
     ({"request_timeout_s": 0}, "request_timeout_s=0"),
     ({"limits": {"threshold": (2.0, 1.0)}}, "low exceeds high"),
+    ({"ingress_max_ongoing_requests": 47}, "ingress_max_ongoing_requests=47: must be an int >= .* 48"),
+    ({"ingress_max_queued_requests": 10}, "ingress_max_queued_requests=10: must be an int >= .* 48"),
 ])
 def test_bad_config_names_value_rule_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
         ServeConfig.from_preset("tiny", **overrides)
+
+
+def test_the_ingress_takes_the_engines_rows_plus_headroom_and_serve_refuses_beyond_with_429():
+    from serve_apps.config import INGRESS_HEADROOM, INGRESS_QUEUE_FACTOR
+
+    cfg = ServeConfig.from_preset("tiny", max_batch_size=8, max_queued_requests=4, num_replicas=3)
+    assert cfg.row_capacity == 3 * (8 + 4)
+    opts = cfg.ingress_options()
+    assert opts["max_ongoing_requests"] == 36 + INGRESS_HEADROOM
+    assert opts["max_queued_requests"] == INGRESS_QUEUE_FACTOR * (36 + INGRESS_HEADROOM)
+    assert opts["backpressure_config"].status_code == 429 and opts["backpressure_config"].retry_after_s == 1.0
+    auto = ServeConfig.from_preset("tiny", num_replicas=None, autoscaling={"min_replicas": 1, "max_replicas": 2})
+    assert auto.row_capacity == 2 * (16 + 32)  # sized for the most replicas
+    own = ServeConfig.from_args({"ingress_max_ongoing_requests": "200", "ingress_max_queued_requests": "64"})
+    assert (own.ingress_options()["max_ongoing_requests"], own.ingress_options()["max_queued_requests"]) == (200, 64)
 
 
 def test_unknown_builder_argument_is_rejected():
