@@ -30,6 +30,16 @@ def _ingress(capacity: int, gate: threading.Event) -> SimpleNamespace:
     return ingress
 
 
+def _serve_once(ingress: SimpleNamespace):
+    """One request through ``_serve``: its result, or the APIError it was answered with."""
+    try:
+        return asyncio.run(ingress._serve("request", None, True))
+    except P.APIError as e:
+        return e
+    finally:
+        ingress.cpu.shutdown()
+
+
 def test_a_burst_beyond_capacity_is_refused_while_the_tokenizer_is_busy():
     gate = threading.Event()
     ingress = _ingress(3, gate)
@@ -60,12 +70,7 @@ def test_a_request_for_more_rows_than_are_free_is_refused_after_parsing_and_hold
     ingress = _ingress(2, gate)
     ingress.rows_in_use = 1  # one row taken by another request
     ingress._prepare = lambda raw, model_cls, chat: (SimpleNamespace(stream=False), [SimpleNamespace(n=2)], [])
-    try:
-        result = asyncio.run(ingress._serve(None, None, True))
-    except P.APIError as e:
-        result = e
-    finally:
-        ingress.cpu.shutdown()
+    result = _serve_once(ingress)
     assert isinstance(result, P.APIError) and result.status == 429 and "needs 1" in result.message
     assert ingress.rows_in_use == 1  # its provisional row came back; the other request's row is untouched
 
@@ -81,13 +86,8 @@ def test_a_refused_request_is_answered_without_reading_its_body():
         return b"{}"
 
     ingress._read_body = read_body
-    try:
-        asyncio.run(ingress._serve("request", None, True))
-    except P.APIError as e:
-        result = e
-    finally:
-        ingress.cpu.shutdown()
-    assert result.status == 429 and reads == []
+    result = _serve_once(ingress)
+    assert isinstance(result, P.APIError) and result.status == 429 and reads == []
     assert ingress.rows_in_use == 1
 
 
@@ -98,10 +98,5 @@ def test_a_body_that_fails_to_read_gives_its_row_back():
         raise P.APIError(413, "request body exceeds the limit")
 
     ingress._read_body = read_body
-    try:
-        asyncio.run(ingress._serve("request", None, True))
-    except P.APIError as e:
-        result = e
-    finally:
-        ingress.cpu.shutdown()
-    assert result.status == 413 and ingress.rows_in_use == 0
+    result = _serve_once(ingress)
+    assert isinstance(result, P.APIError) and result.status == 413 and ingress.rows_in_use == 0
