@@ -1,11 +1,19 @@
 """Load test of the OpenAI Serve app over loopback HTTP: request-level vs continuous batching.
 
-Starts a local Ray (``--num-cpus``) and Serve on 127.0.0.1, and for each batching mode (deployed
-with ``continuous=false`` / ``true``; rounds interleave the modes, ``--repeats`` times):
+Starts a local Ray (``--num-cpus``) and Serve on 127.0.0.1, and for each batching mode of
+``--modes`` (the deployment's ``batching``; rounds interleave the modes, ``--repeats`` times):
+
+- ``legacy``: request-level batching as the app shipped it before the step engine (one parameter
+  set per batch; rows decode to EOS or ``gen_length``, ``max_tokens`` cuts the text afterwards);
+- ``request``: request-level batching on the step engine (per-row parameters, rows leave at
+  ``max_tokens``): the stricter baseline, isolating what joining at step boundaries is worth;
+- ``continuous``: rows join and leave at every step.
+
+For each mode:
 
 1. **saturation**: ``--clients`` closed-loop clients for ``--seconds``: completion tokens/s, req/s;
-2. **open loop**: Poisson arrivals at ``--loads`` fractions of the request-level saturation rate
-   (the same absolute rates for both modes), streaming chat requests: p50/p99 latency and time to
+2. **open loop**: Poisson arrivals at ``--loads`` fractions of the first mode's saturation rate
+   (the same absolute rates for every mode), streaming chat requests: p50/p99 latency and time to
    the first committed token (TTFT), 5xx count;
 3. **overload**: a burst of ``--burst`` concurrent requests: every refusal's latency (target < 1 s)
    and its ``Retry-After``; and, as the floor of what the HTTP path costs on this machine, a burst
@@ -15,13 +23,13 @@ with ``continuous=false`` / ``true``; rounds interleave the modes, ``--repeats``
 ``max_tokens`` and threshold, temperature 0), ``mixed`` (each request, seeded by its index, draws
 ``max_tokens`` uniformly from 8..48 and, one in four, a strict entropy threshold of 0.1 that commits
 about one token per step, as quality-first clients would ask), or ``both`` (each workload in turn,
-its own request-level capacity and ratios).
+its own capacity and ratios).
 
 ``--kill`` adds a replica-kill run for 1 and 2 replicas: open-loop load, one model replica killed
 mid-run; counts failures, hangs (no answer within the client timeout) and the time until
 requests succeed again. The load generator is aiohttp (see :func:`session`); each burst also times
-the floor from httpx's client, the one earlier runs used. Writes one JSON file with every run, the command, the hardware and the
-machine load.
+the floor from httpx's client, the one earlier runs used. Writes one JSON file with every run, the
+command, the hardware and the machine load.
 
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py --out runs/bench/serve_load.json --kill
 """
@@ -51,7 +59,7 @@ import httpx  # noqa: E402
 logger = logging.getLogger("d3ray.serve_load")
 
 APP = "d3ray-load"
-MODES = {"request-level": False, "continuous": True}
+MODES = ("legacy", "request", "continuous")  # the deployment's batching, baselines first
 WORKLOADS = ("uniform", "mixed")
 MIXED_MAX_TOKENS = (8, 48)  # inclusive range of the mixed workload's max_tokens
 MIXED_STRICT_EVERY = 4  # one request in this many asks for the strict threshold
@@ -261,9 +269,9 @@ def _floor(got: list[tuple[int | str, float]], n: int) -> dict:
             "latency_max_s": pct(latencies, 100)}
 
 
-def deploy(app_builder, serve, base: str, args, continuous: bool, replicas: int) -> str:
+def deploy(app_builder, serve, base: str, args, batching: str, replicas: int) -> str:
     build = {"preset": args.preset, "num_replicas": replicas, "max_batch_size": args.max_batch,
-             "request_timeout_s": args.timeout, "continuous": continuous, "max_queued_requests": args.queue}
+             "request_timeout_s": args.timeout, "batching": batching, "max_queued_requests": args.queue}
     if args.model:
         build["model"] = args.model
     serve.run(app_builder(build), name=APP, route_prefix="/")
@@ -272,7 +280,7 @@ def deploy(app_builder, serve, base: str, args, continuous: bool, replicas: int)
 
 def kill_run(ray, serve, app_builder, base: str, args, questions: list[str], replicas: int, rate: float,
              workload: str) -> dict:
-    model = deploy(app_builder, serve, base, args, True, replicas)
+    model = deploy(app_builder, serve, base, args, "continuous", replicas)
     asyncio.run(closed_loop(base, model, questions, 2, 3, args.timeout, workload))
 
     async def kill() -> None:
@@ -291,9 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/bench/serve_load.json")
     ap.add_argument("--clients", type=int, default=32, help="closed-loop clients for the saturation run")
     ap.add_argument("--seconds", type=float, default=40.0, help="length of each saturation / open-loop run")
-    ap.add_argument("--loads", default="0.5,0.8", help="open-loop rates as fractions of request-level capacity")
+    ap.add_argument("--loads", default="0.5,0.8", help="open-loop rates as fractions of the first mode's capacity")
     ap.add_argument("--burst", type=int, default=200, help="concurrent requests of the overload burst")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the two modes")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the modes")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"batching modes, comma-separated, from {list(MODES)}; the first sets the open-loop rates")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--queue", type=int, default=32, help="max_queued_requests of the deployment")
     ap.add_argument("--num-cpus", type=int, default=2)
@@ -307,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        ap.error(f"--modes={args.modes!r}: name each of {list(MODES)} at most once, comma-separated")
     if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.burst < 1 or not all(0 < x for x in loads):
         ap.error("--clients, --seconds, --repeats, --burst and every --loads fraction must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -323,19 +336,19 @@ def main(argv: list[str] | None = None) -> dict:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     kills = []
     try:
         capacity: dict[str, float] = {}
         for rep in range(args.repeats):
-            for mode, continuous in MODES.items():  # interleaved: machine drift hits both modes
-                model = deploy(app_builder, serve, base, args, continuous, 1)
+            for mode in modes:  # interleaved: machine drift hits every mode
+                model = deploy(app_builder, serve, base, args, mode, 1)
                 for workload in workloads:
                     asyncio.run(closed_loop(base, model, questions, 4, 3, args.timeout, workload))  # warm-up
                     run = {"repeat": rep, "workload": workload, "loadavg_1m": round(os.getloadavg()[0], 2)}
                     run["saturation"] = asyncio.run(closed_loop(base, model, questions, args.clients, args.seconds,
                                                                 args.timeout, workload))
-                    if workload not in capacity and mode == "request-level":
+                    if workload not in capacity and mode == modes[0]:
                         capacity[workload] = run["saturation"]["requests_per_s"]
                     run["open_loop"] = {str(f): asyncio.run(open_loop(base, model, questions, f * capacity[workload],
                                                                       args.seconds, args.timeout, seed=rep,
@@ -362,17 +375,16 @@ def main(argv: list[str] | None = None) -> dict:
                 values.append(node)
         return round(statistics.median(values), 4) if values else None
 
-    def ratio(workload: str, *path) -> float | None:
-        rl, ct = med("request-level", workload, *path), med("continuous", workload, *path)
-        return round(ct / rl, 3) if rl and ct else None
+    def ratio(workload: str, base_mode: str, *path) -> float | None:
+        base, ct = med(base_mode, workload, *path), med("continuous", workload, *path)
+        return round(ct / base, 3) if base and ct else None
 
-    ratios = {workload: {"continuous_vs_request_level_tokens_per_s_at_saturation":
-                         ratio(workload, "saturation", "tokens_per_s"),
-                         **{f"continuous_vs_request_level_p99_latency_at_{f}":
-                            ratio(workload, "open_loop", str(f), "latency_p99_s") for f in loads}}
-              for workload in workloads}
+    ratios = {workload: {f"continuous_vs_{b}": {
+        "tokens_per_s_at_saturation": ratio(workload, b, "saturation", "tokens_per_s"),
+        **{f"p99_latency_at_{f}": ratio(workload, b, "open_loop", str(f), "latency_p99_s") for f in loads}}
+        for b in modes if b != "continuous" and "continuous" in modes} for workload in workloads}
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": hardware(),
-           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "capacity_request_level_rps": capacity,
+           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "capacity_rps": capacity,
            "loadavg_before": [round(x, 2) for x in load_before],
            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs, "kills": kills}
     path = Path(args.out)

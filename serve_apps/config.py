@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from ray.serve.config import BackpressureConfig
 
 from d3core.samplers import SAMPLERS
+from serve_apps.engine import BATCHING
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class ServeConfig:
     max_queued_requests: int = 32  # a replica's admission queue; beyond it requests get a 429 at once
     max_batch_size: int = 16  # rows decoded together
     batch_wait_timeout_s: float = 0.01  # how long an idle engine waits for a batch to fill
-    continuous: bool = True  # step-level batching; False: request-level (a batch decodes to the end)
+    # "continuous": rows join and leave at every step; "request": a batch decodes to the end before the next
+    # forms; "legacy": request-level as before the step engine (benchmark baseline, see serve_apps/engine.py)
+    batching: str = "continuous"
     request_timeout_s: float = 60.0  # a request that takes longer fails
     max_request_bytes: int = 2 * 2**20  # larger bodies get a 413
     api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1 routes (or env D3RAY_API_KEY)
@@ -152,25 +155,22 @@ class ServeConfig:
                                                       or self.max_ongoing_requests < self.max_batch_size):
             fail("max_ongoing_requests", self.max_ongoing_requests, f"must be an int >= max_batch_size "
                  f"{self.max_batch_size} (a replica must accept a full batch)", "raise it, or None to derive it")
-        if self.ingress_max_ongoing_requests is not None and (
-                not isinstance(self.ingress_max_ongoing_requests, int)
-                or self.ingress_max_ongoing_requests < self.row_capacity):
-            fail("ingress_max_ongoing_requests", self.ingress_max_ongoing_requests,
-                 f"must be an int >= the replicas' rows and queues, {self.row_capacity} (else Serve's proxy refuses "
-                 "requests the engines could take)", "raise it, or None to derive it")
-        if self.ingress_max_queued_requests is not None and (
-                not isinstance(self.ingress_max_queued_requests, int)
-                or self.ingress_max_queued_requests < self.row_capacity):
-            fail("ingress_max_queued_requests", self.ingress_max_queued_requests,
-                 f"must be an int >= the replicas' rows and queues, {self.row_capacity} (the requests of a burst all "
-                 "wait in Serve's proxy until it assigns them, so a smaller queue refuses requests the engines could "
-                 "take)", "raise it, or None to derive it")
+        proxy_bounds = {"ingress_max_ongoing_requests": "else Serve's proxy refuses requests the engines could take",
+                        "ingress_max_queued_requests": "a burst's requests all wait in Serve's proxy until it "
+                                                       "assigns them, so a smaller queue refuses requests the engines "
+                                                       "could take"}
+        for name, why in proxy_bounds.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < self.row_capacity):
+                fail(name, value, f"must be an int >= the replicas' rows and queues, {self.row_capacity} ({why})",
+                     "raise it, or None to derive it")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len <= self.max_gen_length):
             fail("max_model_len", self.max_model_len, f"must be an int > max_gen_length {self.max_gen_length}",
                  "leave room for the prompt, or use None for the model's context")
-        if not isinstance(self.continuous, bool):
-            fail("continuous", self.continuous, "must be true or false", "write continuous: true")
+        if self.batching not in BATCHING:
+            fail("batching", self.batching, f"must be one of {list(BATCHING)}",
+                 "write batching: continuous (the others are benchmark baselines)")
         if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
             fail("max_request_bytes", self.max_request_bytes, "must be an int >= 1024", "use e.g. 2097152")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):

@@ -3,9 +3,12 @@
 Requests enter a bounded admission queue. A decode thread owns a
 :class:`~d3core.samplers.engine.Decoder` (one per block length) and loops:
 
-1. admit queued requests into free decoder rows (``n`` rows per request); with
-   ``continuous=False`` a batch is admitted only when the decoder is empty (request-level
-   batching, kept for comparison);
+1. admit queued requests into free decoder rows (``n`` rows per request). ``batching`` names the
+   policy: ``"continuous"`` admits at every step; ``"request"`` admits a batch only when the
+   decoder is empty (request-level batching); ``"legacy"`` is request-level batching as this app
+   shipped it before the step engine, kept as the benchmarks' baseline: one parameter set (and
+   seed, when sampling) per batch, and rows decode to EOS or ``gen_length`` however small
+   ``max_tokens`` or however early a stop string (the text is cut afterwards);
 2. drop the rows of requests that were cancelled or passed their deadline;
 3. run one decode step for every row at once (rows with different thresholds, temperatures and
    seeds share it: they are per-row parameters);
@@ -39,6 +42,7 @@ from serve_apps.outputs import Choice, ChoiceText, Delta
 logger = logging.getLogger(__name__)
 
 SEED_SPACE = 2**63  # row seeds are int64; request seeds are validated to this range by the protocol
+BATCHING = ("continuous", "request", "legacy")  # admission policies (see the module docstring)
 
 
 class EngineTimeout(Exception):
@@ -130,7 +134,7 @@ class ContinuousEngine:
     """Step-level batching for one model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, sampler: str = "d3llm", max_batch_size: int = 16,
-                 max_queued: int = 256, continuous: bool = True, batch_wait_timeout_s: float = 0.0,
+                 max_queued: int = 256, batching: str = "continuous", batch_wait_timeout_s: float = 0.0,
                  metrics: EngineMetrics | None = None, stall_timeout_s: float = 120.0,
                  program_factory: Callable[[], Program] | None = None, capacity: int | None = None) -> None:
         if max_batch_size < 1:
@@ -139,6 +143,8 @@ class ContinuousEngine:
             raise ValueError(f"max_queued={max_queued}: must be >= 1 (the admission queue bound)")
         if batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s={batch_wait_timeout_s}: must be >= 0")
+        if batching not in BATCHING:
+            raise ValueError(f"batching={batching!r}: must be one of {BATCHING} (continuous unless benchmarking)")
         spec = get_sampler(sampler)
         if spec.autoregressive or spec.needs_verifier:
             raise ValueError(f"sampler={sampler!r}: serving needs a dLLM sampler without a verifier")
@@ -146,7 +152,7 @@ class ContinuousEngine:
         self.sampler = sampler
         self._program_factory = program_factory or _program_for(sampler)
         self.max_batch_size, self.max_queued = max_batch_size, max_queued
-        self.continuous, self.batch_wait_timeout_s = continuous, batch_wait_timeout_s
+        self.batching, self.batch_wait_timeout_s = batching, batch_wait_timeout_s
         self.metrics, self.stall_timeout_s = metrics, stall_timeout_s
         cfg = model.config
         if capacity is not None and not 0 < capacity <= cfg.max_seq_len:
@@ -286,16 +292,19 @@ class ContinuousEngine:
             item.post(EngineClosed("the engine was shut down"))
 
     def _admit(self) -> None:
-        busy = any(d.rows for d in self._decoders.values())
-        if not self.continuous and busy:
+        continuous = self.batching == "continuous"
+        if not continuous and any(d.rows for d in self._decoders.values()):
             return
-        if not self.continuous and self.batch_wait_timeout_s > 0:
+        if not continuous and self.batch_wait_timeout_s > 0:
             with self._cond:
                 head = self._pending[0] if self._pending else None
             if head is not None and len(self._pending) < self.max_batch_size:
                 wait = head.arrived + self.batch_wait_timeout_s - time.monotonic()
                 if wait > 0:
                     time.sleep(min(wait, self.batch_wait_timeout_s))
+        if self.batching == "legacy":
+            self._admit_group()
+            return
         free = self.max_batch_size - len(self._owner)
         while free > 0:
             with self._cond:
@@ -310,6 +319,26 @@ class ContinuousEngine:
                     return  # first come, first served: wait for rows to free up
                 self._pending.popleft()
             free -= self._start(item)
+
+    def _admit_group(self) -> None:
+        """The legacy batch: the oldest request and every queued one that shares its parameters."""
+        now, free, group = time.monotonic(), self.max_batch_size, []
+        with self._cond:
+            key, rest = None, collections.deque()
+            for item in self._pending:
+                if item.cancelled or now > item.deadline:
+                    self._gone(item)
+                    continue
+                if key is None:
+                    key = _group_key(item.req)
+                if _group_key(item.req) == key and item.req.n <= free:
+                    group.append(item)
+                    free -= item.req.n
+                else:
+                    rest.append(item)
+            self._pending = rest
+        for item in group:
+            self._start(item)
 
     def _start(self, item: _Item) -> int:
         req = item.req
@@ -424,6 +453,8 @@ class ContinuousEngine:
         if delta is not None and delta.text:
             item.post(delta)
         if text.finish_reason is not None and row.result is None:
+            if self.batching == "legacy":
+                return max(len(text.ids) - before, 0)  # the row decodes on to its end; its text is final
             decoder.cancel(row)  # max_tokens or a stop string: no more decoding for this row
         if text.finish_reason is not None:
             self._owner.pop(row, None)
@@ -444,6 +475,12 @@ class ContinuousEngine:
         if self.metrics is not None and (status != "ok" or out is not None):
             with contextlib.suppress(Exception):
                 self.metrics.on_request(status, out)
+
+
+def _group_key(req: GenerationRequest) -> tuple:
+    """Legacy batches share one parameter set, and one seed when sampling (a batch had one generator)."""
+    sampling = getattr(req.params, "temperature", 0.0) > 0
+    return req.params, req.seed if sampling else None
 
 
 def _program_for(sampler: str) -> Callable[[], Program]:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +35,9 @@ from serve_apps.config import PRESETS, ServeConfig
 from serve_apps.engine import GenerationOutput, GenerationRequest
 from serve_apps.metrics import CONTENT_TYPE, HttpMetrics
 from serve_apps.openapi import install_openapi
-from serve_apps.outputs import Delta
 from serve_apps.replica import TRUST_FLAG, D3LLMModel, engine_error
-from serve_apps.text import decode_prompt, encode_chat, encode_completion_prompt, token_strings
+from serve_apps.responses import EventStream, response_body
+from serve_apps.text import encode_chat, encode_completion_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ class OpenAIIngress:
         for out in outs:
             if isinstance(out, BaseException):
                 raise out
-        return await loop.run_in_executor(self.cpu, self._body, outs, req, prompts, chat)
+        return await loop.run_in_executor(self.cpu, response_body, self.tokenizer, outs, req, prompts, chat)
 
     async def _complete(self, gen: GenerationRequest) -> GenerationOutput:
         response = self.model.generate.remote(gen)
@@ -371,25 +371,6 @@ class OpenAIIngress:
             raise out
         self.metrics.on_output(out)
         return out
-
-    def _body(self, outs: list[GenerationOutput], req: Any, prompts: list, chat: bool) -> dict:
-        choices, n = [], req.n
-        for i, out in enumerate(outs):
-            echo = decode_prompt(self.tokenizer, prompts[i]) if getattr(req, "echo", False) else ""
-            for c in out.choices:
-                lp = None
-                if c.logprobs is not None:
-                    toks = token_strings(self.tokenizer, c.token_ids)
-                    lp = P.chat_logprobs(toks, list(c.logprobs)) if chat else \
-                        P.completion_logprobs(toks, list(c.logprobs), len(echo))
-                index = i * n + c.index
-                choices.append(P.chat_choice(index, c.text, c.finish_reason, lp) if chat else
-                               P.completion_choice(index, echo + c.text, c.finish_reason, lp))
-        use = P.usage(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
-                      sum(o.nfe for o in outs), max(o.batch_size for o in outs))
-        if chat:
-            return P.chat_body(P.new_id("chatcmpl"), req.model, choices, use)
-        return P.completion_body(P.new_id("cmpl"), req.model, choices, use)
 
     async def _stream(self, gens: list[GenerationRequest], req: Any, prompts: list, chat: bool,
                       release: Callable[[], None]) -> StreamingResponse:
@@ -411,89 +392,9 @@ class OpenAIIngress:
                 s.cancel()
             raise
         deadline = time.monotonic() + max(g.timeout_s for g in gens) + 5.0
-        events = self._sse(streams, deadline, req, prompts, chat, release)
+        events = EventStream(self.tokenizer, self.metrics, streams, deadline, req, prompts, chat, release).events()
         weakref.finalize(events, release)  # a client gone before the stream starts: release when dropped
         return StreamingResponse(events, media_type="text/event-stream")
-
-    async def _sse(self, streams: list, deadline: float, req: Any, prompts: list, chat: bool,
-                   release: Callable[[], None]) -> AsyncIterator[str]:
-        rid, n = P.new_id("chatcmpl" if chat else "cmpl"), req.n
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, events) -> None:
-            try:
-                async for event in events:
-                    await queue.put((i, event))
-            except (RayError, RayServeException) as e:
-                await queue.put((i, engine_error(e)))
-            await queue.put((i, None))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-        outs: dict[int, GenerationOutput] = {}
-        ended, failed = 0, False
-        try:
-            for i, prompt in enumerate(prompts):
-                for j in range(n):
-                    if chat:
-                        yield P.sse(P.chat_chunk(rid, req.model, [P.chat_delta(i * n + j, {"role": "assistant",
-                                                                                          "content": ""}, None)]))
-                    elif getattr(req, "echo", False):
-                        yield P.sse(P.completion_body(rid, req.model, [P.completion_choice(
-                            i * n + j, decode_prompt(self.tokenizer, prompt), None)], None, chunk=True))
-            while ended < len(streams):
-                try:
-                    i, event = await asyncio.wait_for(queue.get(), timeout=max(deadline - time.monotonic(), 0.0))
-                except asyncio.TimeoutError:
-                    raise P.APIError(408, "request did not finish within its timeout", type="timeout_error",
-                                     code="request_timeout") from None
-                if event is None:
-                    ended += 1
-                    if i not in outs:
-                        raise P.APIError(503, "the model closed the stream early: retry",
-                                         type="service_unavailable_error", code="unavailable")
-                    continue
-                if isinstance(event, P.APIError):
-                    raise event
-                if isinstance(event, GenerationOutput):
-                    outs[i] = event
-                    self.metrics.on_output(event)
-                    for c in event.choices:
-                        yield self._chunk(rid, req, chat, i * n + c.index, "", c.finish_reason, None)
-                    continue
-                if isinstance(event, Delta):
-                    lp = None
-                    if event.logprobs is not None:
-                        toks = token_strings(self.tokenizer, event.token_ids)
-                        lp = P.chat_logprobs(toks, list(event.logprobs)) if chat else \
-                            P.completion_logprobs(toks, list(event.logprobs), 0)
-                    yield self._chunk(rid, req, chat, i * n + event.index, event.text, None, lp)
-            if req.include_usage:
-                done = list(outs.values())
-                use = P.usage(sum(o.prompt_tokens for o in done), sum(o.completion_tokens for o in done),
-                              sum(o.nfe for o in done), max(o.batch_size for o in done))
-                body = P.chat_chunk(rid, req.model, [], use) if chat else \
-                    P.completion_body(rid, req.model, [], use, chunk=True)
-                yield P.sse(body)
-            yield P.sse("[DONE]")
-        except P.APIError as e:
-            failed = True
-            yield P.sse(e.body())
-            yield P.sse("[DONE]")
-        finally:
-            release()
-            for t in tasks:
-                t.cancel()
-            if failed or ended < len(streams):
-                for s in streams:
-                    s.cancel()
-
-    def _chunk(self, rid: str, req: Any, chat: bool, index: int, text: str, finish: str | None,
-               lp: dict | None) -> str:
-        if chat:
-            delta = {"content": text} if text else {}
-            return P.sse(P.chat_chunk(rid, req.model, [P.chat_delta(index, delta, finish, lp)]))
-        return P.sse(P.completion_body(rid, req.model, [P.completion_choice(index, text, finish, lp)], None,
-                                       chunk=True))
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:

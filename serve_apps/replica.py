@@ -62,11 +62,11 @@ class D3LLMModel:
         self.model = model.to(dtype=DTYPES[cfg.dtype]).eval()
         tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
         self.engine = ContinuousEngine(self.model, tokenizer, cfg.sampler, cfg.max_batch_size,
-                                       max_queued=cfg.max_queued_requests, continuous=cfg.continuous,
+                                       max_queued=cfg.max_queued_requests, batching=cfg.batching,
                                        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
                                        metrics=engine_metrics(cfg.model_name), capacity=cfg.max_model_len)
         logger.info("loaded %s (%s, %s) with sampler %s, %s batching", cfg.model, cfg.device, cfg.dtype,
-                    cfg.sampler, "continuous" if cfg.continuous else "request-level")
+                    cfg.sampler, cfg.batching)
 
     async def generate(self, req: GenerationRequest) -> GenerationOutput | P.APIError:
         try:

@@ -235,14 +235,58 @@ def test_zero_token_answers_and_failing_metrics_never_stop_the_scheduler(teacher
     assert alive and all(len(o.choices[0].token_ids) <= 1 for o in outs)
 
 
-def test_request_level_mode_waits_for_the_batch_to_end(teacher, tok, prompts):
-    async def body(engine):
-        outs = await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts[:6]))
-        return outs
+class StepRows:
+    """A metrics hook that records the rows of every forward."""
 
-    outs = run(with_engine(teacher, tok, body, max_batch_size=4, continuous=False))
+    def __init__(self):
+        self.rows = []
+
+    def on_step(self, rows, seconds, tokens):
+        self.rows.append(rows)
+
+    def on_request(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("batching", ["request", "legacy"])
+def test_request_level_modes_admit_only_into_an_empty_decoder(teacher, tok, prompts, batching):
+    async def body(engine):
+        return await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts[:6]))
+
+    outs = run(with_engine(teacher, tok, body, max_batch_size=4, batching=batching, batch_wait_timeout_s=0.5))
     for p, out in zip(prompts, outs):
         assert out.choices[0].text == response_text(tok, teacher, p, PARAMS)[0]
+    # all six are queued within the batch wait; the last two start only after the first four are all done
+    first_batch_end = max(o.queue_s + o.decode_s for o in outs[:4])
+    assert min(o.queue_s for o in outs[4:]) >= first_batch_end - 0.005
+
+
+def test_legacy_batches_share_one_parameter_set(teacher, tok, prompts):
+    other = D3LLMParams(threshold=0.9, cache_delay_iter=2)
+
+    async def body(engine):
+        reqs = [GenerationRequest(p, PARAMS if i % 2 else other) for i, p in enumerate(prompts[:6])]
+        return await asyncio.gather(*(engine.generate(r) for r in reqs))
+
+    for batching, most in (("legacy", 3), ("request", 6)):
+        meter = StepRows()
+        outs = run(with_engine(teacher, tok, body, max_batch_size=8, batching=batching, metrics=meter,
+                               batch_wait_timeout_s=0.5))
+        assert max(meter.rows) == most  # request-level on the step engine mixes them; legacy never did
+        for i, (p, out) in enumerate(zip(prompts, outs)):
+            assert out.choices[0].text == response_text(tok, teacher, p, PARAMS if i % 2 else other)[0]
+
+
+def test_legacy_rows_decode_past_max_tokens_and_cut_the_text_after(teacher, tok, prompts):
+    async def body(engine):
+        return await engine.generate(GenerationRequest(prompts[3], PARAMS, max_tokens=2))
+
+    legacy = run(with_engine(teacher, tok, body, batching="legacy")).choices[0]
+    step = run(with_engine(teacher, tok, body, batching="continuous")).choices[0]
+    text, seq = response_text(tok, teacher, prompts[3], PARAMS)
+    assert legacy.token_ids == step.token_ids == tuple(seq.response_ids[:2])
+    assert legacy.finish_reason == step.finish_reason == "length"
+    assert legacy.nfe == seq.nfe > step.nfe  # the old engine decoded the whole canvas; the step engine stops
 
 
 def test_bad_requests_and_settings_name_the_value(teacher, tok):

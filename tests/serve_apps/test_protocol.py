@@ -65,6 +65,7 @@ def test_from_args_parses_cli_strings_and_student_uri(tmp_path):
     ({"limits": {"threshold": (2.0, 1.0)}}, "low exceeds high"),
     ({"ingress_max_ongoing_requests": 47}, "ingress_max_ongoing_requests=47: must be an int >= .* 48"),
     ({"ingress_max_queued_requests": 10}, "ingress_max_queued_requests=10: must be an int >= .* 48"),
+    ({"batching": "step"}, r"batching='step': must be one of \['continuous', 'request', 'legacy'\]"),
 ])
 def test_bad_config_names_value_rule_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,191 @@
+"""The serving engine alone, in process: legacy vs request-level vs continuous batching.
+
+No HTTP, no Ray: ``--clients`` closed-loop asyncio clients send chat requests straight to a
+:class:`~serve_apps.engine.ContinuousEngine` for ``--seconds``, once per batching mode, the modes
+interleaved over ``--repeats`` rounds (machine drift hits every mode). The requests are
+``serve_load.py``'s (``--workload`` uniform or mixed), turned into engine requests by the served
+app's own parsing, parameter resolution and chat template, so the figures isolate the scheduling
+policy from Serve's proxy and the ingress.
+
+Reports per run: completion tokens/s, requests/s, p50/p99 latency, the mean rows per forward and
+the mean step time; and the continuous / baseline ratio of tokens/s (median over rounds). Writes
+JSON with the command, the hardware and the machine load.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_batching.py --out runs/bench/engine_batching.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+logger = logging.getLogger("d3ray.engine_batching")
+
+MODES = ("legacy", "request", "continuous")
+HERE = Path(__file__).resolve().parent
+
+
+def _serve_load():
+    """``serve_load.py`` (the request mix and the helpers), loaded by path: benchmarks/ is no package."""
+    spec = importlib.util.spec_from_file_location("serve_load", HERE / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class StepMeter:
+    """The engine's metrics hook: rows and seconds of every forward."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.seconds: list[float] = []
+
+    def on_step(self, rows: int, seconds: float, tokens: int) -> None:
+        self.rows.append(rows)
+        self.seconds.append(seconds)
+
+    def on_request(self, status: str, output) -> None:
+        pass
+
+
+def engine_requests(cfg, tokenizer, questions: list[str], workload: str, count: int) -> list:
+    """The first ``count`` requests of ``workload``, as the ingress would hand them to the engine."""
+    from serve_apps import protocol as P
+    from serve_apps.engine import GenerationRequest
+    from serve_apps.text import encode_chat
+
+    load = _serve_load()
+    out = []
+    for k in range(count):
+        payload = load.body(cfg.model_name, questions[k % len(questions)], False, workload, k)
+        req = P.parse_request(json.dumps(payload).encode(), P.ChatCompletionRequest)
+        params, max_tokens = P.resolve_params(cfg, req)
+        ids = encode_chat(tokenizer, req.messages)
+        out.append(GenerationRequest(tuple(ids), params, max_tokens, None, 1, req.stop_strings, False,
+                                     cfg.request_timeout_s, f"bench-{k}"))
+    return out
+
+
+async def closed_loop(engine, requests: list, clients: int, seconds: float) -> dict:
+    latencies, tokens = [], 0
+    stop = time.perf_counter() + seconds
+    start = time.perf_counter()
+
+    async def client(i: int) -> None:
+        nonlocal tokens
+        k = i
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            out = await engine.generate(requests[k % len(requests)])
+            latencies.append(time.perf_counter() - t0)
+            tokens += out.completion_tokens
+            k += clients
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - start
+    return {"requests": len(latencies), "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 3),
+            "latency_p50_s": _pct(latencies, 50), "latency_p99_s": _pct(latencies, 99)}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 4)
+
+
+async def one_run(model, tokenizer, cfg, requests: list, mode: str, args) -> dict:
+    from serve_apps.engine import ContinuousEngine
+
+    meter = StepMeter()
+    engine = ContinuousEngine(model, tokenizer, cfg.sampler, args.max_batch, max_queued=args.clients,
+                              batching=mode, batch_wait_timeout_s=cfg.batch_wait_timeout_s, metrics=meter)
+    try:
+        await closed_loop(engine, requests, min(4, args.clients), 2.0)  # warm-up
+        meter.rows.clear()
+        meter.seconds.clear()
+        out = await closed_loop(engine, requests, args.clients, args.seconds)
+    finally:
+        await engine.close()
+    out["rows_per_step"] = round(statistics.fmean(meter.rows), 2) if meter.rows else None
+    out["step_ms"] = round(1000 * statistics.fmean(meter.seconds), 2) if meter.seconds else None
+    out["steps"] = len(meter.rows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench/engine_batching.json")
+    ap.add_argument("--clients", type=int, default=32, help="closed-loop clients")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each run")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the modes")
+    ap.add_argument("--max-batch", type=int, default=16, help="the engine's rows")
+    ap.add_argument("--workload", default="both", choices=["uniform", "mixed", "both"])
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {list(MODES)}")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a replica's default is 1)")
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        ap.error(f"--modes={args.modes!r}: name each of {list(MODES)} at most once, comma-separated")
+    if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.max_batch < 1 or args.threads < 1:
+        ap.error("--clients, --seconds, --repeats, --max-batch and --threads must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    import torch
+
+    from d3core.eval import synthetic
+    from d3core.models.checkpoint import load_pretrained
+    from d3core.models.tokenizer import load_tokenizer
+    from serve_apps.config import ServeConfig
+
+    torch.set_num_threads(args.threads)
+    cfg = ServeConfig.from_preset(args.preset)
+    model = load_pretrained(cfg.model, device="cpu").eval()
+    tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code)
+    questions = [p.question for p in synthetic.generate("test", 128, seed=7)]
+    workloads = ["uniform", "mixed"] if args.workload == "both" else [args.workload]
+    requests = {w: engine_requests(cfg, tokenizer, questions, w, 256) for w in workloads}
+    load = _serve_load()
+    load_before = os.getloadavg()
+    runs: dict[str, dict[str, list[dict]]] = {w: {m: [] for m in modes} for w in workloads}
+    for rep in range(args.repeats):
+        for workload in workloads:
+            for mode in modes:
+                run = asyncio.run(one_run(model, tokenizer, cfg, requests[workload], mode, args))
+                run.update(repeat=rep, loadavg_1m=round(os.getloadavg()[0], 2))
+                runs[workload][mode].append(run)
+                logger.info("%s %s round %d: %s", workload, mode, rep, json.dumps(run))
+
+    def med(workload: str, mode: str, key: str) -> float | None:
+        values = [r[key] for r in runs[workload][mode] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    ratios = {w: {f"continuous_vs_{b}_tokens_per_s": round(med(w, "continuous", "tokens_per_s")
+                                                            / med(w, b, "tokens_per_s"), 3)
+                  for b in modes if b != "continuous" and "continuous" in modes} for w in workloads}
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": load.hardware(),
+           "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "loadavg_before": [round(x, 2) for x in load_before],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    logger.info("ratios: %s", json.dumps(ratios))
+    logger.info("wrote %s", path)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""OpenAI response bodies from engine outputs: one JSON body, or a server-sent event stream.
+
+Both endpoints share these: ``chat`` picks the chat shapes (``choices[i].message`` / ``delta``)
+over the completion ones (``choices[i].text``). A request's prompts each decode ``n`` rows, so the
+choice index of prompt ``i``'s ``j``-th completion is ``i * n + j``, as vLLM numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+
+from serve_apps import protocol as P
+from serve_apps.engine import GenerationOutput
+from serve_apps.metrics import HttpMetrics
+from serve_apps.outputs import Delta
+from serve_apps.replica import engine_error
+from serve_apps.text import decode_prompt, token_strings
+
+logger = logging.getLogger(__name__)
+
+
+def _usage(outs: list[GenerationOutput]) -> dict[str, Any]:
+    return P.usage(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
+                   sum(o.nfe for o in outs), max(o.batch_size for o in outs))
+
+
+def _logprobs(tokenizer: Any, token_ids, logprobs, chat: bool, offset: int) -> dict | None:
+    if logprobs is None:
+        return None
+    toks = token_strings(tokenizer, token_ids)
+    return P.chat_logprobs(toks, list(logprobs)) if chat else P.completion_logprobs(toks, list(logprobs), offset)
+
+
+def response_body(tokenizer: Any, outs: list[GenerationOutput], req: Any, prompts: list, chat: bool) -> dict:
+    """The whole answer of a non-streaming request (``echo`` prepends each prompt's text)."""
+    choices = []
+    for i, out in enumerate(outs):
+        echo = decode_prompt(tokenizer, prompts[i]) if getattr(req, "echo", False) else ""
+        for c in out.choices:
+            lp = _logprobs(tokenizer, c.token_ids, c.logprobs, chat, len(echo))
+            index = i * req.n + c.index
+            choices.append(P.chat_choice(index, c.text, c.finish_reason, lp) if chat else
+                           P.completion_choice(index, echo + c.text, c.finish_reason, lp))
+    if chat:
+        return P.chat_body(P.new_id("chatcmpl"), req.model, choices, _usage(outs))
+    return P.completion_body(P.new_id("cmpl"), req.model, choices, _usage(outs))
+
+
+class EventStream:
+    """The SSE body of a streaming request over its prompts' model streams (one per prompt).
+
+    Sends the opening chunks (the assistant role; ``echo``'s prompt text), then each stream's
+    deltas as they come, a finishing chunk per choice, the usage chunk when asked, and
+    ``[DONE]``. A failure mid-stream becomes an error event followed by ``[DONE]`` (the status
+    line has gone out already). ``release`` runs exactly once however the stream ends, and
+    streams still open are cancelled.
+    """
+
+    def __init__(self, tokenizer: Any, metrics: HttpMetrics, streams: list, deadline: float, req: Any,
+                 prompts: list, chat: bool, release: Callable[[], None]) -> None:
+        self.tokenizer, self.metrics = tokenizer, metrics
+        self.streams, self.deadline = streams, deadline
+        self.req, self.prompts, self.chat, self.release = req, prompts, chat, release
+        self.rid = P.new_id("chatcmpl" if chat else "cmpl")
+
+    async def events(self) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, events) -> None:
+            try:
+                async for event in events:
+                    await queue.put((i, event))
+            except (RayError, RayServeException) as e:
+                await queue.put((i, engine_error(e)))
+            await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        outs: dict[int, GenerationOutput] = {}
+        ended, failed = 0, False
+        try:
+            for chunk in self._opening():
+                yield chunk
+            while ended < len(self.streams):
+                try:
+                    timeout = max(self.deadline - time.monotonic(), 0.0)
+                    i, event = await asyncio.wait_for(queue.get(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    raise P.APIError(408, "request did not finish within its timeout", type="timeout_error",
+                                     code="request_timeout") from None
+                if event is None:
+                    ended += 1
+                    if i not in outs:
+                        raise P.APIError(503, "the model closed the stream early: retry",
+                                         type="service_unavailable_error", code="unavailable")
+                    continue
+                if isinstance(event, P.APIError):
+                    raise event
+                if isinstance(event, GenerationOutput):
+                    outs[i] = event
+                    self.metrics.on_output(event)
+                    for c in event.choices:
+                        yield self._chunk(i * self.req.n + c.index, "", c.finish_reason, None)
+                elif isinstance(event, Delta):
+                    lp = _logprobs(self.tokenizer, event.token_ids, event.logprobs, self.chat, 0)
+                    yield self._chunk(i * self.req.n + event.index, event.text, None, lp)
+            if self.req.include_usage:
+                use = _usage(list(outs.values()))
+                yield P.sse(P.chat_chunk(self.rid, self.req.model, [], use) if self.chat else
+                            P.completion_body(self.rid, self.req.model, [], use, chunk=True))
+            yield P.sse("[DONE]")
+        except P.APIError as e:
+            failed = True
+            yield P.sse(e.body())
+            yield P.sse("[DONE]")
+        finally:
+            self.release()
+            for t in tasks:
+                t.cancel()
+            if failed or ended < len(self.streams):
+                for s in self.streams:
+                    s.cancel()
+
+    def _opening(self) -> list[str]:
+        req, n, chunks = self.req, self.req.n, []
+        for i, prompt in enumerate(self.prompts):
+            for j in range(n):
+                if self.chat:
+                    delta = P.chat_delta(i * n + j, {"role": "assistant", "content": ""}, None)
+                    chunks.append(P.sse(P.chat_chunk(self.rid, req.model, [delta])))
+                elif getattr(req, "echo", False):
+                    choice = P.completion_choice(i * n + j, decode_prompt(self.tokenizer, prompt), None)
+                    chunks.append(P.sse(P.completion_body(self.rid, req.model, [choice], None, chunk=True)))
+        return chunks
+
+    def _chunk(self, index: int, text: str, finish: str | None, lp: dict | None) -> str:
+        if self.chat:
+            delta = {"content": text} if text else {}
+            return P.sse(P.chat_chunk(self.rid, self.req.model, [P.chat_delta(index, delta, finish, lp)]))
+        return P.sse(P.completion_body(self.rid, self.req.model, [P.completion_choice(index, text, finish, lp)],
+                                       None, chunk=True))
