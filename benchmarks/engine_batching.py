@@ -11,6 +11,10 @@ Reports per run: completion tokens/s, requests/s, p50/p99 latency, the mean rows
 the mean step time; and the continuous / baseline ratio of tokens/s (median over rounds). Writes
 JSON with the command, the hardware and the machine load.
 
+``--step-floor-ms X`` emulates a device on which a forward costs the same for 1 or 16 rows (a GPU
+decoding a large model is memory-bound at these batch sizes): every forward is padded with a sleep
+to at least X ms. It shows what the scheduling policy is worth there; it measures no real device.
+
     OMP_NUM_THREADS=1 python benchmarks/engine_batching.py --out runs/bench/engine_batching.json
 """
 
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -32,15 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logger = logging.getLogger("d3ray.engine_batching")
 
 MODES = ("legacy", "request", "continuous")
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: serve_load.py by name
 
-
-def _serve_load():
-    """``serve_load.py`` (the request mix and the helpers), loaded by path: benchmarks/ is no package."""
-    spec = importlib.util.spec_from_file_location("serve_load", HERE / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import serve_load  # noqa: E402  (the request mix and the hardware record)
 
 
 class StepMeter:
@@ -64,10 +61,9 @@ def engine_requests(cfg, tokenizer, questions: list[str], workload: str, count: 
     from serve_apps.engine import GenerationRequest
     from serve_apps.text import encode_chat
 
-    load = _serve_load()
     out = []
     for k in range(count):
-        payload = load.body(cfg.model_name, questions[k % len(questions)], False, workload, k)
+        payload = serve_load.body(cfg.model_name, questions[k % len(questions)], False, workload, k)
         req = P.parse_request(json.dumps(payload).encode(), P.ChatCompletionRequest)
         params, max_tokens = P.resolve_params(cfg, req)
         ids = encode_chat(tokenizer, req.messages)
@@ -98,6 +94,19 @@ async def closed_loop(engine, requests: list, clients: int, seconds: float) -> d
             "latency_p50_s": _pct(latencies, 50), "latency_p99_s": _pct(latencies, 99)}
 
 
+def floor_forward(model, floor_s: float) -> None:
+    """Pad every forward of ``model`` with a sleep to at least ``floor_s`` (see ``--step-floor-ms``)."""
+    forward = model.forward_windows
+
+    def padded(*args, **kwargs):
+        started = time.perf_counter()
+        out = forward(*args, **kwargs)
+        time.sleep(max(0.0, started + floor_s - time.perf_counter()))
+        return out
+
+    model.forward_windows = padded
+
+
 def _pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
@@ -112,7 +121,8 @@ async def one_run(model, tokenizer, cfg, requests: list, mode: str, args) -> dic
     engine = ContinuousEngine(model, tokenizer, cfg.sampler, args.max_batch, max_queued=args.clients,
                               batching=mode, batch_wait_timeout_s=cfg.batch_wait_timeout_s, metrics=meter)
     try:
-        await closed_loop(engine, requests, min(4, args.clients), 2.0)  # warm-up
+        if args.warmup:
+            await closed_loop(engine, requests, min(4, args.clients), args.warmup)
         meter.rows.clear()
         meter.seconds.clear()
         out = await closed_loop(engine, requests, args.clients, args.seconds)
@@ -135,12 +145,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {list(MODES)}")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a replica's default is 1)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of 4 clients before each run")
+    ap.add_argument("--step-floor-ms", type=float, default=0.0,
+                    help="pad every forward to at least this long (emulates a row-independent step cost; 0: off)")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
         ap.error(f"--modes={args.modes!r}: name each of {list(MODES)} at most once, comma-separated")
     if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.max_batch < 1 or args.threads < 1:
         ap.error("--clients, --seconds, --repeats, --max-batch and --threads must be positive")
+    if args.warmup < 0 or args.step_floor_ms < 0:
+        ap.error("--warmup and --step-floor-ms must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch
@@ -153,11 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = ServeConfig.from_preset(args.preset)
     model = load_pretrained(cfg.model, device="cpu").eval()
+    if args.step_floor_ms:
+        floor_forward(model, args.step_floor_ms / 1000)
     tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code)
     questions = [p.question for p in synthetic.generate("test", 128, seed=7)]
     workloads = ["uniform", "mixed"] if args.workload == "both" else [args.workload]
     requests = {w: engine_requests(cfg, tokenizer, questions, w, 256) for w in workloads}
-    load = _serve_load()
     load_before = os.getloadavg()
     runs: dict[str, dict[str, list[dict]]] = {w: {m: [] for m in modes} for w in workloads}
     for rep in range(args.repeats):
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {w: {f"continuous_vs_{b}_tokens_per_s": round(med(w, "continuous", "tokens_per_s")
                                                             / med(w, b, "tokens_per_s"), 3)
                   for b in modes if b != "continuous" and "continuous" in modes} for w in workloads}
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": load.hardware(),
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": serve_load.hardware(),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "loadavg_before": [round(x, 2) for x in load_before],
            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs}
