@@ -91,7 +91,7 @@ async def closed_loop(engine, requests: list, clients: int, seconds: float) -> d
     wall = time.perf_counter() - start
     return {"requests": len(latencies), "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "requests_per_s": round(len(latencies) / wall, 3),
-            "latency_p50_s": _pct(latencies, 50), "latency_p99_s": _pct(latencies, 99)}
+            "latency_p50_s": serve_load.pct(latencies, 50), "latency_p99_s": serve_load.pct(latencies, 99)}
 
 
 def floor_forward(model, floor_s: float) -> None:
@@ -105,13 +105,6 @@ def floor_forward(model, floor_s: float) -> None:
         return out
 
     model.forward_windows = padded
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 4)
 
 
 async def one_run(model, tokenizer, cfg, requests: list, mode: str, args) -> dict:
@@ -191,17 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {w: {f"continuous_vs_{b}_tokens_per_s": round(med(w, "continuous", "tokens_per_s")
                                                             / med(w, b, "tokens_per_s"), 3)
                   for b in modes if b != "continuous" and "continuous" in modes} for w in workloads}
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": serve_load.hardware(),
-           "settings": {k: v for k, v in vars(args).items() if k != "out"},
-           "loadavg_before": [round(x, 2) for x in load_before],
-           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    logger.info("ratios: %s", json.dumps(ratios))
-    logger.info("wrote %s", path)
-    return out
-
+    return serve_load.write_record(args, load_before, ratios, runs=runs)
 
 if __name__ == "__main__":
     main()

@@ -269,6 +269,21 @@ def _floor(got: list[tuple[int | str, float]], n: int) -> dict:
             "latency_max_s": pct(latencies, 100)}
 
 
+def write_record(args, load_before: tuple[float, ...], ratios: dict, **fields) -> dict:
+    """A run's JSON record (the command, the hardware, the settings, the machine load, ``ratios`` and
+    ``fields``), written to ``args.out`` and returned."""
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": hardware(),
+           "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "loadavg_before": [round(x, 2) for x in load_before],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, **fields}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    logger.info("ratios: %s", json.dumps(ratios))
+    logger.info("wrote %s", path)
+    return out
+
+
 def deploy(app_builder, serve, base: str, args, batching: str, replicas: int) -> str:
     build = {"preset": args.preset, "num_replicas": replicas, "max_batch_size": args.max_batch,
              "request_timeout_s": args.timeout, "batching": batching, "max_queued_requests": args.queue}
@@ -383,17 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s_at_saturation": ratio(workload, b, "saturation", "tokens_per_s"),
         **{f"p99_latency_at_{f}": ratio(workload, b, "open_loop", str(f), "latency_p99_s") for f in loads}}
         for b in modes if b != "continuous" and "continuous" in modes} for workload in workloads}
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "hardware": hardware(),
-           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "capacity_rps": capacity,
-           "loadavg_before": [round(x, 2) for x in load_before],
-           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ratios": ratios, "runs": runs, "kills": kills}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    logger.info("ratios: %s", json.dumps(ratios))
-    logger.info("wrote %s", path)
-    return out
-
+    return write_record(args, load_before, ratios, capacity_rps=capacity, runs=runs, kills=kills)
 
 if __name__ == "__main__":
     main()
