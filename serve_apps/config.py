@@ -263,6 +263,9 @@ class ServeConfig:
         preset = str(args.pop("preset", "tiny"))
         names = {f.name for f in dataclasses.fields(cls)} - {"preset"}
         unknown = sorted(set(args) - names)
+        if "continuous" in unknown:
+            raise ValueError("serve argument 'continuous' was replaced by 'batching': write batching=continuous "
+                             "(continuous: true) or batching=request (continuous: false)")
         if unknown:
             raise ValueError(f"unknown serve argument(s) {unknown}: valid keys are preset and {sorted(names)}")
         return cls.from_preset(preset, **{k: _parse_arg(v) for k, v in args.items()})

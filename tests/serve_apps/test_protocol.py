@@ -90,6 +90,9 @@ def test_the_ingress_takes_the_engines_rows_plus_headroom_and_serve_refuses_beyo
 def test_unknown_builder_argument_is_rejected():
     with pytest.raises(ValueError, match="unknown serve argument"):
         ServeConfig.from_args({"replicas": "2"})
+    with pytest.raises(ValueError, match="'continuous' was replaced by 'batching': write batching=continuous"):
+        ServeConfig.from_args({"continuous": "false"})  # the old name of the setting gets its new one
+    assert ServeConfig.from_args({"batching": "request"}).batching == "request"
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "llada-8b.yaml", "dream-7b.yaml"])
