@@ -33,17 +33,23 @@ def test_requests_carry_the_workloads_settings(bench, tok):
 def test_a_short_run_reports_each_mode_and_pads_forwards_to_the_floor(bench, tmp_path):
     out_path = tmp_path / "eb.json"
     out = bench.main(["--seconds", "0.6", "--warmup", "0", "--repeats", "1", "--workload", "mixed", "--clients", "6",
-                      "--max-batch", "4", "--modes", "request,continuous", "--step-floor-ms", "25",
+                      "--max-batch", "4", "--modes", "request,continuous", "--step-floor-ms", "25", "--loads", "0.8",
                       "--out", str(out_path)])
     assert json.loads(out_path.read_text()) == out
     runs = out["runs"]["mixed"]
     assert set(runs) == {"request", "continuous"}
     for mode in ("request", "continuous"):
-        run = runs[mode][0]
-        assert run["requests"] > 0 and run["tokens_per_s"] > 0
-        assert 1 <= run["rows_per_step"] <= 4  # never more rows than the engine has
-        assert run["step_ms"] >= 25  # every forward padded to the floor
-    assert set(out["ratios"]["mixed"]) == {"continuous_vs_request_tokens_per_s"}
+        sat, opened = runs[mode][0]["saturation"], runs[mode][0]["open_loop"]["0.8"]
+        assert sat["requests"] > 0 and sat["tokens_per_s"] > 0
+        assert 1 <= sat["rows_per_step"] <= 4  # never more rows than the engine has
+        assert sat["step_ms"] >= 25  # every forward padded to the floor
+        assert opened["arrivals"] > 0 and opened["refused"] == 0 and opened["latency_p99_s"] is not None
+        assert opened["ttft_p50_s"] <= opened["latency_p50_s"]
+    # the open loop runs at the same absolute rate for every mode: 0.8 x the first mode's capacity
+    assert runs["request"][0]["open_loop"]["0.8"]["rate"] == runs["continuous"][0]["open_loop"]["0.8"]["rate"] \
+        == round(0.8 * out["capacity_rps"]["mixed"], 3)
+    assert set(out["ratios"]["mixed"]["continuous_vs_request"]) == {"tokens_per_s_at_saturation",
+                                                                   "p99_latency_at_0.8"}
 
 
 def test_bad_arguments_are_refused(bench):
@@ -51,3 +57,5 @@ def test_bad_arguments_are_refused(bench):
         bench.main(["--modes", "continuous,step"])
     with pytest.raises(SystemExit):
         bench.main(["--step-floor-ms", "-1"])
+    with pytest.raises(SystemExit):
+        bench.main(["--loads", "0.5,lots"])
