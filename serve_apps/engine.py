@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from d3core.samplers import get_sampler
+from d3core.samplers import graphs as graph_modes
 from d3core.samplers.base import validate_prompts
 from d3core.samplers.engine import Decoder, Program, Row
 from serve_apps.outputs import Choice, ChoiceText, Delta
@@ -136,7 +137,8 @@ class ContinuousEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, sampler: str = "d3llm", max_batch_size: int = 16,
                  max_queued: int = 256, batching: str = "continuous", batch_wait_timeout_s: float = 0.0,
                  metrics: EngineMetrics | None = None, stall_timeout_s: float = 120.0,
-                 program_factory: Callable[[], Program] | None = None, capacity: int | None = None) -> None:
+                 program_factory: Callable[[], Program] | None = None, capacity: int | None = None,
+                 graphs: bool | str | None = None, buckets: bool | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: must be >= 1 (1 turns batching off)")
         if max_queued < 1:
@@ -158,6 +160,9 @@ class ContinuousEngine:
         if capacity is not None and not 0 < capacity <= cfg.max_seq_len:
             raise ValueError(f"capacity={capacity}: must lie in (0, {cfg.max_seq_len}] (the model's context)")
         self._capacity, self._eos = capacity or cfg.max_seq_len, np.asarray(cfg.eos_ids)
+        # Resolved now, so that a bad mode fails the constructor rather than the decode thread.
+        self._graphs = graph_modes.resolve(graphs, next(model.parameters()).device)
+        self._buckets = buckets
         self._decoders: dict[int, Decoder] = {}
         self._owner: dict[Row, tuple[_Item, int]] = {}
         self._pending: collections.deque[_Item] = collections.deque()
@@ -362,7 +367,7 @@ class ContinuousEngine:
         seg = getattr(params, "block_length", 1)
         if seg not in self._decoders:
             self._decoders[seg] = Decoder(self.model, self._program_factory(), rows=self.max_batch_size,
-                                          capacity=self._capacity)
+                                          capacity=self._capacity, graphs=self._graphs, buckets=self._buckets)
         return self._decoders[seg]
 
     def _expire(self) -> None:

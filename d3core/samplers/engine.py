@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from d3core.cache import KVCache
+from d3core.samplers import graphs as graph_modes
 from d3core.samplers.base import GenerationResult, SequenceResult, validate_prompts
 from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
 from d3core.samplers.packing import (DYNAMIC_PARTS, Cells, HostLayout, HostStep, Packer, RowPlan, StepMeta,
@@ -134,12 +135,14 @@ class StepReport:
 class Decoder:
     """Up to ``rows`` sequences of at most ``capacity`` slots each, decoded by one program.
 
-    ``graphs`` (default: on for CUDA) replays segment steps as CUDA graphs, one per bucketed step
-    shape; ``buckets`` (default: as ``graphs``) rounds step sizes up even when running eagerly.
+    ``graphs`` replays segment steps as captured graphs, one per bucketed step shape: ``True`` or
+    ``"cuda"`` (CUDA graphs), ``"emulate"`` (their semantics on any device, :mod:`~d3core.samplers.replay`),
+    ``False`` or ``"off"``; ``None`` takes :func:`~d3core.samplers.graphs.default_mode` (CUDA graphs on
+    CUDA devices). ``buckets`` (default: as ``graphs``) rounds step sizes up even when running eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: int, capacity: int,
-                 verifier: torch.nn.Module | None = None, graphs: bool | None = None,
+                 verifier: torch.nn.Module | None = None, graphs: bool | str | None = None,
                  buckets: bool | None = None) -> None:
         cfg = model.config
         self.model, self.program, self.verifier = model, program, verifier
@@ -157,10 +160,9 @@ class Decoder:
         self._last_step: HostStep | None = None  # reused while the geometry repeats (see build_segment_step)
         self._eager: _EagerStep | None = None
         self.graphs = None
-        if graphs if graphs is not None else self.device.type == "cuda":
-            from d3core.samplers.graphs import GraphRunner
-
-            self.graphs = GraphRunner(self.packer, self._segment_device)
+        mode = graph_modes.resolve(graphs, self.device)
+        if mode != "off":
+            self.graphs = graph_modes.GraphRunner(self.packer, self._segment_device, mode)
         self.buckets = self.graphs is not None if buckets is None else buckets
 
     # ------------------------------------------------------------------ membership
