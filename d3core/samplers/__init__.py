@@ -5,7 +5,7 @@ Every sampler has one contract::
     generate(model, prompts, params, generator=None, on_step=None, verifier=None) -> GenerationResult
 
 ``generator`` seeds sampling (per-row seeds are drawn from it), ``on_step`` receives a
-:class:`~d3core.samplers.engine.Snapshot` after every step (streaming), ``verifier`` is the
+:class:`~d3core.samplers.generation.Snapshot` after every step (streaming), ``verifier`` is the
 small AR model of samplers with ``needs_verifier`` (others ignore it). The dLLM samplers are
 programs on :mod:`d3core.samplers.engine`; ``ar`` drives a Hugging Face causal LM.
 """

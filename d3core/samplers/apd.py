@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from d3core.samplers.base import DecodeParams, GenerationResult, check_probability
-from d3core.samplers.engine import Decoder, OnStep, Program, Row, run
+from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.generation import OnStep, run
 from d3core.samplers.logits import cell_keys, choose, gumbel_noise
 from d3core.samplers.packing import RowPlan
 
@@ -71,6 +72,7 @@ class APDProgram(Program):
     """APD on the engine: per-row dLLM windows, one batched verifier forward per step."""
 
     name = "apd"
+    reusable = False  # the verifier's cache and the batch's width belong to one decode
 
     def __init__(self, params: APDParams, verifier: torch.nn.Module) -> None:
         self.params, self.verifier = params, verifier

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from d3core.samplers.base import DecodeParams, GenerationResult, SequenceResult, validate_prompts
-from d3core.samplers.engine import OnStep, Snapshot, committed_length, row_seeds
+from d3core.samplers.generation import OnStep, Snapshot, committed_length, row_seeds
 from d3core.samplers.logits import cell_keys, token_stats
 
 logger = logging.getLogger(__name__)

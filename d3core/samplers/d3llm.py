@@ -73,7 +73,8 @@ import numpy as np
 import torch
 
 from d3core.samplers.base import BlockParams, GenerationResult, check_probability
-from d3core.samplers.engine import Decoder, OnStep, Program, Row, run
+from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.generation import OnStep, run
 from d3core.samplers.packing import Cells, RowPlan
 
 logger = logging.getLogger(__name__)
@@ -259,5 +260,5 @@ def generate(
     on_step: OnStep | None = None,
     verifier: torch.nn.Module | None = None,
 ) -> GenerationResult:
-    """Decode ``prompts``; ``on_step`` (if given) sees a :class:`~d3core.samplers.engine.Snapshot` per step."""
+    """Decode ``prompts``; ``on_step`` (if given) sees a :class:`~d3core.samplers.generation.Snapshot` per step."""
     return run(D3LLMProgram(), model, prompts, params, generator, on_step)

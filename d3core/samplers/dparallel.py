@@ -16,7 +16,7 @@ import torch
 
 from d3core.samplers.base import GenerationResult
 from d3core.samplers.blockwise import BlockwiseParams, BlockwiseProgram, with_best
-from d3core.samplers.engine import OnStep, run
+from d3core.samplers.generation import OnStep, run
 
 logger = logging.getLogger(__name__)
 

@@ -21,19 +21,18 @@ moving the last row into it (one row copied, never the whole cache).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from d3core.cache import KVCache
 from d3core.samplers import graphs as graph_modes
-from d3core.samplers.base import GenerationResult, SequenceResult, validate_prompts
+from d3core.samplers.base import SequenceResult, validate_prompts
 from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
 from d3core.samplers.packing import (DYNAMIC_PARTS, Cells, HostLayout, HostStep, Packer, RowPlan, StepMeta,
-                                     build_segment_step, segment_meta)
+                                     StepSpec, build_segment_step, segment_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +66,7 @@ class Program:
 
     name = ""
     needs_entropy = False
+    reusable = True  # one instance serves any number of decodes (no per-call state): pooled decoders keep it
 
     def segment_length(self, params) -> int:
         return params.block_length
@@ -162,7 +162,7 @@ class Decoder:
         self.graphs = None
         mode = graph_modes.resolve(graphs, self.device)
         if mode != "off":
-            self.graphs = graph_modes.GraphRunner(self.packer, self._segment_device, mode)
+            self.graphs = graph_modes.GraphRunner(self.packer, self._captured_step, mode)
         self.buckets = self.graphs is not None if buckets is None else buckets
 
     # ------------------------------------------------------------------ membership
@@ -307,6 +307,10 @@ class Decoder:
         self._eager = _EagerStep(step.parts, dev["cand"].view(meta.cand.shape), meta) if aliased else None
         return meta
 
+    def _captured_step(self, buffer: torch.Tensor, spec: StepSpec) -> torch.Tensor:
+        """The device part as a pure function of the step's static buffer (what a graph captures)."""
+        return self._segment_device(segment_meta(spec.split(buffer), spec.shape, self.device))
+
     def _segment_device(self, meta: StepMeta) -> torch.Tensor:
         logits = self.model.forward_windows(meta.windows, self.cache)
         keys = None
@@ -332,15 +336,8 @@ class Decoder:
         return pack_decisions(take, cells.tokens, cells.logprob)
 
     def fetch(self, out: torch.Tensor) -> np.ndarray:
-        """The step's one device-to-host transfer (non-blocking into pinned memory on CUDA)."""
-        if out.device.type == "cuda":
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            event.synchronize()
-            return host.numpy()
-        return out.cpu().numpy()
+        """The step's one device-to-host transfer."""
+        return self.packer.link.to_host(out)
 
     def apply(self, decisions: np.ndarray, layout: HostLayout, rows: list[Row]) -> list[np.ndarray]:
         """Write a segment step's decisions into the host state (unmask step: the row's nfe - 1)."""
@@ -365,69 +362,9 @@ def pack_decisions(take: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tens
     return torch.stack([chosen, logprob.float().reshape(-1).view(torch.int32)])
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """What an ``on_step`` hook sees after each step of :func:`run`."""
-
-    tokens: torch.Tensor  # (B, gen_length) generation slots in prompt order; `undecided` where not committed
-    undecided: int
-    committed: list[int]  # per prompt: length of its final prefix (before the first undecided slot or EOS)
-    done: list[bool]
-
-
-OnStep = Callable[[Snapshot], None]
-
-
 def is_eos(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
     """``np.isin(tokens, eos_ids)`` for the one or two EOS ids a model has, without its setup cost."""
     hit = np.zeros(tokens.shape, dtype=bool)
     for eos in eos_ids:
         hit |= tokens == eos
     return hit
-
-
-def committed_length(gen: np.ndarray, undecided: int, eos_ids: Sequence[int]) -> int:
-    stop = (gen == undecided) | is_eos(gen, eos_ids)
-    hits = np.nonzero(stop)[0]
-    return int(hits[0]) if len(hits) else len(gen)
-
-
-def row_seeds(n: int, generator: torch.Generator | None) -> list[int]:
-    """Per-row noise seeds drawn from ``generator`` (the default CPU generator when None)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**62, (n,), generator=generator, device=device).tolist()
-
-
-@torch.inference_mode()
-def run(program: Program, model: torch.nn.Module, prompts: Sequence[Sequence[int]], params,
-        generator: torch.Generator | None = None, on_step: OnStep | None = None,
-        verifier: torch.nn.Module | None = None, **stats) -> GenerationResult:
-    """Decode a batch to the end on a fresh :class:`Decoder`: the ``generate()`` of every dLLM sampler."""
-    cfg = model.config
-    validate_prompts(prompts, params.gen_length, cfg.max_seq_len, cfg.vocab_size)
-    t0 = time.perf_counter()
-    decoder = Decoder(model, program, len(prompts), max(len(p) for p in prompts) + params.gen_length, verifier)
-    rows = [decoder.add(p, params, seed) for p, seed in zip(prompts, row_seeds(len(prompts), generator))]
-    while decoder.rows:
-        report = decoder.step()
-        if on_step is not None and report.forwarded:
-            on_step(_snapshot(decoder, rows, params.gen_length))
-    failed = [row.error for row in rows if row.error]
-    if failed:
-        raise RuntimeError(failed[0])
-    result = GenerationResult([row.result for row in rows], time.perf_counter() - t0,
-                              {"sampler": program.name, "batch_forwards": decoder.forwards, **stats})
-    return result
-
-
-def _snapshot(decoder: Decoder, rows: list[Row], gen_length: int) -> Snapshot:
-    gen = np.empty((len(rows), gen_length), dtype=np.int64)
-    for i, row in enumerate(rows):
-        if row.result is not None:
-            gen[i] = row.result.tokens
-        else:
-            gen[i] = decoder.tokens[row.cache_row, row.prompt_len: row.length]
-    committed = [committed_length(g, decoder.mask_id, decoder.eos_ids) for g in gen]
-    with torch.inference_mode(False):  # a hook may keep and edit the tensor outside inference mode
-        tokens = torch.from_numpy(gen)
-    return Snapshot(tokens, decoder.mask_id, committed, [row.result is not None for row in rows])

@@ -24,10 +24,9 @@ import logging
 import os
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
-from d3core.samplers.packing import HostStep, Packer, Shape, StepMeta, segment_meta
+from d3core.samplers.packing import HostStep, Packer, StepSpec
 
 logger = logging.getLogger(__name__)
 
@@ -118,41 +117,46 @@ class _Entry:
 
 
 class GraphRunner:
-    """Runs ``device(meta) -> Tensor`` for a packed step, replaying a captured graph per shape."""
+    """Runs ``device_fn(buffer, spec) -> Tensor`` for a packed step, replaying a captured graph per spec.
 
-    def __init__(self, packer: Packer, device_fn: Callable[[StepMeta], torch.Tensor], mode: str = "cuda",
-                 max_graphs: int = 64, warmup: int = 2) -> None:
+    The device function sees nothing of the step but its static buffer and the host-only
+    :class:`~d3core.samplers.packing.StepSpec`: every input it reads is a view of the buffer or made
+    from one inside the captured region, so a replay after the buffer's refresh reads this step's
+    data. The buffer and the output live as long as their entry."""
+
+    def __init__(self, packer: Packer, device_fn: Callable[[torch.Tensor, StepSpec], torch.Tensor],
+                 mode: str = "cuda", max_graphs: int = 64, warmup: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs={max_graphs}: must be >= 1")
         self.packer, self.device_fn = packer, device_fn
         self.backend = backend(mode)
         self.max_graphs, self.warmup = max_graphs, warmup
-        self.graphs: collections.OrderedDict[Shape, _Entry] = collections.OrderedDict()
+        self.graphs: collections.OrderedDict[StepSpec, _Entry] = collections.OrderedDict()
         self.captures = 0
         self.replays = 0
 
     def run(self, step: HostStep) -> torch.Tensor:
-        entry = self.graphs.get(step.shape)
+        spec = step.spec
+        entry = self.graphs.get(spec)
         if entry is None:
-            entry = self._capture(step)
+            entry = self._capture(step, spec)
         else:
-            self.graphs.move_to_end(step.shape)
+            self.graphs.move_to_end(spec)
             self.packer.upload(step.parts, into=entry.buffer)
             entry.replay()
             self.replays += 1
         return entry.out
 
-    def _capture(self, step: HostStep) -> _Entry:
-        size = sum(np.asarray(a).size for a in step.parts.values())
-        buffer = self.backend.empty(size, self.packer.device)
-        views = self.packer.upload(step.parts, into=buffer)
-        meta = segment_meta(views, step.shape, self.packer.device)
-        replay, out = self.backend.capture(lambda: self.device_fn(meta), self.warmup)
+    def _capture(self, step: HostStep, spec: StepSpec) -> _Entry:
+        buffer = self.backend.empty(spec.size, self.packer.device)
+        self.packer.upload(step.parts, into=buffer)
+        device_fn = self.device_fn
+        replay, out = self.backend.capture(lambda: device_fn(buffer, spec), self.warmup)
         replay()  # capture records without running: this is the step itself
         self.captures += 1
         entry = _Entry(buffer, replay, out)
-        self.graphs[step.shape] = entry
+        self.graphs[spec] = entry
         if len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
-        logger.debug("captured a decode graph for %s (%d held)", step.shape, len(self.graphs))
+        logger.debug("captured a decode graph for %s (%d held)", spec.shape, len(self.graphs))
         return entry

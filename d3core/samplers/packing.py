@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from d3core.cache import Windows
+from d3core.samplers.transfer import HostLink
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +138,48 @@ DYNAMIC_PARTS = ("ids", "cand", "ints", "floats", "steps")
 
 
 @dataclass(frozen=True)
+class StepSpec:
+    """Host-only description of a step's transfer buffer: its parts' names and sizes, and the step's shape.
+
+    A captured step is a function of ``(buffer, spec)`` alone: every device tensor it reads is a view
+    of the buffer (:meth:`split`) or derived from one inside the captured region, so a replay that
+    refreshes the buffer refreshes every input (:mod:`d3core.samplers.graphs`)."""
+
+    parts: tuple[tuple[str, int], ...]
+    shape: Shape
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def split(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts as views of ``buffer``, in transfer order."""
+        return split_buffer(buffer, self.parts)
+
+
+def part_sizes(parts: dict[str, np.ndarray]) -> tuple[tuple[str, int], ...]:
+    return tuple((name, int(np.asarray(a).size)) for name, a in parts.items())
+
+
+def split_buffer(buffer: torch.Tensor, sizes: tuple[tuple[str, int], ...]) -> dict[str, torch.Tensor]:
+    """Consecutive views of ``buffer``, one per ``(name, size)``."""
+    out, at = {}, 0
+    for name, n in sizes:
+        out[name] = buffer[at: at + n]
+        at += n
+    return out
+
+
+@dataclass(frozen=True)
 class HostStep:
     parts: dict[str, np.ndarray]  # int64 arrays in transfer order
     shape: Shape
     layout: HostLayout
     refill: Refill | None = None
+
+    @property
+    def spec(self) -> StepSpec:
+        return StepSpec(part_sizes(self.parts), self.shape)
 
 
 def bucket(x: int, cap: int | None = None) -> int:
@@ -384,11 +422,12 @@ def _refilled(previous: HostStep, tokens: np.ndarray, plans: list[RowPlan], step
 
 
 class Packer:
-    """Uploads host arrays in one transfer (pinned and non-blocking on CUDA) and slices them into views."""
+    """Uploads host arrays in one transfer (through its :class:`~d3core.samplers.transfer.HostLink`) and
+    slices them into views."""
 
-    def __init__(self, device: torch.device, capacity: int) -> None:
+    def __init__(self, device: torch.device, capacity: int, link: HostLink | None = None) -> None:
         self.device, self.capacity = device, capacity
-        self._staging: torch.Tensor | None = None
+        self.link = link or HostLink(device)
 
     def upload(self, parts: dict[str, np.ndarray], into: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One host-to-device copy of every part; ``into`` is a preallocated device buffer to fill (graphs).
@@ -398,26 +437,7 @@ class Packer:
             return {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64).reshape(-1))
                     for name, a in parts.items()}
         flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in parts.values()])
-        host = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            if self._staging is None or self._staging.numel() < flat.size:
-                self._staging = torch.empty(max(flat.size, 1 << 16), dtype=torch.long, pin_memory=True)
-            staged = self._staging[: flat.size]
-            staged.copy_(host)
-            host = staged
-        if into is not None:
-            into[: flat.size].copy_(host, non_blocking=True)
-            dev = into
-        elif self.device.type != "cpu":
-            dev = host.to(self.device, non_blocking=True)
-        else:
-            dev = host
-        out, at = {}, 0
-        for name, a in parts.items():
-            size = np.asarray(a).size
-            out[name] = dev[at: at + size]
-            at += size
-        return out
+        return split_buffer(self.link.to_device(flat, into), part_sizes(parts))
 
     def windows(self, tokens: np.ndarray, plans: list[RowPlan], head_rows: np.ndarray, head_slots: np.ndarray,
                 extra: dict[str, np.ndarray] | None = None) -> tuple[Windows, dict[str, torch.Tensor]]:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from d3core.samplers.base import BlockParams, GenerationResult
-from d3core.samplers.engine import Decoder, OnStep, Program, Row, run
+from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.generation import OnStep, run
 from d3core.samplers.packing import Cells, RowPlan
 
 logger = logging.getLogger(__name__)

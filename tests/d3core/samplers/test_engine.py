@@ -144,17 +144,21 @@ def test_steps_in_a_fresh_thread_build_no_autograd_graph(teacher, prompts):
 
     def serve():
         seen["grad_enabled"] = torch.is_grad_enabled()
-        for p in prompts[:6]:
-            d.add(p, D3LLMParams(threshold=0.5, cache_delay_iter=2))
-            d.step()
-        d.cancel(d.rows[0])
-        while d.rows:
-            d.step()
+        try:
+            for p in prompts[:6]:
+                if len(d.rows) < d.max_rows:  # rows join while there is room
+                    d.add(p, D3LLMParams(threshold=0.5, cache_delay_iter=2))
+                d.step()
+            d.cancel(d.rows[0])
+            while d.rows:
+                d.step()
+        except Exception as e:  # reported below: an exception in the thread must fail the test
+            seen["error"] = e
 
     worker = threading.Thread(target=serve)
     worker.start()
     worker.join(timeout=120)
-    assert not worker.is_alive() and seen["grad_enabled"]
+    assert not worker.is_alive() and seen["grad_enabled"] and "error" not in seen, seen.get("error")
     cache = d.cache
     for t in (cache.keys, cache.values) + ((cache.hidden,) if cache.hidden is not None else ()):
         assert not t.requires_grad and t.grad_fn is None

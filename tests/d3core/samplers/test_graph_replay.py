@@ -165,3 +165,54 @@ def test_graph_modes_resolve_and_refuse_cuda_without_a_gpu(monkeypatch):
         graphs.resolve(None, cpu)
     with pytest.raises(ValueError, match="need a CUDA device"):
         graphs.resolve(True, cpu)
+
+
+# ---------------------------------------------------------------- decoders and graphs kept across calls
+def test_generate_keeps_its_decoder_and_graphs_across_calls_of_one_bucket(tok):
+    import copy
+    import pickle
+
+    from d3core.models.shipped import load_tiny_teacher
+    from d3core.samplers import get_sampler
+    from d3core.samplers.generation import DecoderPool
+
+    model = load_tiny_teacher()  # a model of its own: its pool starts empty
+    spec, params = get_sampler("d3llm"), D3LLMParams(threshold=0.5, cache_delay_iter=1)
+    batches = [[encode_prompt(tok, p.question) for p in synthetic.generate("test", 4, seed=s)] for s in (21, 22, 23)]
+    with graphs.graph_mode("emulate"):
+        results = [spec.generate(model, b, params, generator=torch.Generator().manual_seed(0)) for b in batches]
+    first, later = results[0].stats, [r.stats for r in results[1:]]
+    assert first["graph_captures"] > 0
+    assert all(s["graph_captures"] < first["graph_captures"] and s["graph_replays"] > 0 for s in later), later
+    assert len(DecoderPool.of(model)) == 1
+    # the same calls eagerly, on a decoder of the pooled shape, give the same tokens
+    decoder = next(iter(DecoderPool.of(model).values()))
+    for b, res in zip(batches, results):
+        eager = Decoder(model, D3LLMProgram(), rows=len(b), capacity=decoder.capacity, graphs="off", buckets=True)
+        seeds = [s for s in torch.randint(0, 2**62, (len(b),), generator=torch.Generator().manual_seed(0)).tolist()]
+        rows = [eager.add(p, params, seed) for p, seed in zip(b, seeds)]
+        while eager.rows:
+            eager.step()
+        assert [r.result.tokens for r in rows] == [s.tokens for s in res.sequences]
+    assert len(DecoderPool.of(copy.deepcopy(model))) == 0  # copies and pickles start without graphs
+    assert len(pickle.loads(pickle.dumps(model)).__dict__.get(DecoderPool.ATTR, {})) == 0
+
+
+def test_a_hook_that_raises_leaves_the_pooled_decoder_empty_for_the_next_call(tok):
+    from d3core.models.shipped import load_tiny_teacher
+    from d3core.samplers import get_sampler
+    from d3core.samplers.generation import DecoderPool
+
+    model = load_tiny_teacher()
+    spec, params = get_sampler("fast_dllm"), FastDLLMParams(threshold=0.9, cache="dual")
+    prompts = [encode_prompt(tok, p.question) for p in synthetic.generate("test", 2, seed=3)]
+
+    def hook(snapshot):
+        raise KeyboardInterrupt
+
+    with graphs.graph_mode("emulate"):
+        with pytest.raises(KeyboardInterrupt):
+            spec.generate(model, prompts, params, on_step=hook)
+        assert not next(iter(DecoderPool.of(model).values())).rows
+        again = spec.generate(model, prompts, params)
+    assert len(again.sequences) == 2 and all(s.nfe > 0 for s in again.sequences)
