@@ -275,6 +275,22 @@ def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, p
     return view.from_view(parsed), extras
 
 
+def none_word(value: Any) -> Any:
+    """``none`` in any case is None (tyro reads only ``None``): ``--ar-model none`` means no AR baseline."""
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+def optional_text() -> Transform:
+    """An optional string field whose ``none`` (any case) on the command line is None."""
+    return Transform(typing.Optional[str], lambda value: value, none_word)
+
+
+def given(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``flag`` (``--a-b``; tyro also reads ``--a_b`` and ``--a-b=VALUE``) is on the command line."""
+    name = flag.replace("_", "-")
+    return any(a.split("=", 1)[0].replace("_", "-") == name for a in argv if a.startswith("--"))
+
+
 def run_main(fn: Callable[[], Any]) -> Any:
     """Run a CLI's main: a bad value or a missing input (found before any work) is one clear line and exit 2."""
     try:

@@ -17,10 +17,42 @@ import fsspec
 logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+# The package extra that installs an fsspec implementation (pyproject.toml's optional dependencies).
+EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
+
+
+def require_filesystem(uri: str, what: str) -> None:
+    """Refuse, before any work, a URI whose fsspec implementation is not installed, naming what to install."""
+    from fsspec.registry import known_implementations
+
+    for part in uri.split("::"):  # chained URIs (simplecache::s3://...) need every filesystem of the chain
+        protocol = fsspec.core.split_protocol(part)[0]
+        if protocol is None:
+            continue
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as err:
+            package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+            extra = EXTRAS.get(package)
+            fix = f"pip install -e '.[{extra}]' (or pip install {package})" if extra else \
+                f"pip install {package or 'the fsspec implementation of ' + protocol + '://'}"
+            raise ValueError(f"{what}={uri!r}: {protocol}:// needs {package or 'a filesystem package'}, which is "
+                             f"not installed: {fix}") from err
+        except ValueError as err:  # fsspec's "Protocol not known"
+            raise ValueError(f"{what}={uri!r}: {protocol}:// is no fsspec protocol ({err}); give a local path or a "
+                             "URI such as s3://, gs://, memory://") from err
+
+
+def require_filesystems(**uris: str | None) -> None:
+    """:func:`require_filesystem` for every named location that is set (``out=cfg.out, prompts=cfg.prompts``)."""
+    for what, uri in uris.items():
+        if uri:
+            require_filesystem(uri, what)
 
 
 def fs_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path on it (no trailing slash)."""
+    """The filesystem and the path on it (no trailing slash); a missing fsspec implementation is a ValueError."""
+    require_filesystem(uri, "location")
     fs, root = fsspec.core.url_to_fs(uri)
     return fs, root.rstrip("/") or root
 

@@ -166,6 +166,31 @@ def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
     return (cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch), steps_per_epoch
 
 
+def epochs_over_preset(cfg: DistillConfig, epochs_given: bool, max_steps_given: bool,
+                       flag: str = "--") -> DistillConfig:
+    """An explicit ``--epochs`` wins over a ``max_steps`` that came from the preset or a config file.
+
+    ``max_steps`` alone decides the length when set, so ``--epochs 2`` over the tiny preset's 350
+    steps would otherwise be ignored; both flags given at once is ambiguous and refused. ``flag``
+    is the flags' prefix (``--distill.`` in full.py).
+    """
+    if not epochs_given or cfg.max_steps is None:
+        return cfg
+    epochs, steps = f"{flag}epochs", f"{flag}max-steps"
+    if max_steps_given:
+        raise ValueError(f"{epochs} {cfg.epochs} with {steps} {cfg.max_steps}: max_steps alone sets the length, so "
+                         f"the epochs would be ignored; give {epochs} N for N passes over the rows, or {steps} S for "
+                         "S optimizer steps")
+    logger.info("%s %d given: training %d epochs instead of the preset's max_steps=%d", epochs, cfg.epochs, cfg.epochs,
+                cfg.max_steps)
+    return dataclasses.replace(cfg, max_steps=None)
+
+
+def require_filesystems(cfg: DistillConfig) -> None:
+    """Every location's fsspec implementation is installed (else a ValueError naming the extra)."""
+    _io.require_filesystems(trajectories=cfg.trajectories, out=cfg.out, storage=cfg.storage, init=cfg.init)
+
+
 # -- export ---------------------------------------------------------------------------------------
 def export_student(cfg: DistillConfig, checkpoint: str, init: str, summary: dict) -> list[str]:
     """Write the student from the sharded checkpoint at ``checkpoint`` to ``cfg.out``, in ``init``'s layout.
@@ -330,17 +355,20 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
     from pipelines.cluster import require_gpus
     from pipelines.distill_worker import train_loop
 
+    require_filesystems(cfg)
     plan_ = prepare(cfg)
-    done = claim(cfg, plan_, overwrite)
+    done = None if overwrite else claim(cfg, plan_, overwrite=False)
     if done is not None:
         logger.info("student already exported at %s with these settings (%s); skipping", cfg.out, SUMMARY)
         return done
-    F.write_record(cfg.storage_path, STAGE, plan_.fingerprint, {"out": cfg.out, "trajectories": cfg.trajectories})
-    C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    if cfg.use_gpu:
+    if cfg.use_gpu:  # before anything is written or cleared: a refusal leaves the outputs as they were
         require_gpus(cfg.num_workers, "num_workers (use_gpu=True)")
+    if overwrite:
+        claim(cfg, plan_, overwrite=True)
+    F.write_record(cfg.storage_path, STAGE, plan_.fingerprint, {"out": cfg.out, "trajectories": cfg.trajectories})
+    C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
     table = plan_.data.table
     logger.info("distilling %s from %d trajectories (%s masking): %d steps, %d per epoch, %d workers", plan_.init,
                 table.num_rows, cfg.masking, plan_.max_steps, plan_.steps_per_epoch, cfg.num_workers)
@@ -418,6 +446,8 @@ def parse_args(argv=None) -> tuple[DistillConfig, bool]:
         ("overwrite", bool, False, "clear OUT and the training storage if they hold another run's outputs, "
                                    "then train anew"),))
     cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
+    cfg = epochs_over_preset(cfg, _cli.given(rest, "--epochs"), _cli.given(rest, "--max-steps"))
+    require_filesystems(cfg)
     return cfg, extras["overwrite"]
 
 

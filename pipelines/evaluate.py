@@ -350,6 +350,15 @@ def _ray_init() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
+def _require_gpus(cfg: EvaluateConfig) -> None:
+    """Ray is up and has the GPUs the cells ask for (a request no node can meet waits forever)."""
+    _ray_init()
+    if cfg.num_gpus_per_cell > 0:
+        from pipelines.cluster import require_gpus
+
+        require_gpus(cfg.num_gpus_per_cell, "num_gpus_per_cell")
+
+
 def write_cell(fs: fsspec.AbstractFileSystem, root: str, key: str, result: dict) -> None:
     """The cell's per-sample records (``<key>.samples.jsonl``), then its summary (``<key>.json``,
     which marks it done)."""
@@ -368,11 +377,7 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
 
     from d3core.eval.vllm_ar import CPU_ENV
 
-    _ray_init()
-    if cfg.num_gpus_per_cell > 0:
-        from pipelines.cluster import require_gpus
-
-        require_gpus(cfg.num_gpus_per_cell, "num_gpus_per_cell")
+    _require_gpus(cfg)
     fs, root = _cells_dir(cfg)
     remote = ray.remote(run_cell)
     refs = {}
@@ -408,15 +413,42 @@ def check_tokenizers(cfg: EvaluateConfig) -> None:
 _OWN_FILES = ("cells", "report.json", "report.md", "aup.png", F.RECORD)
 
 
+def require_filesystems(cfg: EvaluateConfig) -> None:
+    """Every location's fsspec implementation is installed (else a ValueError naming the extra)."""
+    _io.require_filesystems(out=cfg.out, ar_model=cfg.ar_model, **{f"model {k}": v for k, v in cfg.models.items()})
+
+
+def survey(cfg: EvaluateConfig) -> tuple[dict[str, dict], dict]:
+    """Every check that writes nothing: locations, every model exists (and may run its tokenizer), the fingerprint.
+
+    Returns (checkpoint URI -> identity, fingerprint).
+    """
+    require_filesystems(cfg)
+    _io.require_directory(cfg.out, "out")
+    identities = model_identities(cfg)
+    check_tokenizers(cfg)
+    return identities, fingerprint(cfg, identities)
+
+
+def check(cfg: EvaluateConfig) -> tuple[dict[str, dict], dict]:
+    """:func:`survey`, and refuse an ``out`` that holds an evaluation of other models or settings; writes nothing."""
+    identities, fp = survey(cfg)
+    F.check(STAGE, cfg.out, (F.read_record(cfg.out) or {}).get("fingerprint"), fp)
+    return identities, fp
+
+
 def prepare(cfg: EvaluateConfig, overwrite: bool = False) -> dict[str, str]:
     """Before any cell: the output is a directory of this evaluation (or cleared), every model exists.
 
     Returns checkpoint URI -> identity digest for :func:`plan_cells`.
     """
-    _io.require_directory(cfg.out, "out")
-    identities = model_identities(cfg)
-    check_tokenizers(cfg)
-    fp = fingerprint(cfg, identities)
+    identities, fp = survey(cfg)
+    claim(cfg, fp, overwrite)
+    return {uri: F.digest(identity) for uri, identity in identities.items()}
+
+
+def claim(cfg: EvaluateConfig, fp: dict, overwrite: bool) -> None:
+    """Make ``out`` this evaluation's: refuse another evaluation's output, or clear it with ``overwrite``."""
     fs, root = _io.fs_root(cfg.out)
     if overwrite and fs.exists(root):
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
@@ -430,7 +462,6 @@ def prepare(cfg: EvaluateConfig, overwrite: bool = False) -> dict[str, str]:
     recorded = F.read_record(cfg.out)
     F.check(STAGE, cfg.out, recorded.get("fingerprint") if recorded else None, fp)
     F.write_record(cfg.out, STAGE, fp, {"models": dict(cfg.models), "ar_model": cfg.ar_model})
-    return {uri: F.digest(identity) for uri, identity in identities.items()}
 
 
 def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
@@ -443,11 +474,14 @@ def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
     from d3core.eval.report import build_report, to_markdown
 
     t0 = time.perf_counter()
-    identities = prepare(cfg, overwrite)
-    cells = plan_cells(cfg, identities)
-    done = read_done(cfg, cells)
+    identities, fp = survey(cfg) if overwrite else check(cfg)  # nothing is written before the GPU check
+    cells = plan_cells(cfg, {uri: F.digest(identity) for uri, identity in identities.items()})
+    done = {} if overwrite else read_done(cfg, cells)
     pending = [c for c in cells if c.key(cfg) not in done]
     logger.info("%d cells: %d already written, %d to run", len(cells), len(done), len(pending))
+    if pending:
+        _require_gpus(cfg)
+    claim(cfg, fp, overwrite)
     if pending:
         run_cells(cfg, pending)
         done = read_done(cfg, cells)
@@ -490,12 +524,15 @@ def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
     data = _cli.stage_section(data, STAGE)
     if "sweeps" in data:
         data["sweeps"] = parse_sweeps(sweeps_to_items(data["sweeps"]))
+    if "ar_model" in data:
+        data["ar_model"] = _cli.none_word(data["ar_model"])
     default = _cli.apply(base, data, "config")
     spec = dataclasses.replace(cli_spec(default, aliases={"models": ("--model",), "sweeps": ("--sweep",),
                                                  "sampler_params": ("--param",)}),
                                extra=(("overwrite", bool, False, "clear OUT if it holds another evaluation"),))
     cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES), repeatable=(
         ("--models", "--model"), ("--sweeps", "--sweep"), ("--sampler-params", "--param")))
+    require_filesystems(cfg)
     return cfg, extras["overwrite"]
 
 

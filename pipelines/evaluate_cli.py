@@ -106,4 +106,5 @@ def cli_spec(base: EvaluateConfig, hidden=frozenset(), aliases=None):
         "sweeps": _cli.Transform(seq, sweeps_to_items, parse_sweeps),
         "sampler_params": _cli.Transform(seq, _params_to_items,
                                          lambda items: merged_params(base.sampler_params, items)),
+        "ar_model": _cli.optional_text(),
     })

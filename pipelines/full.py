@@ -248,7 +248,7 @@ def check_skipped(cfg: FullConfig, recipe: Recipe) -> None:
 
 def check_finished(cfg: FullConfig, recipe: Recipe) -> None:
     """Before Ray: when the trajectories are finished, a student (and an evaluation) of other settings is refused now,
-    not after the cluster work of the stages before it."""
+    not after the cluster work of the stages before it. Writes nothing."""
     manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
     if not manifest.get("complete") or "distill" in cfg.skip or "distill" in cfg.redo():
         return
@@ -258,18 +258,69 @@ def check_finished(cfg: FullConfig, recipe: Recipe) -> None:
         return
     summary = D.claim(recipe.distill, D.prepare(recipe.distill), overwrite=False)
     if summary is not None and "evaluate" not in cfg.skip and "evaluate" not in cfg.redo():
-        from pipelines.evaluate import prepare as prepare_evaluation
+        from pipelines.evaluate import check as check_evaluation
 
-        prepare_evaluation(recipe.evaluate)
+        check_evaluation(recipe.evaluate)
+
+
+def check_gpus(cfg: FullConfig, recipe: Recipe) -> None:
+    """Once Ray is up and before anything is written: the cluster has the GPUs of every stage with work to do."""
+    from pipelines.cluster import require_gpus
+
+    needs = [("trajectories", recipe.trajectories.num_gpus_per_actor, "trajectories.num_gpus_per_actor"),
+             ("distill", recipe.distill.num_workers if recipe.distill.use_gpu else 0,
+              "distill.num_workers (distill.use_gpu=True)"),
+             ("evaluate", recipe.evaluate.num_gpus_per_cell, "evaluate.num_gpus_per_cell"),
+             ("serve", recipe.serve.num_gpus if cfg.serve else 0, "serve.num_gpus")]
+    for stage, needed, what in needs:
+        if needed > 0 and stage not in cfg.skip and not _finished(cfg, stage):
+            require_gpus(needed, what)
+
+
+def _finished(cfg: FullConfig, stage: str) -> bool:
+    """The stage's output is complete and kept, so a rerun asks the cluster for nothing (its settings are checked
+    against the output's fingerprint when the stage runs)."""
+    if stage in cfg.redo():
+        return False
+    if stage == "trajectories":
+        return bool((_io.read_json(cfg.path("trajectories", "manifest.json")) or {}).get("complete"))
+    if stage == "distill":
+        from pipelines.distill import SUMMARY
+
+        return _io.exists(cfg.path("student", SUMMARY))
+    return stage == "evaluate" and _io.exists(cfg.path("eval", "report.json"))
+
+
+def require_filesystems(cfg: FullConfig) -> None:
+    """Every location's fsspec implementation is installed (else a ValueError naming the extra)."""
+    r = cfg.recipe
+    _io.require_filesystems(run_dir=cfg.run_dir, prompts=r.prompts, teacher=r.teacher, ar_model=r.ar_model)
 
 
 def run(cfg: FullConfig) -> dict:
+    """Check everything that can be checked (locations, inputs, earlier outputs, GPUs), then write
+    ``recipe.yaml`` and run the stages: a refusal leaves the run directory as it was."""
+    import ray
+
     from pipelines import _cli
 
+    require_filesystems(cfg)
     _io.require_directory(cfg.run_dir, "run_dir")
     recipe = cfg.bound()
     text = _cli.to_yaml(recipe)
     logger.info("recipe (%s):\n%s", cfg.path(RECIPE_FILE), text)
+    check_skipped(cfg, recipe)
+    if "trajectories" not in cfg.skip:  # prompts, teacher, output: before Ray
+        from pipelines.trajectories import prepare, survey
+
+        if "trajectories" in cfg.redo():
+            survey(recipe.trajectories)  # its outputs are cleared when the stage runs
+        else:
+            prepare(recipe.trajectories)  # also refuses trajectories of other settings
+    check_finished(cfg, recipe)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
+    check_gpus(cfg, recipe)
     previous = _read_text(cfg.path(RECIPE_FILE))
     _io.write_bytes(cfg.path(RECIPE_FILE), text.encode())
     try:
@@ -289,16 +340,6 @@ def _read_text(uri: str) -> str | None:
 
 
 def _run(cfg: FullConfig, recipe: Recipe) -> dict:
-    import ray
-
-    check_skipped(cfg, recipe)
-    if "trajectories" not in cfg.skip:
-        from pipelines.trajectories import prepare
-
-        prepare(recipe.trajectories, overwrite="trajectories" in cfg.redo())  # prompts, teacher, output: before Ray
-    check_finished(cfg, recipe)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
     stages = _io.read_json(cfg.path("stages.json")) or {}
     teacher, ar_model = recipe.teacher, recipe.ar_model
     if cfg.pretrain and "pretrain" not in cfg.skip:
@@ -415,7 +456,8 @@ def cli_spec(base: Recipe):
     shared = {"teacher", "prompts", "trust_remote_code", "gen_length", "block_length"}
     from pipelines.recipes import build
 
-    return _cli.ViewSpec(Recipe, hidden=frozenset({"preset"}), build=build, nested={
+    return _cli.ViewSpec(Recipe, hidden=frozenset({"preset"}), build=build,
+                         transforms={"ar_model": _cli.optional_text()}, nested={
         "trajectories": _cli.ViewSpec(TrajectoriesConfig, hidden=frozenset({"out", *shared}),
                                       aliases={"n_prompts": ("--n-prompts",)}),
         "distill": _cli.ViewSpec(DistillConfig, hidden=frozenset({"trajectories", "out", "storage", "push_to_hub",
@@ -459,6 +501,7 @@ def apply_recipe(base: Recipe, data: dict) -> Recipe:
         raise ValueError(f"config: unknown field(s) {unknown}; a recipe has {[*SHARED, *STAGE_FIELDS]} and the run's "
                          f"{list(_RUN_KEYS[:-2]) + ['serve (a bool)', 'push_to_hub']}")
     shared = {name: data.get(name, getattr(base, name)) for name in SHARED}
+    shared["ar_model"] = _cli.none_word(shared["ar_model"])
     stages = {}
     for name in STAGE_FIELDS:
         values = dict(data.get(name) or {})
@@ -488,9 +531,17 @@ def parse_args(argv=None) -> FullConfig:
     parsed, extras = _cli.parse(cli_spec(default), default, rest, __doc__, preset, list(RECIPES),
                                 extra_defaults=extra_defaults, repeatable=(
                                     ("--evaluate.sweeps", "--sweeps"), ("--evaluate.sampler-params", "--param")))
-    return FullConfig(run_dir=extras["run_dir"], skip=_split_stages(extras["skip"]),
-                      overwrite=_split_stages(extras["overwrite"]), pretrain=extras["pretrain"],
-                      serve=extras["serve_smoke"], push_to_hub=extras["push_to_hub"], recipe=parsed)
+    from pipelines.distill import epochs_over_preset
+
+    distill = epochs_over_preset(parsed.distill, _cli.given(rest, "--distill.epochs"),
+                                 _cli.given(rest, "--distill.max-steps") or _cli.given(rest, "--distill-steps"),
+                                 flag="--distill.")
+    cfg = FullConfig(run_dir=extras["run_dir"], skip=_split_stages(extras["skip"]),
+                     overwrite=_split_stages(extras["overwrite"]), pretrain=extras["pretrain"],
+                     serve=extras["serve_smoke"], push_to_hub=extras["push_to_hub"],
+                     recipe=dataclasses.replace(parsed, distill=distill))
+    require_filesystems(cfg)
+    return cfg
 
 
 def main(argv=None) -> dict:

@@ -331,26 +331,56 @@ def check_resources(cfg: TrajectoriesConfig) -> None:
         require_gpus(cfg.num_gpus_per_actor, "num_gpus_per_actor")
 
 
-def prepare(cfg: TrajectoriesConfig, overwrite: bool = False) -> tuple:
-    """Everything up to the first decode, on the driver: prompts, teacher, fingerprint, the output dir."""
+def require_filesystems(cfg: TrajectoriesConfig) -> None:
+    """Every location's fsspec implementation is installed (else a ValueError naming the extra)."""
+    _io.require_filesystems(out=cfg.out, prompts=cfg.prompts, teacher=cfg.teacher)
+
+
+def survey(cfg: TrajectoriesConfig) -> tuple:
+    """Every check that writes nothing: locations, teacher, prompts; the fingerprint and the shard plan."""
     from d3core.models.checkpoint import load_config
 
+    require_filesystems(cfg)
     _io.require_directory(cfg.out, "out")
-    vocab_size = load_config(cfg.teacher).vocab_size  # also: the teacher exists (a clear error if not)
+    try:
+        vocab_size = load_config(cfg.teacher).vocab_size  # also: the teacher exists
+    except FileNotFoundError as err:
+        raise ValueError(f"teacher={cfg.teacher!r}: {err}") from err
     prompt_set = load_prompt_set(cfg)
     fp = fingerprint(cfg, prompt_set)
     shards = plan_shards(prompt_set.prompts, cfg.shard_size)
+    return prompt_set, fp, shards, vocab_size
+
+
+def prepare(cfg: TrajectoriesConfig, overwrite: bool = False) -> tuple:
+    """Everything up to the first decode, on the driver: prompts, teacher, fingerprint, the output dir."""
+    prompt_set, fp, shards, vocab_size = survey(cfg)
     claim(cfg, fp, shards, overwrite)
     return prompt_set, fp, shards, vocab_size
 
 
+def _start_ray(cfg: TrajectoriesConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    check_resources(cfg)
+
+
 def run(cfg: TrajectoriesConfig, overwrite: bool = False) -> dict:
-    """Decode the missing shards; returns this run's stats. Finished shards of the same settings are kept."""
+    """Decode the missing shards; returns this run's stats. Finished shards of the same settings are kept.
+
+    A refusal leaves ``out`` as it was: the GPU check comes before the first write (and before
+    ``overwrite`` clears anything).
+    """
     import ray
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    prompt_set, fp, shards, vocab_size = prepare(cfg, overwrite)
+    prompt_set, fp, shards, vocab_size = survey(cfg)
+    if overwrite:
+        _start_ray(cfg)  # every shard will be decoded
+    claim(cfg, fp, shards, overwrite)
     digest = F.digest(fp)
     expected = expected_rows(cfg, vocab_size)
     done = complete_shards(cfg, shards, digest, expected)
@@ -358,11 +388,10 @@ def run(cfg: TrajectoriesConfig, overwrite: bool = False) -> dict:
     logger.info("%d prompts in %d shards; %d already complete, %d to decode", len(prompt_set.prompts), len(shards),
                 len(done), len(pending))
     stats = {"rows": 0, "correct": 0, "tokens": 0, "fingerprint_digest": digest}
+    if pending:
+        _start_ray(cfg)
     write_manifest(cfg, shards, done, stats, fp, vocab_size)
     if pending:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-        check_resources(cfg)
         ds = ray.data.from_items(pending).map_batches(
             TeacherDecoder,
             fn_constructor_kwargs={"cfg": cfg},
@@ -419,6 +448,7 @@ def parse_args(argv=None) -> tuple[TrajectoriesConfig, bool]:
     spec = _cli.ViewSpec(TrajectoriesConfig, extra=(
         ("overwrite", bool, False, "clear OUT if it holds trajectories of other settings, then decode"),))
     cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
+    require_filesystems(cfg)
     return cfg, extras["overwrite"]
 
 

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit seed
 MAX_STOP_STRINGS = 16
+# pydantic's bound errors, written with the exact bound (its own message renders ints beyond 2**53 as floats)
+BOUNDS = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
 
 
 def _integral(value: Any) -> Any:
@@ -246,6 +248,10 @@ def parse_request(raw: bytes, model_cls: type[_Request]) -> _Request:
         param = _param(err["loc"])
         if err["type"] == "missing":
             message = f"missing required argument {param!r}"
+        elif err["type"] in BOUNDS and len(err.get("ctx") or {}) == 1:
+            # pydantic's message says "<= 18446744073709552000" for SEED_MAX; its ctx keeps the exact int
+            word, limit = BOUNDS[err["type"]], next(iter(err["ctx"].values()))
+            message = f"invalid value for {param!r}: must be {word} {limit} (got {_short(err.get('input'))})"
         else:
             message = f"invalid value for {param!r}: {err['msg']} (got {_short(err.get('input'))})"
         raise APIError(400, message, param=param, code=err["type"]) from e

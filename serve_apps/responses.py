@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
@@ -20,7 +20,7 @@ from serve_apps.engine import GenerationOutput
 from serve_apps.metrics import HttpMetrics
 from serve_apps.outputs import Delta
 from serve_apps.replica import engine_error
-from serve_apps.text import decode_prompt, token_strings
+from serve_apps.text import decode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,12 @@ def _usage(outs: list[GenerationOutput]) -> dict[str, Any]:
                    sum(o.nfe for o in outs), max(o.batch_size for o in outs))
 
 
-def _logprobs(tokenizer: Any, token_ids, logprobs, chat: bool, offset: int) -> dict | None:
+def _logprobs(texts: Sequence[str] | None, logprobs: Sequence[float] | None, chat: bool, offset: int) -> dict | None:
+    """The ``logprobs`` object of a choice or delta: ``texts`` are its tokens' texts, starting at ``offset``."""
     if logprobs is None:
         return None
-    toks = token_strings(tokenizer, token_ids)
-    return P.chat_logprobs(toks, list(logprobs)) if chat else P.completion_logprobs(toks, list(logprobs), offset)
+    texts, logprobs = list(texts), list(logprobs)
+    return P.chat_logprobs(texts, logprobs) if chat else P.completion_logprobs(texts, logprobs, offset)
 
 
 def response_body(tokenizer: Any, outs: list[GenerationOutput], req: Any, prompts: list, chat: bool) -> dict:
@@ -43,7 +44,7 @@ def response_body(tokenizer: Any, outs: list[GenerationOutput], req: Any, prompt
     for i, out in enumerate(outs):
         echo = decode_prompt(tokenizer, prompts[i]) if getattr(req, "echo", False) else ""
         for c in out.choices:
-            lp = _logprobs(tokenizer, c.token_ids, c.logprobs, chat, len(echo))
+            lp = _logprobs(c.token_texts, c.logprobs, chat, len(echo))
             index = i * req.n + c.index
             choices.append(P.chat_choice(index, c.text, c.finish_reason, lp) if chat else
                            P.completion_choice(index, echo + c.text, c.finish_reason, lp))
@@ -107,7 +108,7 @@ class EventStream:
                     for c in event.choices:
                         yield self._chunk(i * self.req.n + c.index, "", c.finish_reason, None)
                 elif isinstance(event, Delta):
-                    lp = _logprobs(self.tokenizer, event.token_ids, event.logprobs, self.chat, 0)
+                    lp = _logprobs(event.token_texts, event.logprobs, self.chat, event.text_offset)
                     yield self._chunk(i * self.req.n + event.index, event.text, None, lp)
             if self.req.include_usage:
                 use = _usage(list(outs.values()))

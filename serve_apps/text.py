@@ -39,7 +39,3 @@ def encode_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
                        code="invalid_messages") from e
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-
-def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Each token's text, for log-probability entries."""
-    return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in ids]

@@ -149,11 +149,13 @@ def test_stop_strings_and_logprobs(client, questions):
     assert choice.message.content == plain[: plain.index(f" {word} ")] and choice.finish_reason == "stop"
     entries = choice.logprobs.content
     assert entries and all(e.logprob <= 0 for e in entries)
-    assert "".join(e.token for e in entries).startswith(choice.message.content.strip()[:1])
+    assert "".join(e.token for e in entries) == choice.message.content
     comp = client.completions.create(model=MODEL, prompt="we have 9 . add + 4 =", temperature=0, max_tokens=8,
                                      logprobs=0)
     lp = comp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == comp.usage.completion_tokens
+    assert "".join(lp.tokens) == comp.choices[0].text
+    assert all(comp.choices[0].text[at:].startswith(t) for at, t in zip(lp.text_offset, lp.tokens))
     assert all(v <= 0 for v in lp.token_logprobs)
 
 
@@ -209,6 +211,8 @@ def test_d2_seeds_outside_64_bits_are_400s(server, client, questions, seed):
     r = post(server, "/v1/chat/completions", {"model": MODEL, "temperature": 0.8, "seed": seed,
                                               "messages": [{"role": "user", "content": questions[0]}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    limit = "<= 18446744073709551615" if seed > 0 else ">= -9223372036854775808"
+    assert f"must be {limit}" in r.json()["error"]["message"]
     assert chat(client, questions[1], seed=2**64 - 1).choices[0].message.content  # the edge is fine
 
 

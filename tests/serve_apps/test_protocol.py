@@ -158,6 +158,17 @@ def test_malformed_or_mistyped_requests_are_400s(raw, code, param):
     assert set(body) == {"message", "type", "param", "code"} and body["message"]
 
 
+@pytest.mark.parametrize("seed,limit", [(2**64, "<= 18446744073709551615"), (10**30, "<= 18446744073709551615"),
+                                        (-(2**63) - 1, ">= -9223372036854775808")])
+def test_a_seed_out_of_range_names_the_exact_integer_limit(seed, limit):
+    # pydantic's own message renders 2**64 - 1 as the float 18446744073709552000
+    with pytest.raises(P.APIError) as e:
+        parse({"model": "m", "prompt": "x", "seed": seed})
+    assert e.value.param == "seed" and f"must be {limit} (got {seed})" in e.value.message
+    assert "18446744073709552000" not in e.value.message
+    assert parse({"model": "m", "prompt": "x", "seed": P.SEED_MAX}).seed == 2**64 - 1 == P.SEED_MAX
+
+
 def test_chat_messages_are_validated():
     with pytest.raises(P.APIError) as e:
         parse({"model": "m", "messages": []}, chat=True)
@@ -248,6 +259,10 @@ def test_choice_text_deltas_are_final_and_concatenate_to_the_text(tok):
     sent = "".join(d.text for d in deltas + [last] if d is not None)
     assert sent == tok.decode(ids, skip_special_tokens=True) and text.finish_reason == "stop"
     assert sum(len(d.token_ids) for d in deltas + [last] if d is not None) == len(ids)
+    for d in deltas + [last]:
+        if d is not None:  # each delta's tokens spell its text, which starts at its offset in the whole text
+            assert "".join(d.token_texts) == d.text == sent[d.text_offset: d.text_offset + len(d.text)]
+    assert "".join(text.choice(nfe=1).token_texts) == sent
 
 
 def test_choice_text_stops_at_the_first_stop_string_and_holds_back_partial_matches(tok):
