@@ -5,7 +5,8 @@ only, no threads, so ``fork`` here is safe). The user namespace maps two ids: ro
 bubblewrap can still read the Python it binds in while it sets the sandbox up, and the sandbox
 uid to the same, unprivileged, host uid, which is all the candidate ever runs as (the in-sandbox
 server drops to it before any candidate code runs). ``user.max_user_namespaces`` is set to 0
-inside the namespace, so nothing in the sandbox can create a user namespace of its own.
+inside the namespace, so nothing in the sandbox can create a user namespace of its own. The fds
+bubblewrap reads (``--info-fd``, and ``--seccomp`` with the system-call filter) pass through the exec.
 """
 
 import ctypes

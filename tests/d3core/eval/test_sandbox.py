@@ -5,6 +5,8 @@ These need bubblewrap and user namespaces (the CI machine and this one run as ro
 
 from __future__ import annotations
 
+import ast
+import logging
 import os
 import subprocess
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from d3core.eval import benchmarks, confine
+from d3core.eval import benchmarks, confine, seccomp
 from d3core.eval.codechecks import humaneval_check, mbpp_check
 from d3core.eval.sandbox import (CodeCheck, SandboxLimits, SandboxUnavailable, pass_at_1, run_calls, run_check,
                                  run_checks)
@@ -184,9 +186,10 @@ def test_wall_clock_backstop_ends_a_sleeper():
 
 
 def test_memory_limit_per_process_and_across_children():
-    single = check("def f():\n    return len(bytearray(2 * 1024 ** 3))\n", "assert f() > 0",
-                   SandboxLimits(cpu_s=5, memory_mb=256))
-    assert single.status == "failed" and single.limit == "memory", single
+    for cgroups in (True, False):
+        single = check("def f():\n    return len(bytearray(2 * 1024 ** 3))\n", "assert f() > 0",
+                       SandboxLimits(cpu_s=5, memory_mb=256, cgroups=cgroups))
+        assert single.status == "failed" and single.limit == "memory", (cgroups, single)
     children = ("import os, select, time\n"
                 "def f():\n"
                 "    r, w = os.pipe()\n"
@@ -237,7 +240,100 @@ def test_process_limit_stops_a_fork_bomb():
 def test_output_flood_hits_the_output_cap():
     v = check("def f():\n    while True:\n        print('y' * 4096)\n", "assert f() == 1",
               SandboxLimits(cpu_s=10, output_mb=1))
-    assert v.status == "failed" and v.limit == "output", v
+    assert v.status == "failed" and v.limit == "output" and v.output_tail.endswith("y" * 100), v
+
+
+# the program picks the exit status or exception text of a real limit; the verdict must not believe it
+SPOOFS = {
+    "exit_152_as_after_sigxcpu": ("import os\ndef f():\n    os._exit(152)\n", "exit status 152"),
+    "sigxcpu_to_itself": ("import os, signal\ndef f():\n    os.kill(os.getpid(), signal.SIGXCPU)\n", "152"),
+    "exit_137_as_after_oom_kill": ("import os\ndef f():\n    os._exit(137)\n", "exit status 137"),
+    "raise_memory_error": ("def f():\n    raise MemoryError('x')\n", "test: MemoryError: x"),
+    "raise_memory_error_at_load": ("raise MemoryError('x')\ndef f():\n    pass\n", "MemoryError: x"),
+    "raise_file_too_large": ("def f():\n    raise ValueError('File too large')\n", "test: ValueError: File too large"),
+    "raise_efbig": ("import errno, os\ndef f():\n    raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))\n",
+                    "File too large"),
+    "stdout_grown_to_the_cap": (("import os\ndef f():\n    try:\n        os.ftruncate(1, 1 << 20)\n"
+                                 "    except OSError:\n        pass\n    return 1\n"), "AssertionError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPOOFS))
+def test_a_program_cannot_choose_which_limit_it_hit(name):
+    """A limit is named only from what the harness measured: these are plain failures, with their exit status."""
+    source, says = SPOOFS[name]
+    for cgroups in (True, False):
+        v = check(source, "assert f() == 2", SandboxLimits(cpu_s=2.0, wall_s=20.0, output_mb=1, cgroups=cgroups))
+        assert v.status == "failed" and v.limit is None and says in v.reason, (cgroups, v)
+        assert v.cpu_s < 1.0, v
+
+
+def test_output_printed_before_a_failure_or_a_kill_is_kept():
+    wrong = check("def f():\n    print('hello')\n    return 1\n", "assert f() == 2")
+    assert wrong.status == "failed" and wrong.output_tail == "hello\n", wrong
+    crash = check("import os\ndef f():\n    print('hello', end='')\n    os._exit(3)\n", "assert f() == 2")
+    assert crash.output_tail == "hello" and crash.reason.endswith("(exit status 3)"), crash
+    spin = check("print('loaded')\ndef f():\n    print('hello')\n    while True:\n        pass\n", "assert f() == 2",
+                 SandboxLimits(cpu_s=1.0, wall_s=20.0))
+    assert spin.limit == "cpu" and spin.output_tail == "loaded\nhello\n", spin
+    child = ("import os, subprocess, sys\n"
+             "def f():\n"
+             "    r, w = os.pipe()\n"
+             "    code = f'import os, time; print(\"child\"); os.write({w}, b\"x\"); time.sleep(60)'\n"
+             "    subprocess.Popen([sys.executable, '-c', code], pass_fds=(w,))\n"
+             "    os.read(r, 1)\n"
+             "    return 1\n")
+    started = check(child, "assert f() == 2")
+    assert started.output_tail == "child\n", started  # its interpreter writes through too (PYTHONUNBUFFERED)
+
+
+def test_ordinary_programs_run_under_the_system_call_filter():
+    """Threads (clone3 refused: glibc falls back to clone), fork, a child interpreter, pipes, loopback sockets."""
+    src = ("import os, socket, subprocess, sys, threading\n"
+           "def f():\n"
+           "    got = []\n"
+           "    workers = [threading.Thread(target=got.append, args=(i,)) for i in range(4)]\n"
+           "    [w.start() for w in workers]\n"
+           "    [w.join() for w in workers]\n"
+           "    pid = os.fork()\n"
+           "    if pid == 0:\n"
+           "        os._exit(5)\n"
+           "    forked = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])\n"
+           "    child = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True)\n"
+           "    server = socket.create_server(('127.0.0.1', 0))\n"
+           "    socket.create_connection(server.getsockname()).sendall(b'ok')\n"
+           "    status = open('/proc/self/status').read().split('Seccomp:')[1].split()[0]\n"
+           "    return sorted(got), forked, child.stdout.strip(), server.accept()[0].recv(2), status\n")
+    result = run_calls(src, [("f", ())], FAST)
+    assert result.values == [([0, 1, 2, 3], 5, "42", b"ok", "2")], result
+    assert result.confinement.endswith("+seccomp")
+
+
+def test_without_libseccomp_the_sandbox_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(seccomp, "_library", lambda: (None, "ImportError: No module named 'pyseccomp'"))
+    seccomp.program.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="d3core.eval.seccomp"):
+            verdicts = [check("def f():\n    return 1\n", "assert f() == 1") for _ in range(2)]
+    finally:
+        monkeypatch.undo()
+        seccomp.program.cache_clear()
+    assert all(v.passed and not v.confinement.endswith("+seccomp") for v in verdicts), verdicts
+    warned = [r for r in caplog.records if r.name == "d3core.eval.seccomp"]
+    assert len(warned) == 1 and "NO system-call filter" in warned[0].getMessage() and "pip install pyseccomp" in \
+        warned[0].getMessage()
+
+
+def test_confine_and_sandbox_import_one_way():
+    """sandbox -> confine -> accounting, seccomp: nothing below sandbox imports it back."""
+    for module in ("confine", "accounting", "seccomp", "wire", "_launch"):
+        imported = set()
+        for node in ast.walk(ast.parse((confine.PACKAGE_ROOT / "eval" / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert "d3core.eval.sandbox" not in imported, (module, sorted(imported))
 
 
 def test_load_errors_and_wrong_answers_are_failures_with_reasons():
@@ -279,11 +375,16 @@ def test_refuses_without_namespaces_unless_the_risk_is_accepted(monkeypatch):
 SYSTEM_PYTHON = "/usr/bin/python3"
 AS_NOBODY = """
 from d3core.eval.sandbox import CodeCheck, SandboxLimits, run_calls, run_check
+from d3core.eval import seccomp
 ok = run_check(CodeCheck("def f(x):\\n    return x + 1\\n", "assert f(1) == 2"))
 bad = run_check(CodeCheck("def f(x):\\n    return x\\n", "assert f(1) == 2"))
 spin = run_check(CodeCheck("def f():\\n    while True:\\n        pass\\n", "assert f()"), SandboxLimits(cpu_s=1))
 seen = run_calls("import os\\ndef f():\\n    return list(os.getresuid()), open('/etc/passwd').read()\\n", [("f", ())])
-print(ok.passed, ok.confinement, bad.passed, spin.limit, seen.values, type(seen.raised[0]).__name__)
+keys = run_calls("import ctypes\\ndef f(n):\\n    libc = ctypes.CDLL(None, use_errno=True)\\n"
+                 "    return libc.syscall(n, 0, 0, 0, 0, 0), ctypes.get_errno()\\n",
+                 [("f", (seccomp.number("add_key"),))])
+print(ok.passed, ok.confinement, bad.passed, spin.limit, seen.values, type(seen.raised[0]).__name__,
+      keys.values == [(-1, seccomp.REFUSED)])
 """
 
 
@@ -291,11 +392,14 @@ print(ok.passed, ok.confinement, bad.passed, spin.limit, seen.values, type(seen.
                     "a system Python nobody can run")
 def test_an_unprivileged_caller_gets_the_same_sandbox():
     """bubblewrap's own user namespace (``bwrap-user``): what a non-root user on a laptop gets."""
-    repo = str(confine.PACKAGE_ROOT.parent)
+    import pyseccomp
+
+    repo, bindings = str(confine.PACKAGE_ROOT.parent), str(Path(pyseccomp.__file__).parent)
     bwrap = confine.bwrap_path(SandboxLimits())
-    if not confine.reachable_by_others([repo, bwrap, SYSTEM_PYTHON]):
-        pytest.skip("the checkout or bwrap is not readable by nobody")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": repo, confine.BWRAP_ENV: bwrap}
+    if not confine.reachable_by_others([repo, bwrap, SYSTEM_PYTHON, bindings]):
+        pytest.skip("the checkout, bwrap or pyseccomp is not readable by nobody")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{repo}:{bindings}", confine.BWRAP_ENV: bwrap}
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
                           AS_NOBODY], env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
-    assert out.stdout.split() == ["True", "bwrap-user", "False", "cpu", "[None]", "FileNotFoundError"], out.stderr
+    assert out.stdout.split() == ["True", "bwrap-user+seccomp", "False", "cpu", "[None]", "FileNotFoundError",
+                                  "True"], out.stderr

@@ -2,12 +2,15 @@
 
 Each program is a *wrong* answer plus an attack from issue 16's "What was measured" (and a few
 more). A forged pass shows up as ``[True]``; an escape as a host-side effect (a file, a
-connection, a stopped or killed process, a leaked secret, a surviving process).
+connection, a stopped or killed process, a leaked secret, a surviving process). The system-call
+filter (issue 33) is attacked at the end: each denied family, vsock, and other ABIs' numbers.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import platform
 import secrets
 import signal
 import socket
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from d3core.eval import confine
-from d3core.eval.sandbox import CodeCheck, SandboxLimits, run_calls, run_check, run_checks
+from d3core.eval import confine, seccomp
+from d3core.eval.sandbox import CodeCheck, SandboxLimits, SandboxUnavailable, detect, run_calls, run_check, run_checks
 from d3core.eval.tasks import get_task
 
 LIMITS = SandboxLimits(cpu_s=3.0, wall_s=20.0)
@@ -380,3 +383,135 @@ def test_system_v_ipc_is_closed():
     for cgroups in (True, False):
         result = run_calls(src, [("f", ())], SandboxLimits(cpu_s=3.0, cgroups=cgroups))
         assert result.values == [[-1, -1, -1]], (cgroups, result)
+
+
+# -- the system-call filter --------------------------------------------------------------------------
+SYSCALLS = """
+import ctypes, mmap, os
+
+def call(calls):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    out = {}
+    for name, number, args in calls:
+        ctypes.set_errno(0)
+        ret = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(os.getpid() if a == 'pid' else a) for a in args))
+        if ret == 0 and number == 56:  # an unfiltered clone() made a child: it must not go on as the server
+            os._exit(0)
+        out[name] = [ret, ctypes.get_errno()]
+    return out
+
+def _die_of(attack):
+    pid = os.fork()
+    if pid == 0:
+        attack()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return ['signal', os.WTERMSIG(status)] if os.WIFSIGNALED(status) else ['exit', os.WEXITSTATUS(status)]
+
+def x32():  # getpid through the x32 ABI: x86_64's entry with bit 30 set
+    return _die_of(lambda: ctypes.CDLL(None).syscall(0x40000000 | 39))
+
+def i386():  # getpid through the i386 ABI: mov eax, 20; int 0x80; ret
+    def attack():
+        page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page.write(bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3]))
+        ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+    return _die_of(attack)
+"""
+SIGCHLD = 17
+# x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl), with arguments that change nothing when a call
+# does reach the kernel (NULL pointers, bad fds, PEEKDATA, zero-length vectors; clone flags the kernel refuses)
+DENIED_FAMILIES = {
+    "io_uring": [("io_uring_setup", 425, [0, 0]), ("io_uring_enter", 426, [-1, 0, 0, 0, 0, 0]),
+                 ("io_uring_register", 427, [-1, 0, 0, 0])],
+    "keys": [("add_key", 248, [0, 0, 0, 0, 0]), ("request_key", 249, [0, 0, 0, 0]), ("keyctl", 250, [0, 0, 0, 0, 0])],
+    "bpf": [("bpf", 321, [0, 0, 0])],
+    "userfaultfd": [("userfaultfd", 323, [0])],
+    "perf_event_open": [("perf_event_open", 298, [0, 0, -1, -1, 0])],
+    "ptrace": [("ptrace", 101, [2, 1, 0, 0]), ("process_vm_readv", 310, ["pid", 0, 0, 0, 0, 0]),
+               ("process_vm_writev", 311, ["pid", 0, 0, 0, 0, 0])],
+    "mount": [("mount", 165, [0, 0, 0, 0, 0]), ("umount2", 166, [0, 0]), ("pivot_root", 155, [0, 0]),
+              ("move_mount", 429, [-1, 0, -1, 0, 0]), ("open_tree", 428, [-1, 0, 0]), ("fsopen", 430, [0, 0]),
+              ("fsmount", 432, [-1, 0, 0]), ("fsconfig", 431, [-1, 0, 0, 0, 0]), ("fspick", 433, [-1, 0, 0]),
+              ("mount_setattr", 442, [-1, 0, 0, 0, 0])],
+    "namespaces": [("unshare", 272, [0]), ("setns", 308, [-1, 0]),
+                   ("clone_newuser", 56, [0x10000000 | SIGCHLD, 0, 0, 0, 0]),
+                   ("clone_newnet", 56, [0x40000000 | SIGCHLD, 0, 0, 0, 0]),
+                   ("clone_newns_high_bits", 56, [(1 << 32) | 0x00020000 | SIGCHLD, 0, 0, 0, 0]),
+                   ("clone3", 435, [0, 0])],
+    "kexec": [("kexec_load", 246, [0, 0, 0, 0]), ("kexec_file_load", 320, [-1, -1, 0, 0, 0])],
+    "modules": [("init_module", 175, [0, 0, 0]), ("finit_module", 313, [-1, 0, 0]), ("delete_module", 176, [0, 0])],
+}
+
+
+@pytest.fixture(scope="module")
+def filtered():
+    """Skip where these x86_64 numbers mean nothing or no sandbox starts; the filter itself must be there."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"the attack programs use x86_64 system-call numbers; this is {platform.machine()}")
+    try:
+        detect(LIMITS)
+    except SandboxUnavailable as err:
+        pytest.skip(f"no sandbox on this machine: {err}")
+    assert seccomp.program() is not None, f"libseccomp could not be loaded: {seccomp.FIX}"
+
+
+@pytest.mark.parametrize("family", sorted(DENIED_FAMILIES))
+def test_denied_system_calls_fail_with_enosys(filtered, family):
+    calls = DENIED_FAMILIES[family]
+    result = run_calls(SYSCALLS, [("call", (calls,))], LIMITS)
+    assert result.confinement.endswith("+seccomp"), result
+    assert result.values == [{name: [-1, errno.ENOSYS] for name, _, _ in calls}], result
+
+
+def test_ordinary_clone_and_sockets_still_work(filtered):
+    """fork() is clone() without namespace flags; loopback sockets are allowed; vsock (not namespaced) is not."""
+    src = SYSCALLS + (
+        "import socket\n"
+        "def ordinary():\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os._exit(7)\n"
+        "    a, b = socket.socketpair()\n"
+        "    a.send(b'x')\n"
+        "    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), b.recv(1).decode()]\n")
+    calls = [("vsock", 41, [40, 1, 0]), ("vsock_high_bits", 41, [(1 << 32) | 40, 1, 0])]
+    result = run_calls(src, [("ordinary", ()), ("call", (calls,))], LIMITS)
+    assert result.values == [[7, "x"], {"vsock": [-1, errno.EAFNOSUPPORT],
+                                        "vsock_high_bits": [-1, errno.EAFNOSUPPORT]}], result
+
+
+def test_other_abis_are_killed(filtered):
+    """x32 numbers and int 0x80 would step around an x86_64-only list: the filter kills the process (SIGSYS)."""
+    result = run_calls(SYSCALLS, [("x32", ()), ("i386", ())], LIMITS)
+    assert result.values[:1] == [["signal", signal.SIGSYS]], result
+    unfiltered = run_calls(SYSCALLS, [("i386", ())], SandboxLimits(cpu_s=3.0, wall_s=20.0, seccomp=False))
+    if unfiltered.values != [["exit", 0]]:  # the control: without the filter, int 0x80 runs getpid
+        pytest.skip(f"this kernel runs no i386 system calls (unfiltered: {unfiltered.values}); x32 was checked")
+    assert result.values[1:] == [["signal", signal.SIGSYS]], result
+
+
+def test_a_killed_system_call_forges_no_verdict(humaneval, filtered):
+    """Dying of the filter's SIGSYS is a failure with the exit status, and names no limit."""
+    attack = entry("    import ctypes\n    ctypes.CDLL(None).syscall(0x40000000 | 39)\n    return True\n")
+    assert score(humaneval, attack) == [False]
+    v = run_check(CodeCheck(attack, "assert has_close_elements([1.0, 2.0], 0.5) is False"), LIMITS)
+    assert v.status == "failed" and v.limit is None and "exit status 159" in v.reason, v  # 128 + SIGSYS
+
+
+def test_the_filter_also_binds_the_unsandboxed_mode(filtered, monkeypatch):
+    monkeypatch.delenv(confine.OPT_IN_ENV, raising=False)
+    unconfined = SandboxLimits(cpu_s=3.0, wall_s=20.0, bwrap="/bin/false", allow_unsandboxed=True)
+    calls = [("add_key", 248, [0, 0, 0, 0, 0]), ("io_uring_setup", 425, [0, 0])]
+    result = run_calls(SYSCALLS, [("call", (calls,))], unconfined)
+    assert result.confinement.startswith("unsandboxed") and result.confinement.endswith("+seccomp"), result
+    assert result.values == [{"add_key": [-1, errno.ENOSYS], "io_uring_setup": [-1, errno.ENOSYS]}], result
+
+
+def test_without_the_filter_the_calls_reach_the_kernel(filtered):
+    """Control: with ``seccomp=False`` the same calls get the kernel's own answers, so ENOSYS above is the filter."""
+    calls = DENIED_FAMILIES["keys"] + DENIED_FAMILIES["namespaces"][:2]
+    result = run_calls(SYSCALLS, [("call", (calls,))], SandboxLimits(cpu_s=3.0, wall_s=20.0, seccomp=False))
+    assert not result.confinement.endswith("+seccomp")
+    assert all(answer != [-1, errno.ENOSYS] for answer in result.values[0].values()), result
