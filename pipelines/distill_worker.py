@@ -56,8 +56,10 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def shard_model(model: torch.nn.Module, use_gpu: bool) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` every transformer block, then the root (bf16 params, fp32 reduce on GPU)."""
+def shard_model(model: torch.nn.Module, use_gpu: bool, mesh=None) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every transformer block, then the root (bf16 params, fp32 reduce on GPU).
+
+    ``mesh``: the device mesh to shard over (default: FSDP's, one dimension over the process group)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if world()[1] == 1 and not use_gpu:
@@ -68,8 +70,8 @@ def shard_model(model: torch.nn.Module, use_gpu: bool) -> torch.nn.Module:
     # forward and backward instead of gathering them twice.
     reshard = use_gpu
     for block in model.layers:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     return model
 
 

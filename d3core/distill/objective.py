@@ -105,6 +105,34 @@ def build_views(
     return random_views(batch.clean, batch.prompt_len, k, ratio, mask_id, window_u=u[:, 0], mask_u=u[:, 2:])
 
 
+@dataclass(frozen=True)
+class StudentBatch:
+    """One step's model inputs and supervision, built on the host (views stacked on the batch axis)."""
+
+    inputs: torch.Tensor  # (n * B, P + R): view A, then the complementary view when used
+    positions: torch.Tensor
+    attention_mask: torch.Tensor | None  # None: no row is padded (the model skips the key mask)
+    targets: torch.Tensor  # (B, R) the teacher's response
+    masks: tuple[torch.Tensor, ...]  # (B, R) supervised slots of each view
+    prompt_len: int
+
+
+def student_batch(
+    objective: DistillObjective, batch: TrajectoryBatch, mask_id: int, step: int, max_steps: int,
+    epoch_progress: float, seed: int = 0,
+) -> StudentBatch:
+    """The host side of a step: masked views, positions, and whether any row needs a key mask."""
+    w = objective.weights
+    views = build_views(objective, batch, mask_id, step, max_steps, epoch_progress, seed)
+    p = batch.prompt_len
+    inputs = torch.cat([views.inputs, views.inputs_rev]) if w.complementary else views.inputs
+    n = inputs.shape[0] // batch.clean.shape[0]
+    padded = not bool(batch.attention_mask.all())  # host tensors: no device read
+    masks = (views.loss_mask[:, p:],) + ((views.loss_mask_rev[:, p:],) if w.complementary else ())
+    return StudentBatch(inputs, batch.positions.repeat(n, 1), batch.attention_mask.repeat(n, 1) if padded else None,
+                        batch.clean[:, p:], masks, p)
+
+
 def loss_sums(
     model: torch.nn.Module, objective: DistillObjective, batch: TrajectoryBatch, step: int, max_steps: int,
     epoch_progress: float, seed: int = 0,
@@ -116,28 +144,28 @@ def loss_sums(
     entropy at ``weights.entropy_temperature`` on view-A slots whose argmax is correct;
     ``ent_rev`` likewise when ``weights.entropy_on_complement``).
     """
-    w = objective.weights
-    views = build_views(objective, batch, model.config.mask_id, step, max_steps, epoch_progress, seed)
-    p = batch.prompt_len
-    inputs = torch.cat([views.inputs, views.inputs_rev]) if w.complementary else views.inputs
-    n = inputs.shape[0] // batch.clean.shape[0]
+    sb = student_batch(objective, batch, model.config.mask_id, step, max_steps, epoch_progress, seed)
+    return student_loss_sums(model, objective.weights, sb)
+
+
+def student_loss_sums(model: torch.nn.Module, w: LossWeights,
+                      sb: StudentBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The device side of :func:`loss_sums`: one forward of the stacked views and the loss parts."""
     device = next(model.parameters()).device
-    logits = model(inputs.to(device), batch.positions.repeat(n, 1).to(device),
-                   batch.attention_mask.repeat(n, 1).to(device))[:, p:].float()
-    targets = batch.clean[:, p:].to(device)
-    masks = [views.loss_mask[:, p:].to(device)]
-    if w.complementary:
-        masks.append(views.loss_mask_rev[:, p:].to(device))
-    b = batch.clean.shape[0]
+    mask = sb.attention_mask.to(device) if sb.attention_mask is not None else None
+    logits = model(sb.inputs.to(device), sb.positions.to(device), mask)[:, sb.prompt_len:].float()
+    targets = sb.targets.to(device)
+    b = targets.shape[0]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    for j, (suffix, mask) in enumerate(zip(("", "_rev"), masks)):
+    for j, (suffix, view_mask) in enumerate(zip(("", "_rev"), sb.masks)):
+        view_mask = view_mask.to(device)
         lg = logits[j * b:(j + 1) * b]
-        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none").view_as(mask)
-        sums["ce" + suffix] = (ce * mask).sum()
-        counts["ce" + suffix] = mask.sum().float()
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none").view_as(view_mask)
+        sums["ce" + suffix] = (ce * view_mask).sum()
+        counts["ce" + suffix] = view_mask.sum().float()
         if suffix == "" or w.entropy_on_complement:
-            correct = mask & (lg.argmax(-1) == targets)
+            correct = view_mask & (lg.argmax(-1) == targets)
             logp = torch.log_softmax(lg / w.entropy_temperature, dim=-1)
             h = -(logp.exp() * logp).sum(-1)
             sums["ent" + suffix] = (h * correct).sum()
@@ -145,11 +173,17 @@ def loss_sums(
     return sums, counts
 
 
+def combined_loss(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], weights: LossWeights
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``scale * (ce + ce_rev + w_ent * (ent [+ ent_rev]))`` and the part means, on the device."""
+    means = {k: sums[k] / counts[k].clamp_min(1.0) for k in sums}
+    total = sum(v * (weights.entropy_weight if k.startswith("ent") else 1.0) for k, v in means.items())
+    return total * weights.scale, means
+
+
 def combine(
     sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``scale * (ce + ce_rev + w_ent * (ent [+ ent_rev]))`` from sums and (global) counts."""
-    means = {k: sums[k] / counts[k].clamp_min(1.0) for k in sums}
-    total = sum(v * (weights.entropy_weight if k.startswith("ent") else 1.0) for k, v in means.items())
-    loss = total * weights.scale
+    """:func:`combined_loss` from sums and (global) counts, with the parts read back as floats."""
+    loss, means = combined_loss(sums, counts, weights)
     return loss, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in means.items()}}

@@ -214,11 +214,12 @@ class DiffusionTransformer(nn.Module):
         device = input_ids.device
         if positions is None:
             positions = torch.arange(t, device=device).expand(b, t)
-        if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.bool, device=device)
-        # Whole-sequence path (training, scoring): one check per call keeps unpadded batches on the
-        # mask-free fused kernels. The decode path (forward_windows) never asks the device.
-        key_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        # Whole-sequence path (training, scoring): a given mask costs one check per call, which keeps
+        # unpadded batches on the mask-free fused kernels; None (no padding, known on the host) costs
+        # none. The decode path (forward_windows) never asks the device.
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        key_mask = None if attention_mask is None else attention_mask[:, None, None, :]
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         rope = (cos[:, None], sin[:, None])
         x = self.embed(input_ids)
@@ -228,7 +229,8 @@ class DiffusionTransformer(nn.Module):
         if self.config.shift_logits:
             # Slot i is predicted from slot i-1; a row's first real slot (nothing real before
             # it, as after left padding) keeps its own output, Dream's convention for slot 0.
-            prev_real = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), attention_mask[:, :-1]], 1)
+            real = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
+            prev_real = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), real[:, :-1]], 1)
             shifted = torch.cat([h[:, :1], h[:, :-1]], dim=1)
             h = torch.where(prev_real[..., None], shifted, h)
         return self.head(h)

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from d3core.samplers.base import BlockParams, GenerationResult, check_probability
-from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.engine import Decoder, Program, Row, is_eos
 from d3core.samplers.generation import OnStep, run
 from d3core.samplers.packing import Cells, RowPlan
 
@@ -119,10 +119,14 @@ class _Blocks:
     cache_len: int = 0  # slots [0, cache_len) are authoritative in the KV cache
     target: int = 0  # cache_len after the planned forward
     eos_stop: bool = False
+    block_length: int = 1
+    masks: list[int] = field(default_factory=list)  # masked slots per block, kept up to date by ``after``
+    first_eos: int | None = None  # generation index of the first committed EOS (with early stop)
 
     def __post_init__(self) -> None:
         self.fully = [True] + [False] * (self.num_blocks - 1)
         self.completed_at = [0] + [None] * self.num_blocks
+        self.masks = [self.block_length] * self.num_blocks  # a row starts all masked
 
 
 FORCED = 1  # segment flag: the row's first fully-activated block with masks
@@ -141,17 +145,16 @@ class D3LLMProgram(Program):
     needs_entropy = True
 
     def init_row(self, row: Row, d: Decoder) -> None:
-        row.state = _Blocks(row.params.num_blocks)
+        row.state = _Blocks(row.params.num_blocks, block_length=row.params.block_length)
 
     def reads_cache(self, params: D3LLMParams) -> bool:
         return params.cache_delay_iter is not None
 
     def plan(self, row: Row, d: Decoder) -> RowPlan | None:
         st, p = row.state, row.params
-        if p.early_stop:
+        if p.early_stop and st.first_eos is not None:
             _handle_eos(st, row, d, p.block_length)
-        gen, _ = d.gen(row)
-        masks = (gen == d.mask_id).reshape(p.num_blocks, p.block_length).sum(1).tolist()
+        masks = st.masks
         _advance_blocks(st, masks, p)
         if sum(masks) == 0 and (st.created == p.num_blocks or st.eos_stop):
             return None
@@ -190,10 +193,16 @@ class D3LLMProgram(Program):
     def after(self, row: Row, d: Decoder, committed: np.ndarray) -> None:
         st, p = row.state, row.params
         st.cache_len = st.target
-        gen, _ = d.gen(row)
-        masks_after = (gen == d.mask_id).reshape(p.num_blocks, p.block_length).sum(1)
+        masks = st.masks
+        for slot in committed.tolist():  # each commit fills one masked slot
+            masks[(slot - row.prompt_len) // p.block_length] -= 1
+        if p.early_stop and len(committed):
+            eos = committed[is_eos(d.tokens[row.cache_row, committed], d.eos_ids)]
+            if len(eos):
+                first = int(eos.min()) - row.prompt_len
+                st.first_eos = first if st.first_eos is None else min(st.first_eos, first)
         for k in range(st.created):
-            if masks_after[k] == 0 and st.completed_at[k + 1] is None:
+            if masks[k] == 0 and st.completed_at[k + 1] is None:
                 st.completed_at[k + 1] = row.nfe + 1  # the first forward that starts with it complete
 
 
@@ -212,11 +221,11 @@ def _advance_blocks(st: _Blocks, masks: list[int], p: D3LLMParams) -> None:
 
 def _handle_eos(st: _Blocks, row: Row, d: Decoder, bl: int) -> None:
     """The first committed EOS ends the answer: later slots become EOS, later blocks count as complete."""
-    first = d.first_eos(row)
-    if first is None:
-        return
+    first = st.first_eos
     st.eos_stop = True
     d.fill_eos(row, first + 1, max(row.nfe - 1, 0), overwrite=True)
+    gen, _ = d.gen(row)
+    st.masks = (gen == d.mask_id).reshape(st.num_blocks, bl).sum(1).tolist()  # the fill ended masked slots
     for k in range(st.num_blocks):
         if k * bl > first and st.completed_at[k + 1] is None:
             st.completed_at[k + 1] = row.nfe + 1
