@@ -1,7 +1,7 @@
 """One prepared GPU check of the decode engine at LLaDA-8B scale (<= 8 minutes on one GPU).
 
     python benchmarks/gpu_decode.py --out $OUT/gpu_decode.json              # on a GPU machine
-    python benchmarks/gpu_decode.py --device cpu --layers 1 --shape tiny --out /tmp/x.json   # smoke run
+    python benchmarks/gpu_decode.py --device cpu --layers 1 --shape tiny --prompt 32 --out /tmp/x.json   # smoke
 
 1. The weight-read floor: the bandwidth of a large device-to-device copy, measured here, and the
    model's weight bytes; ``floor_ms = weight_bytes / bandwidth`` (a step must read every weight once).
@@ -13,7 +13,13 @@
    ``torch.cuda.set_sync_debug_mode("error")``: any host sync in a step fails the run.
 3. The tiny-model sampler table (accuracy, TPF, tokens/s at batch 1 and 8) on the same device.
 
-Target (issue 13): step <= 1.3x the floor at batch 1 on an H200, i.e. >= 2,000 tok/s at TPF 9.
+A run fails on any row error, on a committed mask, on fewer committed slots than ``gen_length``, and on
+more steps than the scripted schedule takes on the host (its TPF). Graphs are captured by a warm-up
+decode outside sync-debug mode; ``captures_while_timed`` should be 0. Both rooflines are reported:
+compute (FLOPs per step from FlopCounterMode over the achieved bf16 matmul rate) and memory (weight
+bytes over the measured copy bandwidth).
+
+Target: step <= 1.3x the weight-read floor at batch 1 on an H200, i.e. >= 2,000 tok/s at TPF 9.
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 logger = logging.getLogger("d3ray.bench.gpu_decode")
 
@@ -57,8 +67,10 @@ def copy_bandwidth(device: torch.device, gib: float) -> float:
 def random_model(shape: str, layers: int, device: torch.device, dtype: torch.dtype):
     from d3core.models.registry import build_model
 
-    model = build_model("llada", shape, device="meta", **({"num_layers": layers} if layers else {}))
-    model = model.to_empty(device=device).to(dtype)
+    # Built in its own dtype on the meta device, then given memory once: no fp32 copy of 8B weights (32 GB)
+    # next to the bf16 one.
+    model = build_model("llada", shape, device="meta", dtype=dtype, **({"num_layers": layers} if layers else {}))
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,20 +98,40 @@ def scripted_program(tpf: int):
     return Scripted()
 
 
-def time_decode(model, program, params, batch: int, prompt_len: int, repeats: int, device: torch.device) -> dict:
+def schedule_steps(program, params, prompts: list[list[int]], tpf: int, model) -> int:
+    """Steps the scripted schedule takes, from the engine's host logic alone (d3core/perf/hosttime.py)."""
+    from d3core.perf.hosttime import ZeroCostDecoder
+
+    d = ZeroCostDecoder(model, program, len(prompts), max(map(len, prompts)) + params.gen_length, tpf=tpf)
+    for p in prompts:
+        d.add(p, params)
+    steps = 0
+    while d.rows:
+        steps += d.step().forwarded
+    return steps
+
+
+def time_decode(model, program, params, batch: int, prompt_len: int, repeats: int, device: torch.device,
+                tpf: int, host_model) -> dict:
+    """Decode ``batch`` random prompts ``repeats`` times on one decoder (graphs captured by a warm-up decode).
+
+    Fails when a row ends with an error, commits a mask or fewer slots than ``gen_length``, or when the
+    steps exceed the scripted schedule's."""
     from d3core.samplers.engine import Decoder
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
     d = Decoder(model, program, rows=batch, capacity=prompt_len + params.gen_length)
+    expected = schedule_steps(program, params, prompts, tpf, host_model)
 
-    def decode() -> tuple[float, int, int]:
+    def decode(debug_syncs: bool) -> tuple[float, int, int]:
         rows = [d.add(p, params) for p in prompts]
         steps = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
+            if debug_syncs:
+                torch.cuda.set_sync_debug_mode("error")
         t0 = time.perf_counter()
         try:
             while d.rows:
@@ -108,17 +140,65 @@ def time_decode(model, program, params, batch: int, prompt_len: int, repeats: in
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         wall = time.perf_counter() - t0
-        return wall, steps, sum(len(r.result.tokens) for r in rows)
+        errors = [r.error for r in rows if r.error]
+        if errors:
+            raise RuntimeError(f"batch {batch}: a row ended with an error: {errors[0]}")
+        committed = sum(sum(t != model.config.mask_id for t in r.result.tokens) for r in rows)
+        if committed != batch * params.gen_length:
+            raise RuntimeError(f"batch {batch}: {committed} of {batch * params.gen_length} slots committed")
+        if steps > expected:
+            raise RuntimeError(f"batch {batch}: {steps} steps where the scripted schedule takes {expected} "
+                               f"(TPF {committed / batch / steps:.2f} below the schedule's "
+                               f"{params.gen_length / expected:.2f})")
+        return wall, steps, committed
 
-    decode()  # warm-up: captures every step shape
-    runs = [decode() for _ in range(repeats)]
+    decode(debug_syncs=False)  # warm-up outside sync-debug mode: captures every step shape
+    captures_before = d.graphs.captures if d.graphs is not None else 0
+    runs = [decode(debug_syncs=True) for _ in range(repeats)]
     ms = [1000 * w / s for w, s, _ in runs]
     tokens, steps = runs[0][2], runs[0][1]
-    out = {"batch": batch, "steps": steps, "tpf": tokens / batch / max(steps, 1), "ms_per_step": statistics.median(ms),
-           "ms_per_step_all": ms, "tokens_per_second": tokens / statistics.median([w for w, _, _ in runs])}
+    out = {"batch": batch, "steps": steps, "schedule_steps": expected, "tpf": tokens / batch / max(steps, 1),
+           "ms_per_step": statistics.median(ms), "ms_per_step_all": ms,
+           "tokens_per_second": tokens / statistics.median([w for w, _, _ in runs])}
     if d.graphs is not None:
-        out.update(graph_captures=d.graphs.captures, graph_replays=d.graphs.replays)
+        out.update(graph_captures=d.graphs.captures, graph_replays=d.graphs.replays,
+                   captures_while_timed=d.graphs.captures - captures_before)
     return out
+
+
+def matmul_flops(device: torch.device, n: int = 8192) -> float:
+    """Achieved bf16 FLOP/s of a large square matmul (the compute side of the roofline)."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 10 * 2 * n ** 3 / (start.elapsed_time(end) / 1000)
+
+
+def step_flops(model, program, params, prompt_len: int, batch: int) -> float:
+    """FLOPs of one decode's steps on the device, averaged per step (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from d3core.samplers.engine import Decoder
+
+    vocab = min(model.config.vocab_size, 100_000)
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(7)).tolist()
+    d = Decoder(model, program, rows=batch, capacity=prompt_len + params.gen_length, graphs=False, buckets=True)
+    for p in prompts:
+        d.add(p, params)
+    steps = 0
+    with FlopCounterMode(display=False) as counter:
+        while d.rows:
+            steps += d.step().forwarded
+    return counter.get_total_flops() / max(steps, 1)
 
 
 def tiny_table(device: torch.device) -> list[dict]:
@@ -189,12 +269,24 @@ def main() -> None:
     params = D3LLMParams(gen_length=gen, block_length=32 if gen == 256 else 16, threshold=0.5, cache_delay_iter=1,
                          early_stop=False)
     out["scripted"] = []
+    flops_rate = matmul_flops(device)
+    out["matmul_tflops"] = flops_rate / 1e12
+    from d3core.perf.hosttime import zero_cost_model
+
+    host_model = zero_cost_model("llada", args.shape) if args.shape != "tiny" else None
     for batch in (1, 8):
-        row = time_decode(model, scripted_program(args.tpf), params, batch, args.prompt, args.repeats, device)
+        program = scripted_program(args.tpf)
+        row = time_decode(model, program, params, batch, args.prompt, args.repeats, device, args.tpf,
+                          host_model or model)
         row["vs_floor"] = row["ms_per_step"] / floor_ms
+        row["flops_per_step"] = step_flops(model, scripted_program(args.tpf), params, args.prompt, batch)
+        row["compute_roofline_ms"] = 1000 * row["flops_per_step"] / flops_rate if flops_rate else None
+        row["memory_roofline_ms"] = floor_ms  # every weight read once per step (KV and logits add little here)
         out["scripted"].append(row)
-        logger.info("batch %d: %.2f ms/step (%.2fx floor), TPF %.2f, %.0f tok/s", batch, row["ms_per_step"],
-                    row["vs_floor"], row["tpf"], row["tokens_per_second"])
+        logger.info("batch %d: %.2f ms/step (%.2fx floor), TPF %.2f, %.0f tok/s, rooflines compute %s / memory "
+                    "%.2f ms, captures while timed %s", batch, row["ms_per_step"], row["vs_floor"], row["tpf"],
+                    row["tokens_per_second"], row["compute_roofline_ms"], floor_ms,
+                    row.get("captures_while_timed"))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -7,6 +7,10 @@ rows, then forward and backward of the loss and an AdamW step on fake tensors. t
 :class:`~torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker` gives this rank's peak memory
 by category, :class:`~torch.utils.flop_counter.FlopCounterMode` the FLOPs.
 
+The peak is that of a step's forward and backward once the optimizer's state exists (after a first
+step). The optimizer step's own temporaries (foreach AdamW: about one more copy of the sharded state)
+are not in it: the tracker counts the DTensor temporaries of ``optimizer.step`` at their global size.
+
 The tensors are fake *CPU* tensors: on a CPU-only build, autograd aborts on fake CUDA tensors
 (its engine builds a CUDA device guard, see :mod:`d3core.perf.fakecuda`). Sizes, dtypes and the
 sharding are those of the GPU run; collectives are no-ops of the fake process group.
@@ -29,7 +33,7 @@ logger = logging.getLogger(__name__)
 def dry_distill_step(arch: str, size: str, world_size: int = 8, rows_per_worker: int = 8, prompt_len: int = 256,
                      gen_length: int = 256, objective: DistillObjective | None = None, num_layers: int | None = None,
                      seed: int = 0) -> dict:
-    """Peak memory (bytes, by category) and FLOPs of one optimizer step on rank 0 of ``world_size``."""
+    """Peak memory (bytes, by category) and FLOPs of one step's forward and backward on rank 0 of ``world_size``."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -59,17 +63,19 @@ def dry_distill_step(arch: str, size: str, world_size: int = 8, rows_per_worker:
         sb = student_batch(objective, batch, cfg.mask_id, step=10, max_steps=100, epoch_progress=0.5, seed=seed)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = shard_model(model.to_empty(device="cpu").train(), use_gpu=True, mesh=mesh)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), foreach=True)
+            def step(update: bool) -> None:
+                sums, counts = student_loss_sums(model, objective.weights, sb)
+                loss, _ = combined_loss(sums, counts, objective.weights)
+                (loss * world_size).backward()
+                if update:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            step(update=True)  # the optimizer's state exists from the first step on: measure a later one
             tracker = FSDPMemTracker(model, optimizer)
-            with tracker:
-                for step in range(2):  # the second step runs with the optimizer's state: the steady state
-                    tracker.reset_mod_stats()
-                    with FlopCounterMode(display=False) as flops:
-                        sums, counts = student_loss_sums(model, objective.weights, sb)
-                        loss, _ = combined_loss(sums, counts, objective.weights)
-                        (loss * world_size).backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+            with tracker, FlopCounterMode(display=False) as flops:
+                step(update=False)
             snapshot = tracker.get_tracker_snapshot("peak")
     finally:
         dist.destroy_process_group()

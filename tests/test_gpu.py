@@ -124,27 +124,50 @@ def test_fsdp2_bf16_step_tracks_fp32(teacher, prompts):
 
 
 # ---------------------------------------------------------------- decode engine on the GPU
-def _decode_rows(model, prompts, params, graphs: bool):
-    from d3core.samplers.d3llm import D3LLMProgram
+GRAPH_CASES = [("d3llm", {"threshold": 0.5}), ("d3llm", {"threshold": 0.5, "cache_delay_iter": 2}),
+               ("fast_dllm", {"threshold": 0.7, "cache": "dual"}), ("dparallel", {"threshold": 0.5, "cache": "prefix"}),
+               ("vanilla", {"steps": 24}), ("d3llm", {"threshold": 0.5, "cache_delay_iter": 1, "temperature": 0.8})]
+
+
+def _decode_rows(model, prompts, sampler, params, graphs: bool):
+    """Graphs against eager decoding at the same buckets (same padded GEMM shapes, so no near-tie flips)."""
+    from d3core.samplers import d3llm, dparallel, fast_dllm, get_sampler, vanilla
     from d3core.samplers.engine import Decoder
 
-    d = Decoder(model, D3LLMProgram(), rows=len(prompts), capacity=128, graphs=graphs)
-    rows = [d.add(p, params) for p in prompts]
+    programs = {"d3llm": d3llm.D3LLMProgram, "fast_dllm": fast_dllm.FastDLLMProgram,
+                "dparallel": dparallel.DParallelProgram, "vanilla": vanilla.VanillaProgram}
+    params = get_sampler(sampler).params_cls(**params)
+    d = Decoder(model, programs[sampler](), rows=len(prompts), capacity=128, graphs=graphs, buckets=True)
+    rows = [d.add(p, params, seed=11 + i) for i, p in enumerate(prompts)]
     while d.rows:
         d.step()
-    return [r.result.tokens for r in rows], d
+    return [(r.result.tokens, r.result.nfe) for r in rows], d
 
 
-@pytest.mark.parametrize("cache", [None, 2])
-def test_cuda_graph_steps_give_the_eager_tokens(teacher, prompts, cache):
-    from d3core.samplers.d3llm import D3LLMParams
+@pytest.mark.parametrize("sampler,params", GRAPH_CASES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(GRAPH_CASES)])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_graph_steps_give_the_eager_tokens(teacher, prompts, sampler, params, batch):
+    gpu = copy.deepcopy(teacher).to("cuda")
+    groups = [prompts[i: i + batch] for i in range(0, 4 if batch == 1 else 16, batch)]
+    eager = [r for g in groups for r in _decode_rows(gpu, g, sampler, params, graphs=False)[0]]
+    graphed, runners = [], []
+    for g in groups:
+        rows, d = _decode_rows(gpu, g, sampler, params, graphs=True)
+        graphed += rows
+        runners.append(d.graphs)
+    assert sum(r.captures for r in runners) > 0 and sum(r.replays for r in runners) > 0
+    assert graphed == eager
+
+
+def test_generate_reuses_graphs_across_calls_on_the_gpu(teacher, prompts):
+    from d3core.samplers import get_sampler
 
     gpu = copy.deepcopy(teacher).to("cuda")
-    params = D3LLMParams(threshold=0.5, cache_delay_iter=cache)
-    eager, _ = _decode_rows(gpu, prompts[:16], params, graphs=False)
-    graphed, d = _decode_rows(gpu, prompts[:16], params, graphs=True)
-    assert d.graphs.captures > 0 and d.graphs.replays > 0
-    assert graphed == eager
+    spec = get_sampler("d3llm")
+    params = spec.params_cls(threshold=0.5, cache_delay_iter=1)
+    stats = [spec.generate(gpu, prompts[i: i + 8], params).stats for i in (0, 8, 16)]
+    assert stats[0]["graph_captures"] > 0
+    assert all(s["graph_captures"] < stats[0]["graph_captures"] and s["graph_replays"] > 0 for s in stats[1:]), stats
 
 
 @pytest.mark.parametrize("graphs", [False, True])

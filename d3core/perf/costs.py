@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 KINDS = ("weights", "kv", "logits", "activations")
 GATHERS = frozenset({"index_select", "embedding", "index", "gather"})  # read the output's rows of the source
+# Ops whose float inputs must share one dtype on a GPU (fake tensors do not check it).
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "scaled_dot_product_attention", "linear"})
 SCATTERS = frozenset({"index_copy_", "index_copy", "index_put_", "index_put", "scatter_", "scatter"})
 
 
@@ -67,6 +69,7 @@ class OpCosts(TorchDispatchMode):
         self.vocab = vocab
         self.record = CostRecord(op_roofline_s=dict.fromkeys(devices, 0.0))
         self.by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # op -> [flops, bytes]
+        self.devices_seen: set[str] = set()  # every device a tensor of an op lived on
 
     def _kind(self, t: torch.Tensor) -> str:
         ref = StorageWeakRef(t.untyped_storage())
@@ -103,6 +106,12 @@ class OpCosts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
+        if packet.__name__ in MATMULS:
+            floats = {t.dtype for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 1}
+            if len(floats) > 1:
+                raise TypeError(f"aten.{packet.__name__} mixes dtypes {sorted(map(str, floats))}: on a GPU it fails; "
+                                "cast the operands to one dtype")
         if packet is aten.scaled_dot_product_attention:  # one fused kernel on a GPU (flash / memory-efficient)
             out = func(*args, **kwargs)
             q, k, v = args[:3]
@@ -129,6 +138,8 @@ class OpCosts(TorchDispatchMode):
         for t, n in traffic:
             self.record.bytes[self._kind(t)] += n
             moved += n
+            if t.dim():  # a 0-dim tensor (a Python scalar's) may live anywhere
+                self.devices_seen.add(str(t.device))
         rec = self.record
         rec.flops += flops
         rec.ops += 1

@@ -79,6 +79,7 @@ class CaseResult:
     batch: int
     steps: list[StepRow] = field(default_factory=list)
     peak_bytes: float = 0.0
+    devices_seen: set[str] = field(default_factory=set)
     weight_bytes: float = 0.0
     cache_bytes: float = 0.0
     wall_s: float = 0.0
@@ -96,7 +97,8 @@ class CaseResult:
                "token_forwards_per_committed_token": computed / max(committed, 1),
                "gflops_per_step": flops / n / 1e9, "gb_per_step": {k: v / 1e9 for k, v in kinds.items()},
                "weight_gb": self.weight_bytes / 1e9, "cache_gb": self.cache_bytes / 1e9,
-               "peak_gb": self.peak_bytes / 1e9, "dry_run_wall_s": self.wall_s}
+               "peak_gb": self.peak_bytes / 1e9, "devices_seen": sorted(self.devices_seen),
+               "dry_run_wall_s": self.wall_s}
         fused = self.weight_bytes + sum(s.bytes["kv"] for s in self.steps) / n + \
             sum(s.bytes["logits"] for s in self.steps) / n
         for name, dev in devices.items():
@@ -117,20 +119,23 @@ def _peak(tracker: MemTracker) -> float:
 
 def dry_decode(name: str, arch: str, size: str, program: Program, params, prompts: list[list[int]], tpf: int,
                joins: list[int] | None = None, rows: int | None = None, capacity: int | None = None,
-               max_steps: int = 400, devices: dict[str, DeviceSpec] = DEVICES) -> CaseResult:
+               layers: int | None = None, max_steps: int = 400,
+               devices: dict[str, DeviceSpec] = DEVICES) -> CaseResult:
     """Decode ``prompts`` to the end on a fake-CUDA ``arch``/``size`` model with scripted commits.
 
-    ``joins[i]`` (default 0) is the step before which prompt ``i`` joins (a serving engine's mixed rows);
-    ``rows`` and ``capacity`` size the decoder (default: every prompt at once, the longest prompt)."""
+    ``params`` is one parameter set or one per prompt; ``joins[i]`` (default 0) is the step before which
+    prompt ``i`` joins (a serving engine's mixed rows); ``rows`` and ``capacity`` size the decoder (default:
+    every prompt at once, the longest prompt); ``layers`` overrides the model's layer count (smoke runs)."""
     joins = joins or [0] * len(prompts)
+    per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     rows = rows or len(prompts)
-    capacity = capacity or max(len(p) for p in prompts) + params.gen_length
+    capacity = capacity or max(len(p) + q.gen_length for p, q in zip(prompts, per_prompt))
     t0 = time.perf_counter()
     result = CaseResult(name, arch, len(prompts))
     with fake_cuda():
         tracker = MemTracker()
         with tracker:
-            model = fake_model(arch, size)
+            model = fake_model(arch, size, **({"num_layers": layers} if layers else {}))
             decoder = ScriptedDecoder(model, program, rows, capacity, graphs="off", buckets=True, tpf=tpf)
             decoder.packer.link = DryLink(decoder.device)
             cache = [t for t in (decoder.cache.keys, decoder.cache.values, decoder.cache.hidden) if t is not None]
@@ -140,12 +145,14 @@ def dry_decode(name: str, arch: str, size: str, program: Program, params, prompt
             step = 0
             while (queue or decoder.rows) and step < max_steps:
                 while queue and joins[queue[0]] <= step and len(decoder.rows) < rows:
-                    decoder.add(prompts[queue.pop(0)], params)
+                    i = queue.pop(0)
+                    decoder.add(prompts[i], per_prompt[i])
                 tracker.reset_mod_stats()
                 costs = OpCosts(devices, list(model.parameters()), cache, model.config.vocab_size)
                 with FlopCounterMode(display=False) as flops, costs:
                     report = decoder.step()
                 step += 1
+                result.devices_seen |= costs.devices_seen
                 if not report.forwarded:
                     continue
                 last = decoder._last_step
