@@ -7,6 +7,7 @@ Cases (d3core/perf/dryrun.py; LLaDA-8B-Instruct and Dream-7B-Instruct configs, a
 real vocabularies; prompt 256, gen 256, block 32, scripted 9 commits per row per step):
 
 * ``d3llm`` (cache delay 1) and ``fast_dllm`` dual through the engine at batch 1, 8, 32 (and 64 for LLaDA);
+  LLaDA's ``d3llm`` sampling at temperature 0.8 at batch 8 and 32 (float64 Gumbel noise per logit);
 * the serving engine's decoder with mixed rows: the llada-8b serve recipe's 32 rows and 2,048-slot
   capacity, requests of 64-512 prompt tokens joining every other step, with mixed thresholds;
 * one distillation step per FSDP2 shard at 8 workers (pipelines/distill_dryrun.py) at 1-8 rows per worker.
@@ -38,12 +39,13 @@ logger = logging.getLogger("d3ray.bench.dry_run")
 MODELS = {"llada": "llada-8b", "dream": "dream-7b"}
 
 
-def _params(sampler: str):
+def _params(sampler: str, temperature: float = 0.0):
     from d3core.samplers.d3llm import D3LLMParams
     from d3core.samplers.fast_dllm import FastDLLMParams
 
     if sampler == "d3llm":
-        return D3LLMParams(gen_length=256, block_length=32, threshold=0.5, cache_delay_iter=1, early_stop=False)
+        return D3LLMParams(gen_length=256, block_length=32, threshold=0.5, cache_delay_iter=1, early_stop=False,
+                           temperature=temperature)
     return FastDLLMParams(gen_length=256, block_length=32, threshold=0.9, cache="dual", early_stop=False)
 
 
@@ -54,11 +56,13 @@ def _program(sampler: str):
     return D3LLMProgram() if sampler == "d3llm" else FastDLLMProgram()
 
 
-def decode_case(arch: str, sampler: str, batch: int, layers: int | None, prompt: int = 256, tpf: int = 9) -> dict:
+def decode_case(arch: str, sampler: str, batch: int, layers: int | None, prompt: int = 256, tpf: int = 9,
+                temperature: float = 0.0) -> dict:
     from d3core.perf.dryrun import dry_decode
 
     prompts = np.random.default_rng(batch).integers(0, 100_000, (batch, prompt)).tolist()
-    result = dry_decode(sampler, arch, MODELS[arch], _program(sampler), _params(sampler), prompts, tpf,
+    name = sampler if temperature == 0 else f"{sampler}-sampled"
+    result = dry_decode(name, arch, MODELS[arch], _program(sampler), _params(sampler, temperature), prompts, tpf,
                         layers=layers)
     row = result.summary()
     logger.info("%s %s batch %d: peak %.1f GB, %.0f GFLOP/step, H100 op roofline %.2f ms (%.0f s)", arch, sampler,
@@ -145,6 +149,8 @@ def main() -> None:
         check = decode_case("llada", "d3llm", fit, layers)
         out["largest_batch_check"] = {"batch": fit, "peak_gb": check["peak_gb"],
                                       "fits_h100": check["peak_gb"] * 1e9 <= budget["h100"]}
+    if not args.quick:  # sampling: float64 Gumbel noise over (cells, vocab)
+        out["decode"] += [decode_case("llada", "d3llm", b, layers, temperature=0.8) for b in (8, 32)]
     out["serving"] = serving_case(layers, requests=8 if args.quick else 16)
     out["distill"] = distill_rows(layers, (1, 2) if args.quick else (1, 2, 4, 8))
     out["wall_s"] = time.perf_counter() - t0

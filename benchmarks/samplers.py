@@ -2,10 +2,11 @@
 
     python benchmarks/samplers.py --out runs/bench/samplers.json [--n-acc 200] [--n-speed 32]
 
-Accuracy and TPF come from ``--n-acc`` held-out problems decoded in batches of 100 (so
-they do not depend on the batch size: every sampler gives the same tokens batched or
-alone); tokens/s is measured separately on the first ``--n-speed`` problems at batch 1 and at
-batch 8, after one warm-up decode. Writes one JSON file; docs/benchmarks.md records a run.
+Accuracy, TPF and token-forwards per committed token (window tokens recomputed / generation
+slots) come from ``--n-acc`` held-out problems decoded in batches of 100 (so they do not depend
+on the batch size: every sampler gives the same tokens batched or alone); tokens/s is measured
+separately on the first ``--n-speed`` problems at batch 1 and at batch 8, after one warm-up
+decode. Writes one JSON file; docs/benchmarks.md records a run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SWEEP: list[tuple[str, dict]] = (
     + [("fast_dllm", {"threshold": t, "cache": c}) for c in ("none", "prefix", "dual") for t in (0.9, 0.7, 0.5)]
     + [("dparallel", {"threshold": t}) for t in (0.3, 0.5, 1.0)]
     + [("d3llm", {"threshold": t, "cache_delay_iter": d}) for d in (None, 2) for t in (0.3, 0.5, 1.0)]
+    + [("d3llm", {"threshold": t, "cache_delay_iter": 2, "window": "blocks"}) for t in (0.3, 0.5, 1.0)]
     + [("apd", {"mixture_weight": r, "kv_window": 16}) for r in (0.5, 0.7)]
     + [("ar", {})]
 )
@@ -75,6 +77,7 @@ def main() -> None:
         extra = {"verifier": ar_model} if spec.needs_verifier else {}
         acc = evaluate_synthetic(model, tok, name, params, problems, batch_size=100, **extra)
         row = {"sampler": name, "params": kwargs, "accuracy": acc.accuracy, "tpf": acc.tpf, "mean_nfe": acc.mean_nfe,
+               "forwards_per_token": acc.forwards_per_token,
                "batch1": speed(spec, model, speed_prompts, params, 1, extra),
                "batch8": speed(spec, model, speed_prompts, params, 8, extra)}
         rows.append(row)

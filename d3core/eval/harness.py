@@ -41,6 +41,7 @@ class EvalReport:
     total_nfe: int = 0
     metrics: dict[str, float] | None = None  # accuracy under each of the task's metrics (GSM8K: lm-eval's two)
     protocol: dict | None = None  # the Protocol the prompts followed (family, few-shot, chat, prefix, sanitize)
+    forwards_per_token: float = 0.0  # token-forwards per committed token (SequenceResult.forwards_per_token)
     samples: list[SampleRecord] | None = None  # one record per example (prompt, output, answer, verdict, NFE)
     truncated_prompts: int = 0  # prompts cut on the left to fit the model's context (``truncate_prompts``)
 
@@ -61,7 +62,7 @@ def evaluate_synthetic(
     """Decode ``problems`` in batches of ``batch_size`` and score the final numbers."""
     spec = get_sampler(sampler)
     extra = {"verifier": verifier} if spec.needs_verifier else {}
-    correct, generated, nfe = 0, 0, 0
+    correct, generated, nfe, computed, slots = 0, 0, 0, 0, 0
     outputs: list[str] = []
     t0 = time.perf_counter()
     for start in range(0, len(problems), batch_size):
@@ -74,10 +75,12 @@ def evaluate_synthetic(
             correct += synthetic.score(text, p.target)
             generated += seq.num_generated
             nfe += seq.nfe
+            computed += seq.tokens_computed
+            slots += len(seq.tokens)
     wall = time.perf_counter() - t0
     n = max(len(problems), 1)
     return EvalReport(sampler, len(problems), correct / n, generated / max(nfe, 1), generated / max(wall, 1e-9),
-                      nfe / n, wall, outputs)
+                      nfe / n, wall, outputs, forwards_per_token=computed / max(slots, 1))
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -163,7 +166,9 @@ def evaluate_task(
                       nfe / n, decode_time, responses, task=task.name, correct=list(correct),
                       generated_tokens=generated, total_nfe=nfe,
                       metrics={name: sum(v) / n for name, v in judgement.metrics.items()},
-                      protocol=protocol.describe(), samples=samples, truncated_prompts=sum(truncated))
+                      protocol=protocol.describe(), samples=samples, truncated_prompts=sum(truncated),
+                      forwards_per_token=sum(s.tokens_computed for s in sequences) /
+                      max(sum(len(s.tokens) for s in sequences), 1))
 
 
 def prompt_budget(model, params) -> int:

@@ -96,6 +96,8 @@ class CaseResult:
                "real_tokens_per_step": computed / n,
                "token_forwards_per_committed_token": computed / max(committed, 1),
                "gflops_per_step": flops / n / 1e9, "gb_per_step": {k: v / 1e9 for k, v in kinds.items()},
+               "gflops_per_committed_token": flops / max(committed, 1) / 1e9,
+               "gb_per_committed_token": sum(kinds.values()) * n / max(committed, 1) / 1e9,
                "weight_gb": self.weight_bytes / 1e9, "cache_gb": self.cache_bytes / 1e9,
                "peak_gb": self.peak_bytes / 1e9, "devices_seen": sorted(self.devices_seen),
                "dry_run_wall_s": self.wall_s}

@@ -91,7 +91,7 @@ def generate(
         past, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
     steps = list(range(params.gen_length))
-    sequences = [SequenceResult(list(map(int, p)), t, n, steps, eos, lp)
+    sequences = [SequenceResult(list(map(int, p)), t, n, steps, eos, lp, len(p) + n)
                  for p, t, n, lp in zip(prompts, tokens.tolist(), nfe.tolist(), logprobs.tolist())]
     return GenerationResult(sequences, time.perf_counter() - t0, {"sampler": "ar"})
 

@@ -28,6 +28,7 @@ class SequenceResult:
     unmask_step: list[int]
     eos_ids: tuple[int, ...] = ()
     logprobs: list[float] | None = None  # per slot: log-probability of the token when it was committed
+    tokens_computed: int = 0  # window tokens the model recomputed for this sequence, over all its forwards
 
     @property
     def response_ids(self) -> list[int]:
@@ -46,6 +47,12 @@ class SequenceResult:
     def tpf(self) -> float:
         return self.num_generated / max(self.nfe, 1)
 
+    @property
+    def forwards_per_token(self) -> float:
+        """Token-forwards per committed token: the tokens computed over all forwards divided by the generation
+        slots (each slot is committed once, by the model or by the EOS fill). A device-independent cost."""
+        return self.tokens_computed / max(len(self.tokens), 1)
+
 
 @dataclass
 class GenerationResult:
@@ -61,6 +68,11 @@ class GenerationResult:
     def tpf(self) -> float:
         """Generated tokens / forwards over the batch (d3LLM's TPF)."""
         return sum(s.num_generated for s in self.sequences) / max(self.total_nfe, 1)
+
+    @property
+    def forwards_per_token(self) -> float:
+        """Token-forwards per committed token over the batch (see :attr:`SequenceResult.forwards_per_token`)."""
+        return sum(s.tokens_computed for s in self.sequences) / max(sum(len(s.tokens) for s in self.sequences), 1)
 
     @property
     def tokens_per_second(self) -> float:

@@ -23,6 +23,17 @@ The delayed cache, per row (one authoritative cached length, a host int)::
 A refreshing row recomputes its whole sequence; the other rows of the step keep their own
 short windows (windows are per row, see :mod:`d3core.cache`).
 
+``window="canvas"`` (the default) is the reference above: every step recomputes every slot from the
+cached length to the end of the canvas, blocks not yet created included. ``window="blocks"`` computes
+only the created blocks (plus ``lookahead`` blocks) each step:
+
+* the all-mask suffix past them is read from the cache (``suffix="cache"``: its K/V come from the
+  row's first forward, which covers the whole canvas, as Fast-dLLM's dual cache reads its suffix) or
+  left out of attention (``suffix="drop"``, as block-diffusion models decode);
+* a newly completed unit is not refreshed by recomputing the row: the stale part (completed units
+  not yet committed to the cache) lies inside the window already, so the cached prefix and the mask
+  suffix are left alone; ``refresh_interval`` still recomputes the prefix, never the suffix.
+
 With ``early_stop`` the first committed EOS ends the answer: every slot after it becomes
 EOS, no new block is created, and the row stops once nothing before it is masked.
 
@@ -89,6 +100,9 @@ class D3LLMParams(BlockParams):
     refresh_interval: int | None = None  # None: no periodic refresh
     early_stop: bool = True
     commit_rule: str | None = None  # "llada" | "dream"; None: the model family's rule
+    window: str = "canvas"  # "canvas": recompute to the canvas's end (the reference); "blocks": in-flight blocks only
+    suffix: str = "cache"  # with window="blocks": the all-mask suffix is read from the cache, or "drop"ped
+    lookahead: int = 0  # with window="blocks": blocks past the newest one recomputed anyway
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +116,16 @@ class D3LLMParams(BlockParams):
             raise ValueError(f"refresh_interval={self.refresh_interval}: must be > 0, or None for no periodic refresh")
         if self.refresh_interval is not None and self.cache_delay_iter is None:
             raise ValueError("refresh_interval needs the cache: set cache_delay_iter too")
+        if self.window not in WINDOWS:
+            raise ValueError(f"window={self.window!r}: must be one of {WINDOWS} (canvas: the reference; blocks: "
+                             "the in-flight blocks only)")
+        if self.suffix not in SUFFIXES:
+            raise ValueError(f"suffix={self.suffix!r}: must be one of {SUFFIXES}")
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead={self.lookahead}: must be >= 0 blocks")
+        if self.window == "canvas" and (self.suffix != "cache" or self.lookahead):
+            raise ValueError(f"suffix={self.suffix!r}, lookahead={self.lookahead} apply to window='blocks' only: "
+                             "set window='blocks' or leave them at their defaults")
         if self.commit_rule is not None and self.commit_rule not in COMMIT_RULES:
             raise ValueError(f"commit_rule={self.commit_rule!r}: must be one of {COMMIT_RULES}, or None for the "
                              "model family's rule")
@@ -131,6 +155,8 @@ class _Blocks:
 
 FORCED = 1  # segment flag: the row's first fully-activated block with masks
 COMMIT_RULES = ("llada", "dream")
+WINDOWS = ("canvas", "blocks")
+SUFFIXES = ("cache", "drop")
 LLADA, DREAM = 1, 0  # per-row rule codes on the device
 
 
@@ -148,7 +174,7 @@ class D3LLMProgram(Program):
         row.state = _Blocks(row.params.num_blocks, block_length=row.params.block_length)
 
     def reads_cache(self, params: D3LLMParams) -> bool:
-        return params.cache_delay_iter is not None
+        return params.cache_delay_iter is not None or (params.window == "blocks" and params.suffix == "cache")
 
     def plan(self, row: Row, d: Decoder) -> RowPlan | None:
         st, p = row.state, row.params
@@ -161,10 +187,17 @@ class D3LLMProgram(Program):
         start = 0
         if p.cache_delay_iter is not None:
             start = _plan_cache(st, masks, p, row.prompt_len, row.nfe + 1)
+        end = keys = row.length
+        if p.window == "blocks":
+            end = min(row.prompt_len + (st.created + p.lookahead) * p.block_length, row.length)
+            if p.suffix == "drop":
+                keys = end
+            elif row.nfe == 0:
+                end = row.length  # the first forward computes the whole canvas: the suffix's K/V come from it
         live = [k for k in range(st.created) if masks[k] > 0]
         forced = next((k for k in live if st.fully[k]), None)
         rule = commit_rule(p, d.model.config.arch)
-        return RowPlan(start, row.length, row.length, [row.prompt_len + k * p.block_length for k in live],
+        return RowPlan(start, end, keys, [row.prompt_len + k * p.block_length for k in live],
                        flags=[FORCED if k == forced else 0 for k in live], ints=(rule, 1 - rule),
                        floats=(p.threshold,), temperature=p.temperature)
 
@@ -253,7 +286,7 @@ def _plan_cache(st: _Blocks, masks: list[int], p: D3LLMParams, prompt_len: int, 
     if to_cache > st.cached_units:
         st.cached_units = to_cache
         st.target = unit_end[to_cache - 1]
-    elif st.cached_units > 0 and (stabilizing or periodic):
+    elif st.cached_units > 0 and (periodic or (stabilizing and p.window == "canvas")):
         refresh_units = stabilizing[-1] if stabilizing else st.cached_units
         st.cached_units = refresh_units
         start = 0

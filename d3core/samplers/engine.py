@@ -47,6 +47,7 @@ class Row:
     tag: Any = None
     cache_row: int = -1
     nfe: int = 0
+    computed: int = 0  # window tokens recomputed for this row over all its steps (padding excluded)
     state: Any = None
     finished: bool = False
     result: SequenceResult | None = None
@@ -241,7 +242,8 @@ class Decoder:
     def _result(self, row: Row) -> SequenceResult:
         r, p, end = row.cache_row, row.prompt_len, row.length
         return SequenceResult(list(row.prompt), self.tokens[r, p:end].tolist(), row.nfe,
-                              self.unmask[r, p:end].tolist(), self.eos_ids, self.logprob[r, p:end].tolist())
+                              self.unmask[r, p:end].tolist(), self.eos_ids, self.logprob[r, p:end].tolist(),
+                              row.computed)
 
     # ------------------------------------------------------------------ stepping
     # Inference mode (per thread, like grad mode: a serving thread must not build an autograd graph) also
@@ -261,6 +263,7 @@ class Decoder:
         steps = [row.nfe for row in rows]
         for row, plan in zip(rows, plans):
             row.nfe += 0 if plan.sits_out else 1
+            row.computed += max(plan.end - plan.start, 0)
             if row.nfe > 2 * row.params.gen_length + 8:  # every step commits >= 1 slot: a bug, not a long decode
                 row.error = (f"{self.program.name} took {row.nfe} forwards for {row.params.gen_length} slots without "
                              "finishing; the sampler failed to make progress (please report this)")
@@ -303,7 +306,8 @@ class Decoder:
         dev = self.packer.upload(step.parts)
         meta = segment_meta(dev, step.shape, self.device)
         aliased = self.device.type == "cpu" and all(  # an empty part has nothing to alias
-            dev[k].data_ptr() == step.parts[k].ctypes.data for k in DYNAMIC_PARTS if k in step.parts and step.parts[k].size)
+            dev[k].data_ptr() == step.parts[k].ctypes.data
+            for k in DYNAMIC_PARTS if k in step.parts and step.parts[k].size)
         self._eager = _EagerStep(step.parts, dev["cand"].view(meta.cand.shape), meta) if aliased else None
         return meta
 
