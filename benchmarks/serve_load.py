@@ -27,7 +27,14 @@ its own capacity and ratios).
 
 ``--kill`` adds a replica-kill run for 1 and 2 replicas: open-loop load, one model replica killed
 mid-run; counts failures, hangs (no answer within the client timeout) and the time until
-requests succeed again. The load generator is aiohttp (see :func:`session`); each burst also times
+requests succeed again.
+
+``--overload F`` runs only this instead: one continuously batching replica, its capacity measured
+with ``--max-batch`` closed-loop clients for ``--capacity-seconds``, then Poisson arrivals at F times
+that rate for ``--seconds`` while ``/health`` and ``/ready`` are probed every 0.2 s. It reports
+client timeouts, refusals (429) and their latency, accepted requests' latency against the queue
+budget (``--queue-budget``) plus one request's decode time (the capacity run's median latency),
+and the probes' latency, with the machine's load average before, during and after. The load generator is aiohttp (see :func:`session`); each burst also times
 the floor from httpx's client, the one earlier runs used. Writes one JSON file with every run, the
 command, the hardware and the machine load.
 
@@ -38,11 +45,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import sys
@@ -127,6 +136,8 @@ async def one(http: aiohttp.ClientSession, base: str, payload: dict) -> dict:
                 data = await r.read()
                 if r.status == 200:
                     rec["tokens"] = json.loads(data)["usage"]["completion_tokens"]
+                elif r.status == 429:
+                    rec["refusal"] = refusal_kind(data)
             else:
                 async for raw in r.content:  # one SSE line at a time
                     line = raw.decode().rstrip("\r\n")
@@ -148,8 +159,18 @@ async def one(http: aiohttp.ClientSession, base: str, payload: dict) -> dict:
     return rec
 
 
+def refusal_kind(data: bytes) -> str:
+    """A 429's reason with its numbers blanked (the ingress's, a replica's or Serve's proxy's own)."""
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return "proxy: " + data[:60].decode(errors="replace")
+    return re.sub(r"\d+(\.\d+)?", "N", message.split(": retry")[0])[:100]
+
+
 def summary(recs: list[dict], wall: float) -> dict:
     ok = [r for r in recs if r["status"] == 200]
+    refused = [r["latency"] for r in recs if r["status"] == 429]
     codes: dict[str, int] = {}
     for r in recs:
         codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
@@ -158,6 +179,11 @@ def summary(recs: list[dict], wall: float) -> dict:
             "latency_p50_s": pct([r["latency"] for r in ok], 50), "latency_p99_s": pct([r["latency"] for r in ok], 99),
             "ttft_p50_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 50),
             "ttft_p99_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 99),
+            "latency_max_s": pct([r["latency"] for r in ok], 100),
+            "refused": len(refused), "refusal_latency_p50_s": pct(refused, 50),
+            "refusal_latency_p99_s": pct(refused, 99), "refusal_latency_max_s": pct(refused, 100),
+            "refusals_with_retry_after": sum(1 for r in recs if r["status"] == 429 and r["retry_after"]),
+            "refusal_kinds": dict(collections.Counter(r["refusal"] for r in recs if r.get("refusal"))),
             "server_errors": sum(1 for r in recs if isinstance(r["status"], int) and r["status"] >= 500),
             "hangs": codes.get("timeout", 0)}
 
@@ -180,7 +206,7 @@ async def closed_loop(base: str, model: str, questions: list[str], clients: int,
 
 
 async def open_loop(base: str, model: str, questions: list[str], rate: float, seconds: float, timeout: float,
-                    seed: int, during=None, workload: str = "uniform") -> dict:
+                    seed: int, during=None, workload: str = "uniform", stream: bool = True) -> dict:
     """Poisson arrivals at ``rate`` req/s for ``seconds``; ``during(t)`` is awaited once at t = seconds / 3."""
     rng = random.Random(seed)
     tasks, stamps = [], []
@@ -194,7 +220,7 @@ async def open_loop(base: str, model: str, questions: list[str], rate: float, se
                 fired = True
                 stamps.append(("event", time.perf_counter() - start))
                 await during()
-            payload = body(model, questions[k % len(questions)], True, workload, k)
+            payload = body(model, questions[k % len(questions)], stream, workload, k)
             tasks.append(asyncio.ensure_future(one(http, base, payload)))
             stamps.append(("sent", time.perf_counter() - start))
             k += 1
@@ -286,7 +312,8 @@ def write_record(args, load_before: tuple[float, ...], ratios: dict, **fields) -
 
 def deploy(app_builder, serve, base: str, args, batching: str, replicas: int) -> str:
     build = {"preset": args.preset, "num_replicas": replicas, "max_batch_size": args.max_batch,
-             "request_timeout_s": args.timeout, "batching": batching, "max_queued_requests": args.queue}
+             "request_timeout_s": args.timeout, "batching": batching, "max_queued_requests": args.queue,
+             "queue_budget_s": args.queue_budget}
     if args.model:
         build["model"] = args.model
     serve.run(app_builder(build), name=APP, route_prefix="/")
@@ -309,6 +336,55 @@ def kill_run(ray, serve, app_builder, base: str, args, questions: list[str], rep
     return out
 
 
+async def probes(base: str, seconds: float, timeout: float) -> dict:
+    """``/health`` and ``/ready`` every 0.2 s for ``seconds``: status codes and latency of each."""
+    got: dict[str, list] = {"/health": [], "/ready": []}
+    async with session(4, timeout) as http:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for path, recs in got.items():
+                t0 = time.perf_counter()
+                try:
+                    async with http.get(f"{base}{path}") as r:
+                        await r.read()
+                        status: int | str = r.status
+                except asyncio.TimeoutError:
+                    status = "timeout"
+                except aiohttp.ClientError as e:
+                    status = type(e).__name__
+                recs.append((status, time.perf_counter() - t0))
+            await asyncio.sleep(0.2)
+    return {path: {"probes": len(v), "non_200": sum(1 for s, _ in v if s != 200),
+                   **{f"latency_{q}_s": pct([t for _, t in v], n) for q, n in (("p50", 50), ("p99", 99), ("max", 100))}}
+            for path, v in got.items()}
+
+
+def overload_run(serve, app_builder, base: str, args, questions: list[str]) -> dict:
+    """``--overload F``: F times one replica's capacity, open loop (see the module docstring)."""
+    model = deploy(app_builder, serve, base, args, "continuous", 1)
+    asyncio.run(closed_loop(base, model, questions, 4, 3, args.timeout))  # warm-up
+    capacity = asyncio.run(closed_loop(base, model, questions, args.max_batch, args.capacity_seconds, args.timeout))
+    rate = args.overload * capacity["requests_per_s"]
+    load_during = [round(os.getloadavg()[0], 2)]
+
+    async def run() -> list:
+        return await asyncio.gather(open_loop(base, model, questions, rate, args.seconds, args.timeout, seed=5,
+                                              stream=False), probes(base, args.seconds, args.timeout))
+
+    loaded, probed = asyncio.run(run())
+    load_during.append(round(os.getloadavg()[0], 2))
+    decode_s = capacity["latency_p50_s"]  # one request's decode time at a full batch
+    bound = args.queue_budget + decode_s
+    ready = httpx.get(f"{base}/ready", timeout=30).json()
+    checks = {"client_timeouts": loaded["hangs"], "no_client_timeouts": loaded["hangs"] == 0,
+              "refusals_p99_within_1s": loaded["refused"] > 0 and loaded["refusal_latency_p99_s"] <= 1.0,
+              "accepted_p99_bound_s": round(bound, 3), "accepted_p99_within_bound": loaded["latency_p99_s"] <= bound,
+              "every_refusal_has_retry_after": loaded["refusals_with_retry_after"] == loaded["refused"]}
+    return {"factor": args.overload, "capacity": capacity, "rate": round(rate, 3), "queue_budget_s": args.queue_budget,
+            "decode_s": decode_s, "ingress_request_s": ready.get("request_s"), "overload": loaded, "probes": probed,
+            "loadavg_1m_during": load_during, "checks": checks}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench/serve_load.json")
@@ -329,6 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--workload", default="both", choices=[*WORKLOADS, "both"],
                     help="the requests' settings (see above); kills use the first")
+    ap.add_argument("--queue-budget", type=float, default=5.0, help="queue_budget_s of the deployment")
+    ap.add_argument("--overload", type=float, default=0.0,
+                    help="run only the overload check at this multiple of one replica's capacity (e.g. 5)")
+    ap.add_argument("--capacity-seconds", type=float, default=8.0, help="--overload: length of the capacity run")
     args = ap.parse_args(argv)
     workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
@@ -337,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--modes={args.modes!r}: name each of {list(MODES)} at most once, comma-separated")
     if args.clients < 1 or args.seconds <= 0 or args.repeats < 1 or args.burst < 1 or not all(0 < x for x in loads):
         ap.error("--clients, --seconds, --repeats, --burst and every --loads fraction must be positive")
+    if args.overload < 0 or args.capacity_seconds <= 0 or not 0 < args.queue_budget < args.timeout:
+        ap.error("--overload must be >= 0, --capacity-seconds > 0, and --queue-budget in (0, --timeout)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import ray
@@ -353,6 +435,14 @@ def main(argv: list[str] | None = None) -> dict:
     base = f"http://127.0.0.1:{port}"
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     kills = []
+    if args.overload:
+        try:
+            result = overload_run(serve, app_builder, base, args, questions)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        logger.info("overload: %s", json.dumps(result["checks"]))
+        return write_record(args, load_before, {}, overload=result)
     try:
         capacity: dict[str, float] = {}
         for rep in range(args.repeats):

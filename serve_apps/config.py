@@ -4,7 +4,7 @@ A config names the checkpoint (a path, fsspec URI, hub id or ``hf://`` URI of an
 checkpoint; ``trust_remote_code`` lets a tokenizer defined by its own code run), the sampler and its
 default parameters, which of those a request may override and within which limits, and how the
 model deployment is scaled (replicas or autoscaling, CPUs/GPUs per replica, batching,
-backpressure and timeouts). ``ServeConfig.from_args`` builds one from the string ``key=value``
+backpressure, the queue budget and timeouts). ``ServeConfig.from_args`` builds one from the string ``key=value``
 arguments that ``serve run module:app_builder key=value`` passes (or the typed ``args`` of a
 serve config YAML).
 """
@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ray.serve.config import BackpressureConfig
+from pydantic import ValidationError
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from d3core.samplers import SAMPLERS
 from serve_apps.engine import BATCHING
@@ -38,9 +40,17 @@ DEFAULT_SAMPLER_PARAMS: dict[str, Any] = {"gen_length": 48, "block_length": 16, 
                                           "cache_delay_iter": 2}
 
 DEVICES = ("cpu", "cuda")
-INGRESS_QUEUE_FACTOR = 4  # default proxy queue for the ingress, in multiples of its own bound
-INGRESS_HEADROOM = 32  # ingress calls beyond the engines' rows: health, metrics, models and quick refusals
+# Ingress calls beyond the engines' rows: probes, metrics, models and quick refusals. Large, so that Serve's
+# proxy hands every connection to the ingress at once (which answers or refuses it in milliseconds) instead
+# of holding it, and a probe behind it, in its own queue.
+INGRESS_HEADROOM = 1024
 DTYPES = ("float32", "bfloat16", "float16")
+# Autoscaling settings used where a config's ``autoscaling`` leaves them out. Serve's own defaults push
+# metrics every 10 s and average over 30 s, so a load beyond one replica added another only after
+# 25-30 s; these react within seconds (measured in docs/serving.md). ``metrics_interval_s`` is marked
+# deprecated in Ray 2.60 but is still what sets how often handles and replicas report.
+AUTOSCALING_DEFAULTS: dict[str, Any] = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+                                        "upscale_delay_s": 2.0, "downscale_delay_s": 60.0}
 
 
 @dataclass(frozen=True)
@@ -64,16 +74,18 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs per model replica
     num_gpus: float = 0.0  # GPUs per model replica
     ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
-    # HTTP requests the ingress holds at once; None: every replica's rows and queue + INGRESS_HEADROOM
+    # HTTP requests the ingress holds at once; None: every replica's rows and queue + INGRESS_HEADROOM (1024)
     ingress_max_ongoing_requests: int | None = None
     # requests that wait in Serve's proxy for the ingress; beyond both, the proxy itself answers 429.
-    # None: INGRESS_QUEUE_FACTOR x what the ingress holds (a burst's requests all wait there until assigned)
+    # None: as many as the ingress holds (a burst's requests all wait there until assigned)
     ingress_max_queued_requests: int | None = None
     num_replicas: int | None = 1  # fixed replicas (None: autoscaling)
     autoscaling: Mapping[str, Any] | None = None  # Ray Serve autoscaling_config (with num_replicas=None)
     max_ongoing_requests: int | None = None  # Serve's per-replica limit; None: max_batch_size + max_queued + 8
     max_queued_requests: int = 32  # a replica's admission queue; beyond it requests get a 429 at once
     max_batch_size: int = 16  # rows decoded together
+    # the longest a request waits for a decoder row (in any queue, before its first step); beyond it a 429
+    queue_budget_s: float = 5.0
     batch_wait_timeout_s: float = 0.01  # how long an idle engine waits for a batch to fill
     # "continuous": rows join and leave at every step; "request": a batch decodes to the end before the next
     # forms; "legacy": request-level as before the step engine (benchmark baseline, see serve_apps/engine.py)
@@ -139,16 +151,13 @@ class ServeConfig:
                  "set num_replicas=N, or num_replicas=None with an autoscaling dict")
         if self.num_replicas is not None and (not isinstance(self.num_replicas, int) or self.num_replicas < 1):
             fail("num_replicas", self.num_replicas, "must be a positive int", "use e.g. 1")
-        if self.autoscaling is not None:
-            lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
-            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
-                fail("autoscaling", dict(self.autoscaling), "needs ints 0 <= min_replicas <= max_replicas, max >= 1",
-                     "fix the replica bounds")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             fail("max_batch_size", self.max_batch_size, "must be a positive int", "use e.g. 16")
         if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 1:
             fail("max_queued_requests", self.max_queued_requests, "must be a positive int (the admission queue "
                  "of a replica; beyond it a request gets 429 at once)", "use e.g. 32")
+        if self.autoscaling is not None:
+            self._check_autoscaling(fail)
         if self.batch_wait_timeout_s < 0:
             fail("batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0", "use e.g. 0.01")
         if self.max_ongoing_requests is not None and (not isinstance(self.max_ongoing_requests, int)
@@ -178,6 +187,36 @@ class ServeConfig:
         for name in ("request_timeout_s", "health_check_period_s", "health_check_timeout_s"):
             if getattr(self, name) <= 0:
                 fail(name, getattr(self, name), "must be > 0 seconds", "use a positive number")
+        if not isinstance(self.queue_budget_s, (int, float)) or not 0 < self.queue_budget_s < self.request_timeout_s:
+            fail("queue_budget_s", self.queue_budget_s, f"must be > 0 and below request_timeout_s "
+                 f"{self.request_timeout_s} (a request that waits its whole timeout is never decoded)",
+                 "use e.g. 5.0")
+
+    def _check_autoscaling(self, fail) -> None:
+        lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
+            fail("autoscaling", dict(self.autoscaling), "needs ints 0 <= min_replicas <= max_replicas, max >= 1",
+                 "fix the replica bounds")
+        unknown = sorted(set(self.autoscaling) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            fail("autoscaling", dict(self.autoscaling), f"has keys {unknown} that Ray Serve's AutoscalingConfig "
+                 "lacks", f"use only {sorted(AutoscalingConfig.model_fields)}")
+        options = self.autoscaling_options()
+        try:
+            with warnings.catch_warnings():  # metrics_interval_s: see AUTOSCALING_DEFAULTS
+                warnings.simplefilter("ignore", DeprecationWarning)
+                AutoscalingConfig(**options)
+        except ValidationError as e:
+            fail("autoscaling", options, f"rejected by Ray Serve ({e.errors()[0]['msg']})", "fix the named setting")
+        target = options["target_ongoing_requests"]
+        if not target <= self.max_batch_size:
+            fail("autoscaling.target_ongoing_requests", target, f"must be <= max_batch_size {self.max_batch_size}: "
+                 "a replica batches its calls, so more than a full batch per replica means requests queue, and above "
+                 "its rows and queue a replica never gets enough calls to ask for another", "use max_batch_size / 2")
+        if options["look_back_period_s"] <= options["metrics_interval_s"]:
+            fail("autoscaling.look_back_period_s", options["look_back_period_s"],
+                 f"must exceed metrics_interval_s {options['metrics_interval_s']} (the window averages its reports)",
+                 "use e.g. 4 x metrics_interval_s")
 
     @property
     def tokenizer_uri(self) -> str:
@@ -190,6 +229,13 @@ class ServeConfig:
         fields = ", ".join(f"{f.name}={'<hidden>' if f.name == 'api_key' and self.api_key else getattr(self, f.name)!r}"
                            for f in dataclasses.fields(self))
         return f"ServeConfig({fields})"
+
+    def autoscaling_options(self) -> dict[str, Any]:
+        """The model deployment's ``autoscaling_config``: the config's keys over AUTOSCALING_DEFAULTS, with
+        ``target_ongoing_requests`` half a batch by default (a replica's ongoing calls are its decoding rows
+        and its queue, so a replica at half its rows asks for another before any request queues)."""
+        defaults = {**AUTOSCALING_DEFAULTS, "target_ongoing_requests": max(1, self.max_batch_size // 2)}
+        return {**defaults, **dict(self.autoscaling or {})}
 
     @property
     def max_replicas(self) -> int:
@@ -208,9 +254,12 @@ class ServeConfig:
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve options of the model deployment.
 
-        A replica accepts more calls than it decodes so that its engine, not Serve's router, decides
-        what waits: overflow beyond the admission queue is refused at once. The router's own queue
-        only absorbs bursts while requests are being assigned.
+        A replica accepts more calls than it decodes (its rows, its queue of ``max_queued_requests``
+        and 8 more for probes), so that the replica, not Serve's router, decides what waits: a call
+        waits there for a row only until its queue budget runs out (``RowGate``). Every call waits in
+        the router's queue until the router assigns it, so that queue takes as many as the ingress
+        admits at once (``row_capacity``, + 8 for probes): a smaller one refused calls of a burst that
+        the replicas had room for. A call that reaches a replica past its budget gets a 429 there.
         """
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
@@ -218,12 +267,12 @@ class ServeConfig:
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.replica_ongoing,
-            "max_queued_requests": 2 * self.replica_ongoing,
+            "max_queued_requests": self.row_capacity + 8,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
         if self.autoscaling is not None:
-            opts["autoscaling_config"] = dict(self.autoscaling)
+            opts["autoscaling_config"] = self.autoscaling_options()
         else:
             opts["num_replicas"] = self.num_replicas
         return opts
@@ -231,16 +280,17 @@ class ServeConfig:
     def ingress_options(self) -> dict[str, Any]:
         """Ray Serve options of the ingress deployment.
 
-        The ingress answers 429 itself once the engines' rows are taken, but under Serve each request it
-        sees costs an actor call from the proxy and back. So it takes at most its rows and queues plus
-        ``INGRESS_HEADROOM`` (room for health checks, metrics and its own quick refusals), up to
-        ``INGRESS_QUEUE_FACTOR`` times as many wait in the proxy, and the proxy refuses the rest with
-        429 + ``Retry-After`` without the hop. So a burst of any size costs the ingress a bounded amount of work.
+        The ingress answers or refuses a request in milliseconds (``serve_apps.admission``), and its
+        probes answer from its own state (``serve_apps.health``). So it takes every connection at
+        once: its rows and queues plus ``INGRESS_HEADROOM``. A request Serve's proxy holds in its own
+        queue waits there behind the others, probes included, for as long as the ingress is full, so
+        that queue is for bursts beyond the headroom only, and the proxy refuses the rest itself with
+        429 + ``Retry-After``.
         """
         ongoing = self.ingress_max_ongoing_requests or self.row_capacity + INGRESS_HEADROOM
         return {"ray_actor_options": {"num_cpus": self.ingress_num_cpus},
                 "max_ongoing_requests": ongoing,
-                "max_queued_requests": self.ingress_max_queued_requests or INGRESS_QUEUE_FACTOR * ongoing,
+                "max_queued_requests": self.ingress_max_queued_requests or ongoing,
                 "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1.0)}
 
     @classmethod

@@ -2,19 +2,22 @@
 
 ``serve run serve_apps.openai_app:app_builder preset=tiny`` (or ``serve deploy
 serve_apps/config/tiny.yaml``) serves ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health`` (liveness), ``/ready`` (readiness) and ``/metrics`` (Prometheus). The ingress limits the
-body size, parses and validates requests and tokenizes them off the event loop, then calls the
-model deployment (:class:`D3LLMModel`), which owns the checkpoint and a
-:class:`~serve_apps.engine.ContinuousEngine` and streams final text back. Every failure reaches the
-client as an OpenAI-style error body: 4xx for bad requests (401 without the API key, 413 for an
-oversized body, 429 + ``Retry-After`` when the queues are full), 408 for a request past its
-timeout, 503 when no replica could serve it. The one exception is a burst beyond the ingress's own
-bound and the proxy's queue for it (``ServeConfig.ingress_options``): Serve's proxy refuses that
-surplus itself, with 429 + ``Retry-After`` and Serve's plain-text body.
+``/health`` (liveness), ``/ready`` (readiness; both in :mod:`serve_apps.health`) and ``/metrics``
+(Prometheus). The ingress admits or refuses a request before reading its body
+(:mod:`serve_apps.admission`), limits the body size, parses and validates requests and tokenizes
+them off the event loop, then calls the model deployment (:class:`D3LLMModel`), which owns the
+checkpoint and a :class:`~serve_apps.engine.ContinuousEngine` and streams final text back. Every
+failure reaches the client as an OpenAI-style error body: 4xx for bad requests (401 without the
+API key, 413 for an oversized body, 429 + ``Retry-After`` when a request would wait for a decoder
+row beyond the queue budget), 408 for a request past its timeout, 503 when no replica could serve
+it. The one exception is a burst beyond the ingress's own bound and the proxy's queue for it
+(``ServeConfig.ingress_options``): Serve's proxy refuses that surplus itself, with 429 +
+``Retry-After`` and Serve's plain-text body.
 """
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import time
@@ -31,8 +34,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps import protocol as P
+from serve_apps.admission import Admission
 from serve_apps.config import PRESETS, ServeConfig
 from serve_apps.engine import GenerationOutput, GenerationRequest
+from serve_apps.health import ModelWatch, liveness, readiness
 from serve_apps.metrics import CONTENT_TYPE, HttpMetrics
 from serve_apps.openapi import install_openapi
 from serve_apps.replica import TRUST_FLAG, D3LLMModel, engine_error
@@ -45,7 +50,6 @@ __all__ = ["ServeConfig", "PRESETS", "D3LLMModel", "OpenAIIngress", "build_app",
 
 _INGRESS: dict[str, Any] = {}  # the ingress instance of this replica process
 API_KEY_ENV = "D3RAY_API_KEY"
-STATUS_TTL_S = 1.0
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
@@ -60,6 +64,12 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
 
 async def _await(response) -> Any:
     return await response
+
+
+def controller_view() -> tuple[dict[str, int], str]:
+    """The model deployment's replica states and status, from Serve's controller (blocking: a worker thread)."""
+    dep = serve.status().applications[serve.get_replica_context().app_name].deployments[D3LLMModel.name]
+    return {str(k): v for k, v in dep.replica_states.items()}, str(getattr(dep.status, "value", dep.status))
 
 
 def check_canvas(cfg: ServeConfig, context: int) -> None:
@@ -163,14 +173,15 @@ class OpenAIIngress:
         self.context = min(self.model_config.max_seq_len, cfg.max_model_len or self.model_config.max_seq_len)
         self.metrics = HttpMetrics()
         self.inflight = 0
-        self.capacity = cfg.row_capacity
-        # Decoder rows (n per prompt) handed to the model and not finished: beyond ``capacity`` every
-        # engine is full, so the ingress refuses at once instead of queueing in Serve's router.
-        self.rows_in_use = 0
-        self.created = int(time.time())
+        self.created, self.started = int(time.time()), time.monotonic()
+        # The probes' view of the model deployment, refreshed in the background (never on a request's path).
+        self.watch = ModelWatch(controller_view, lambda: self.model.stats.remote())
+        with contextlib.suppress(RuntimeError):  # Serve builds this class on its event loop; elsewhere, on demand
+            self.watch.start()
+        # Decoder rows (n per prompt) handed to the model and not finished, bounded by count and by queue budget.
+        self.admission = Admission(cfg.row_capacity, cfg.max_batch_size, cfg.queue_budget_s, lambda: self.watch.running)
         # One thread for JSON parsing and tokenization: off the event loop, one tokenizer call at a time.
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="d3ray-ingress")
-        self._status: tuple[float, bool, dict] | None = None
         # Serve ships this class by value (its globals are copies); the middleware reads the real module.
         import serve_apps.openai_app as module
 
@@ -180,6 +191,7 @@ class OpenAIIngress:
     async def observe(self, scope: dict, receive, send, app) -> None:
         """Every request: API key on /v1 routes, in-flight count, status code sent and latency by route."""
         started = time.monotonic()
+        self.watch.start()  # no-op while it runs; restarts it if it stopped
         self.inflight += 1
         self.metrics.inflight.inc()
         status = 500  # what the outer error handler sends if the app raises before answering
@@ -210,20 +222,16 @@ class OpenAIIngress:
     # ------------------------------------------------------------ routes
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """Liveness: the model deployment has a healthy replica (the controller's view; no decode queue)."""
-        live, detail = await self._model_status()
-        body = {"status": "ok" if live else "unavailable", "model": self.cfg.model_name, **detail}
-        return JSONResponse(body, status_code=200 if live else 503)
+        """Liveness: this ingress answers (its own state only; see serve_apps.health)."""
+        return liveness(self.cfg.model_name, self.started, {"inflight": self.inflight - 1})
 
     @api.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Readiness: live, and this ingress has room for another request (its own counters)."""
-        live, detail = await self._model_status()
-        room = self.rows_in_use < self.capacity
-        body = {"status": "ready" if live and room else ("busy" if live else "unavailable"),
-                "inflight": self.inflight - 1, "rows_in_use": self.rows_in_use, "capacity": self.capacity, **detail}
-        headers = {} if live and room else {"Retry-After": "1"}
-        return JSONResponse(body, status_code=200 if live and room else 503, headers=headers)
+        """Readiness: a model replica can take a request now (the background watch's view)."""
+        a = self.admission
+        return readiness(self.watch, {"inflight": self.inflight - 1, "rows_in_use": a.rows_in_use,
+                                      "capacity": a.capacity, "expected_wait_s": round(a.expected_wait_s(), 3),
+                                      "queue_budget_s": a.budget_s, "request_s": a.request_s})
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
@@ -247,24 +255,6 @@ class OpenAIIngress:
         return await self._serve(request, P.ChatCompletionRequest, chat=True)
 
     # ------------------------------------------------------------ helpers
-    async def _model_status(self) -> tuple[bool, dict]:
-        now = time.monotonic()
-        if self._status is not None and now - self._status[0] < STATUS_TTL_S:
-            return self._status[1], self._status[2]
-        try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5.0)
-            ctx = serve.get_replica_context()
-            dep = status.applications[ctx.app_name].deployments[D3LLMModel.name]
-            running = dep.replica_states.get("RUNNING", 0)
-            live = running > 0 and str(dep.status) in ("HEALTHY", "DeploymentStatus.HEALTHY", "UPSCALING",
-                                                       "DOWNSCALING", "DeploymentStatus.UPSCALING",
-                                                       "DeploymentStatus.DOWNSCALING")
-            detail = {"replicas": {str(k): v for k, v in dep.replica_states.items()}, "deployment": str(dep.status)}
-        except (RayError, RayServeException, asyncio.TimeoutError, KeyError, AttributeError) as e:
-            live, detail = False, {"error": f"controller status unavailable ({type(e).__name__})"}
-        self._status = (now, live, detail)
-        return live, detail
-
     def _model_card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "d3ray",
                 "sampler": self.cfg.sampler, "max_model_len": self.context}
@@ -313,28 +303,12 @@ class OpenAIIngress:
                                           req.want_logprobs, self.cfg.request_timeout_s, P.new_id("req")))
         return req, gens, prompts
 
-    def _overloaded(self, rows: int) -> P.APIError:
-        return P.APIError(429, f"server overloaded: {self.rows_in_use} of {self.capacity} decoder rows and queue "
-                               f"places are taken and this request needs {rows}: retry shortly",
-                          type="rate_limit_error", code="overloaded", retry_after_s=1.0)
-
-    def _reserve(self, rows: int) -> Callable[[], None]:
-        """Take ``rows`` of the replicas' capacity or refuse with a 429; returns the release (idempotent)."""
-        if self.rows_in_use + rows > self.capacity:
-            raise self._overloaded(rows)
-        self.rows_in_use += rows
-        held = [rows]
-
-        def release() -> None:
-            self.rows_in_use -= held.pop() if held else 0
-
-        return release
-
     async def _serve(self, request: Request, model_cls: type, chat: bool):
         # A row is held from arrival, before the body is read (under Serve each read is a call back to the
         # proxy) and while the request waits for the tokenizer thread: in a burst beyond capacity the rest
         # are refused at once instead of after every one before them has been read and tokenized.
-        release = self._reserve(1)
+        admit_by = time.time() + self.admission.budget_s  # wall clock: the replica checks it too
+        release = self.admission.reserve(1)
         handed_over = False
         try:
             raw = await self._read_body(request)
@@ -342,12 +316,13 @@ class OpenAIIngress:
             req, gens, prompts = await loop.run_in_executor(self.cpu, self._prepare, raw, model_cls, chat)
             rows = sum(g.n for g in gens)
             if rows > 1:
-                release = _both(release, self._reserve(rows - 1))
+                release = _both(release, self.admission.reserve(rows - 1))
+            self.admission.check_deadline(admit_by)
             if req.stream:
-                response = await self._stream(gens, req, prompts, chat, release)
+                response = await self._stream(gens, req, prompts, chat, release, admit_by)
                 handed_over = True  # the event stream releases the rows when it ends or is dropped
                 return response
-            outs = await asyncio.gather(*(self._complete(g) for g in gens), return_exceptions=True)
+            outs = await asyncio.gather(*(self._complete(g, admit_by) for g in gens), return_exceptions=True)
         finally:
             if not handed_over:
                 release()
@@ -356,10 +331,14 @@ class OpenAIIngress:
                 raise out
         return await loop.run_in_executor(self.cpu, response_body, self.tokenizer, outs, req, prompts, chat)
 
-    async def _complete(self, gen: GenerationRequest) -> GenerationOutput:
-        response = self.model.generate.remote(gen)
-        try:
-            out = await asyncio.wait_for(_await(response), timeout=gen.timeout_s + 5.0)
+    def _on_output(self, out: GenerationOutput) -> None:
+        self.metrics.on_output(out)
+        self.admission.observe(out.decode_s, len(out.choices))
+
+    async def _complete(self, gen: GenerationRequest, admit_by: float) -> GenerationOutput:
+        response = self.model.generate.remote(gen, admit_by)
+        try:  # at most the queue budget at a replica's gate, then the engine's own deadline
+            out = await asyncio.wait_for(_await(response), timeout=self.admission.budget_s + gen.timeout_s + 5.0)
         except asyncio.TimeoutError:
             response.cancel()
             raise P.APIError(408, f"request did not finish within {gen.timeout_s} s", type="timeout_error",
@@ -369,15 +348,15 @@ class OpenAIIngress:
             raise engine_error(e) from e
         if isinstance(out, P.APIError):
             raise out
-        self.metrics.on_output(out)
+        self._on_output(out)
         return out
 
     async def _stream(self, gens: list[GenerationRequest], req: Any, prompts: list, chat: bool,
-                      release: Callable[[], None]) -> StreamingResponse:
-        streams = [self.model.options(stream=True).generate_stream.remote(g) for g in gens]
+                      release: Callable[[], None], admit_by: float) -> StreamingResponse:
+        streams = [self.model.options(stream=True).generate_stream.remote(g, admit_by) for g in gens]
         try:
             for s, g in zip(streams, gens):
-                first = await asyncio.wait_for(s.__anext__(), timeout=g.timeout_s)
+                first = await asyncio.wait_for(s.__anext__(), timeout=self.admission.budget_s + g.timeout_s)
                 if isinstance(first, P.APIError):
                     raise first
         except asyncio.TimeoutError:
@@ -392,7 +371,7 @@ class OpenAIIngress:
                 s.cancel()
             raise
         deadline = time.monotonic() + max(g.timeout_s for g in gens) + 5.0
-        events = EventStream(self.tokenizer, self.metrics, streams, deadline, req, prompts, chat, release).events()
+        events = EventStream(self.tokenizer, self._on_output, streams, deadline, req, prompts, chat, release).events()
         weakref.finalize(events, release)  # a client gone before the stream starts: release when dropped
         return StreamingResponse(events, media_type="text/event-stream")
 

@@ -4,11 +4,17 @@
 next to the decoder), runs a :class:`~serve_apps.engine.ContinuousEngine`, and answers the ingress's
 calls with outputs or stream events. Engine failures become :class:`~serve_apps.protocol.APIError` s
 here (``engine_error``), so that what crosses the actor boundary is always an OpenAI-style error.
+
+A call first passes the replica's :class:`~serve_apps.admission.RowGate`: it reaches the engine
+only when a decoder row is free for it, and a call whose queue budget runs out while it waits
+there gets a 429 at that moment (``serve_apps.admission`` describes the budget).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from typing import Any, AsyncIterator
 
 import torch
@@ -16,6 +22,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from serve_apps import protocol as P
+from serve_apps.admission import GateClosed, RowGate, overloaded
 from serve_apps.config import ServeConfig
 from serve_apps.engine import (ContinuousEngine, EngineClosed, EngineOverloaded, EngineTimeout, GenerationOutput,
                                GenerationRequest, RequestFailed)
@@ -61,21 +68,51 @@ class D3LLMModel:
         model = load_pretrained(cfg.model, device=cfg.device)
         self.model = model.to(dtype=DTYPES[cfg.dtype]).eval()
         tokenizer = load_tokenizer(cfg.tokenizer_uri, cfg.trust_remote_code, flag=TRUST_FLAG)
+        # The gate keeps the engine's own queue to a step boundary's worth: its bound is never reached.
         self.engine = ContinuousEngine(self.model, tokenizer, cfg.sampler, cfg.max_batch_size,
-                                       max_queued=cfg.max_queued_requests, batching=cfg.batching,
+                                       max_queued=cfg.max_batch_size, batching=cfg.batching,
                                        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
                                        metrics=engine_metrics(cfg.model_name), capacity=cfg.max_model_len)
+        self.gate = RowGate(cfg.max_batch_size, cfg.max_queued_requests)
         logger.info("loaded %s (%s, %s) with sampler %s, %s batching", cfg.model, cfg.device, cfg.dtype,
                     cfg.sampler, cfg.batching)
 
-    async def generate(self, req: GenerationRequest) -> GenerationOutput | P.APIError:
+    async def _enter(self, req: GenerationRequest, admit_by: float | None) -> P.APIError | None:
+        """Wait at the gate for ``req.n`` rows until ``admit_by`` (wall clock); a 429 if the budget runs out."""
+        try:
+            self.engine.check(req)  # a request the engine can never take is a 400 now, not after a wait
+            await self.gate.enter(req.n, admit_by if admit_by is not None else time.time() + self.cfg.queue_budget_s)
+        except ValueError as e:
+            return engine_error(e)
+        except GateClosed as e:
+            return overloaded(f"{e} (queue budget {self.cfg.queue_budget_s:g} s)", self.engine.retry_after_s())
+        return None
+
+    async def generate(self, req: GenerationRequest, admit_by: float | None = None) -> GenerationOutput | P.APIError:
+        refused = await self._enter(req, admit_by)
+        if refused is not None:
+            return refused
         try:
             return await self.engine.generate(req)
         except (ValueError, EngineTimeout, EngineClosed, EngineOverloaded, RequestFailed) as e:
             return engine_error(e)
+        finally:
+            self.gate.leave(req.n)
 
-    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
+    async def generate_stream(self, req: GenerationRequest, admit_by: float | None = None) -> AsyncIterator[Any]:
         """First ``"accepted"`` (or an APIError), then :class:`Delta` s, then the output (or an APIError)."""
+        refused = await self._enter(req, admit_by)
+        if refused is not None:
+            yield refused
+            return
+        try:  # closing this stream (the caller went away) closes the engine's at once, then gives the rows back
+            async with contextlib.aclosing(self._stream(req)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.gate.leave(req.n)
+
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
         try:
             stream = self.engine.stream(req)
             first = await stream.__anext__()
@@ -96,7 +133,9 @@ class D3LLMModel:
             await stream.aclose()
 
     def stats(self) -> dict:
-        return dict(self.engine.stats, queued=self.engine.queued, running=self.engine.running)
+        """The engine's counters and this replica's rows: also the readiness probe's call (serve_apps.health)."""
+        return dict(self.engine.stats, queued=self.engine.queued, running=self.engine.running,
+                    gate_waiting=self.gate.waiting, gate_free=self.gate.free)
 
     def check_health(self) -> None:
         """Liveness for Serve's controller: the decode thread runs and makes progress."""

@@ -17,7 +17,6 @@ from ray.serve.exceptions import RayServeException
 
 from serve_apps import protocol as P
 from serve_apps.engine import GenerationOutput
-from serve_apps.metrics import HttpMetrics
 from serve_apps.outputs import Delta
 from serve_apps.replica import engine_error
 from serve_apps.text import decode_prompt
@@ -59,13 +58,14 @@ class EventStream:
     Sends the opening chunks (the assistant role; ``echo``'s prompt text), then each stream's
     deltas as they come, a finishing chunk per choice, the usage chunk when asked, and
     ``[DONE]``. A failure mid-stream becomes an error event followed by ``[DONE]`` (the status
-    line has gone out already). ``release`` runs exactly once however the stream ends, and
+    line has gone out already). ``on_output`` sees each prompt's finished output (metrics, the
+    admission's seconds per request). ``release`` runs exactly once however the stream ends, and
     streams still open are cancelled.
     """
 
-    def __init__(self, tokenizer: Any, metrics: HttpMetrics, streams: list, deadline: float, req: Any,
-                 prompts: list, chat: bool, release: Callable[[], None]) -> None:
-        self.tokenizer, self.metrics = tokenizer, metrics
+    def __init__(self, tokenizer: Any, on_output: Callable[[GenerationOutput], None], streams: list, deadline: float,
+                 req: Any, prompts: list, chat: bool, release: Callable[[], None]) -> None:
+        self.tokenizer, self.on_output = tokenizer, on_output
         self.streams, self.deadline = streams, deadline
         self.req, self.prompts, self.chat, self.release = req, prompts, chat, release
         self.rid = P.new_id("chatcmpl" if chat else "cmpl")
@@ -104,7 +104,7 @@ class EventStream:
                     raise event
                 if isinstance(event, GenerationOutput):
                     outs[i] = event
-                    self.metrics.on_output(event)
+                    self.on_output(event)
                     for c in event.choices:
                         yield self._chunk(i * self.req.n + c.index, "", c.finish_reason, None)
                 elif isinstance(event, Delta):

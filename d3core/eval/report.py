@@ -20,7 +20,8 @@ published numbers, both switchable:
 With the cells' per-sample records (``samples``), each system's AUP gets a 95% paired-bootstrap
 interval and each task lists the pairs of systems whose AUP difference is within noise
 (:mod:`d3core.eval.stats`); a cell's ``accuracy_ci`` (computed where the cell ran) is shown beside
-its accuracy.
+its accuracy. Each code-task cell also lists the sandbox confinements its verdicts name, and a cell
+judged by any sandbox without the seccomp filter is flagged (``weak_confinement``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 from d3core.eval.aup import Point, aup, kept_points
+from d3core.eval.records import SECCOMP, confinements
 from d3core.eval.stats import ITERATIONS, PointSamples, aup_noise
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,9 @@ def build_report(cells: Sequence[dict], anchor_vanilla: bool = False, unit_tpf_s
 
     ``samples[i]``: the per-sample records of ``cells[i]`` (each with ``id``, ``correct``,
     ``generated_tokens``, ``nfe``), or None; with them the report adds ``aup_ci[task][system]`` and
-    ``within_noise[task]`` (pairs of systems whose AUP difference's 95% interval contains 0).
+    ``within_noise[task]`` (pairs of systems whose AUP difference's 95% interval contains 0), and
+    for cells whose records carry sandbox verdicts, ``confinement`` (one entry per such cell: its
+    distinct confinements and whether all load seccomp) and ``weak_confinement`` (those that do not).
     """
     if not cells:
         raise ValueError("no cells: run at least one evaluation cell before building a report")
@@ -107,6 +111,8 @@ def build_report(cells: Sequence[dict], anchor_vanilla: bool = False, unit_tpf_s
                     "aup_ci": {}, "within_noise": {}}
     rows = {i: list(r) for i, r in enumerate(samples or []) if r}
     cell_index = {id(c): i for i, c in enumerate(cells)}
+    report["confinement"] = _confinement(cells, rows)
+    report["weak_confinement"] = [e for e in report["confinement"] if not e["seccomp"]]
     for task, systems in by_task.items():
         noise = _noise(task, systems, rows, cell_index, anchor_vanilla, unit_tpf_single, bootstrap_iters, seed) \
             if rows else None
@@ -142,6 +148,17 @@ def build_report(cells: Sequence[dict], anchor_vanilla: bool = False, unit_tpf_s
     systems_all = _order({s for t in tasks for s in report["aup"][t]}, cells)
     report["average_aup"] = {s: sum(report["aup"][t].get(s, 0.0) for t in tasks) / len(tasks) for s in systems_all}
     return report
+
+
+def _confinement(cells: Sequence[dict], rows: dict[int, list[dict]]) -> list[dict]:
+    """Per cell with sandbox verdicts: its distinct confinements, and whether every one loads seccomp."""
+    out = []
+    for i, c in enumerate(cells):
+        found = confinements(rows.get(i, []))
+        if found:
+            out.append({"task": c["task"], "system": system_name(c), "threshold": c.get("threshold"),
+                        "confinements": found, "seccomp": all(SECCOMP in f for f in found)})
+    return out
 
 
 def _percent_ci(ci) -> list[float] | None:
@@ -188,6 +205,12 @@ def to_markdown(report: dict) -> str:
         lines += [", ".join(f"{k}: {v}" for k, v in plain.items()), ""]
     if meta.get("provenance"):
         lines += [provenance_line(meta["provenance"]), ""]
+    weak = report.get("weak_confinement") or []
+    if weak:
+        names = "; ".join(f"{e['task']} {e['system']}{_at(e['threshold'])} ({', '.join(e['confinements'])})"
+                          for e in weak)
+        lines += [f"**Weaker sandbox:** {len(weak)} code cell(s) were judged without the seccomp filter "
+                  f"(`{SECCOMP}`): {names}. See 'Sandbox confinement' below.", ""]
     conv = report["conventions"]
     lines += [f"AUP as d3LLM defines it (alpha {conv['alpha']}, {conv['max_drop']}-point drop filter, y_max over "
               f"all systems on the task); single-point decoders at TPF 1: {conv['unit_tpf_single']}; parallel "
@@ -222,4 +245,16 @@ def to_markdown(report: dict) -> str:
         ci = _fmt_ci(_percent_ci(c.get("accuracy_ci")))
         lines.append(f"| {c['task']} | {system_name(c)} | {thr} | {100 * c['accuracy']:.2f}{ci} | {c['tpf']:.2f} | "
                      f"{c['mean_nfe']:.1f} | {c['tokens_per_second']:.0f} | {c.get('backend', 'd3core')} |")
+    if report.get("confinement"):
+        lines += ["", "## Sandbox confinement", "",
+                  (f"The confinements the code cells' verdicts name (sandbox mode, then `+cgroup` and `{SECCOMP}` "
+                   "where used)."), "", "| task | method | threshold | confinement | seccomp |", "|---|---|---|---|---|"]
+        for e in report["confinement"]:
+            thr = "-" if e["threshold"] is None else f"{e['threshold']:g}"
+            flag = "yes" if e["seccomp"] else "**no**"
+            lines.append(f"| {e['task']} | {e['system']} | {thr} | {', '.join(e['confinements'])} | {flag} |")
     return "\n".join(lines) + "\n"
+
+
+def _at(threshold) -> str:
+    return "" if threshold is None else f" at {threshold:g}"

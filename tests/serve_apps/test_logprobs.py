@@ -20,6 +20,7 @@ from d3core.eval import synthetic
 from d3core.models.checkpoint import load_config
 from d3core.sft import encode_prompt
 from serve_apps import protocol as P
+from serve_apps.admission import Admission, RowGate
 from serve_apps.config import ServeConfig
 from serve_apps.engine import ContinuousEngine
 from serve_apps.metrics import HttpMetrics
@@ -30,7 +31,8 @@ from serve_apps.replica import D3LLMModel
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = "d3ray-tiny"
-INGRESS_METHODS = ("_serve", "_reserve", "_overloaded", "_prepare", "_check_model", "_complete", "_stream")
+INGRESS_METHODS = ("_serve", "_prepare", "_check_model", "_complete", "_stream", "_on_output")
+REPLICA_METHODS = ("generate", "generate_stream", "_enter", "_stream")
 
 
 class _Stream:
@@ -54,8 +56,9 @@ class _Handle:
 
     def __init__(self, replica: SimpleNamespace) -> None:
         self.replica = replica
-        self.generate = SimpleNamespace(remote=lambda gen: replica.generate(gen))
-        self.generate_stream = SimpleNamespace(remote=lambda gen: _Stream(replica.generate_stream(gen)))
+        self.generate = SimpleNamespace(remote=lambda gen, admit_by: replica.generate(gen, admit_by))
+        self.generate_stream = SimpleNamespace(remote=lambda gen, admit_by: _Stream(replica.generate_stream(gen,
+                                                                                                           admit_by)))
 
     def options(self, stream: bool) -> _Handle:
         return self
@@ -67,14 +70,14 @@ class App:
     def __init__(self, teacher, tok) -> None:
         cfg = ServeConfig.from_preset("tiny")
         self.engine = ContinuousEngine(teacher, tok, cfg.sampler, cfg.max_batch_size)
-        replica = SimpleNamespace(engine=self.engine)
-        for name in ("generate", "generate_stream"):
+        replica = SimpleNamespace(cfg=cfg, engine=self.engine, gate=RowGate(cfg.max_batch_size, cfg.max_queued_requests))
+        for name in REPLICA_METHODS:
             setattr(replica, name, types.MethodType(getattr(D3LLMModel.func_or_class, name), replica))
         model_config = load_config(cfg.model)
+        admission = Admission(cfg.row_capacity, cfg.max_batch_size, cfg.queue_budget_s, running=lambda: 1)
         self.ingress = SimpleNamespace(cfg=cfg, tokenizer=tok, model_config=model_config,
-                                       context=model_config.max_seq_len, metrics=HttpMetrics(), rows_in_use=0,
-                                       capacity=cfg.row_capacity, model=_Handle(replica),
-                                       cpu=concurrent.futures.ThreadPoolExecutor(1))
+                                       context=model_config.max_seq_len, metrics=HttpMetrics(), admission=admission,
+                                       model=_Handle(replica), cpu=concurrent.futures.ThreadPoolExecutor(1))
         for name in INGRESS_METHODS:
             setattr(self.ingress, name, types.MethodType(getattr(OpenAIIngress.func_or_class, name), self.ingress))
 

@@ -1,7 +1,7 @@
 """The OpenAI app over real HTTP on 127.0.0.1 with the official ``openai`` client.
 
 One Serve application (tiny preset, 2 CPU replicas of the model deployment, an API key) is
-shared by the module; the replica-kill test runs last because it disturbs the app.
+shared by the module; the replica-kill tests run last because they disturb the app.
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ def reference(question):
 def test_models_health_ready_and_the_api_key(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(f"{server}/health", timeout=30)
-    assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert health.json()["replicas"].get("RUNNING") == 2
-    ready = httpx.get(f"{server}/ready", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["model"] == MODEL
+    deadline = time.monotonic() + 10  # the watch behind /ready refreshes every second
+    while (ready := httpx.get(f"{server}/ready", timeout=30)).json().get("replicas", {}).get("RUNNING") != 2:
+        assert time.monotonic() < deadline, ready.json()
+        time.sleep(0.5)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.get(f"{server}/v1/models", headers=headers, timeout=30)
@@ -250,17 +252,25 @@ def test_d5_a_huge_body_is_refused_fast_and_other_routes_stay_responsive(server)
     assert time.monotonic() - t0 < 30
 
 
-def test_d6_health_does_not_wait_behind_decoding(server, client, questions):
+def test_d6_probes_do_not_wait_behind_decoding(server, client, questions):
     slow = {"sampler_params": {"threshold": 0.0}}
+    probes = []
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         busy = [pool.submit(chat, client, q, extra_body=slow) for q in questions[:12]]
         time.sleep(0.3)
-        t0 = time.monotonic()
-        health = httpx.get(f"{server}/health", timeout=30)
-        health_s = time.monotonic() - t0
+        for _ in range(10):
+            for path in ("/health", "/ready"):
+                t0 = time.monotonic()
+                r = httpx.get(f"{server}{path}", timeout=30)
+                probes.append((path, r.status_code, time.monotonic() - t0))
+            time.sleep(0.05)
         for f in busy:
             f.result()
-    assert health.status_code == 200 and health_s < 2.0, health_s
+    print("probe seconds under load:", [round(t, 3) for _, _, t in probes])
+    assert all(code == 200 for _, code, _ in probes), probes
+    # The probes read the ingress's own state; the bound is loose because the test's own decoding, Serve's
+    # proxy and the replicas share 2 cores (benchmarks/serve_load.py --overload measures it).
+    assert max(t for _, _, t in probes) < 1.0, probes
 
 
 def test_d7_metrics_on_the_http_port_count_every_route_and_status(server, client, questions):
@@ -471,6 +481,76 @@ def _replicas() -> list[str]:
                   and a["name"].startswith("SERVE_REPLICA"))
 
 
+def _replica_pid(name: str) -> int:
+    """The PID of a model replica's worker process, checked to be a Ray worker of this test's cluster."""
+    import os
+
+    actor = ray.get_actor(name, namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ")
+    assert b"ray::" in cmdline or b"default_worker.py" in cmdline, cmdline
+    return pid
+
+
+def _wait_for_two_running(name_gone: str, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = serve.status().applications[APP].deployments["D3LLMModel"]
+        if status.replica_states.get("RUNNING", 0) == 2 and name_gone not in _replicas():
+            return
+        time.sleep(2)
+    raise AssertionError(f"dead replica not replaced: {status}")
+
+
+@pytest.mark.slow
+def test_probes_stay_200_while_a_killed_replica_restarts_beside_a_serving_one(server, client, questions):
+    """Issue 33: after SIGKILL of one of 2 replicas, /health and /ready answered 503 for 8-10 s (the controller
+    called the deployment UNHEALTHY, RUNNING 1, STARTING 1) while every chat request got a 200."""
+    import os
+    import signal
+    import threading
+
+    replicas = _replicas()
+    assert len(replicas) == 2, replicas
+    pid = _replica_pid(replicas[0])
+    probes = []  # (path, status, seconds, at)
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=5) as http:
+            while not stop.is_set():
+                for path in ("/health", "/ready"):
+                    t0 = time.monotonic()
+                    try:
+                        code = http.get(f"{server}{path}").status_code
+                    except httpx.HTTPError as e:
+                        code = type(e).__name__
+                    probes.append((path, code, time.monotonic() - t0, time.monotonic()))
+                time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    answers = []
+    while time.monotonic() < killed + 15:  # ~15 s of probes and sequential chat requests after the kill
+        try:
+            answers.append(chat(client, questions[len(answers) % 16]).choices[0].finish_reason)
+        except openai.APIStatusError as e:  # the dead replica's call: a 503, never a hang
+            answers.append(e.status_code)
+    stop.set()
+    poller.join(10)
+    after = [p for p in probes if p[3] > killed]
+    print(f"probes after the kill: {len(after)}, slowest {max(t for _, _, t, _ in after):.3f} s; "
+          f"chats: {len(answers)}, not answered: {[a for a in answers if a not in ('stop', 'length')]}")
+    assert len(after) >= 50, len(after)
+    assert [p for p in probes if p[1] != 200] == []
+    assert answers.count("stop") + answers.count("length") >= len(answers) - 2, answers
+    _wait_for_two_running(replicas[0])  # the next test kills one too
+
+
 @pytest.mark.slow
 def test_killing_a_replica_mid_load_recovers_without_hangs(server, client, questions):
     replicas = _replicas()
@@ -516,14 +596,7 @@ def test_killing_a_replica_mid_load_recovers_without_hangs(server, client, quest
     assert set(codes) <= {503, 429, "stream-error"}, codes
     assert any(ok for ok, _, t in results if t > killed_at + 1), "no request succeeded after the kill"
 
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        status = serve.status().applications[APP].deployments["D3LLMModel"]
-        running = status.replica_states.get("RUNNING", 0)
-        if running == 2 and replicas[0] not in _replicas():
-            break
-        time.sleep(2)
-    assert running == 2 and replicas[0] not in _replicas(), f"dead replica not replaced: {status}"
+    _wait_for_two_running(replicas[0])
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         after = list(pool.map(lambda q: chat(client, q), questions[:8]))
     assert all(r.choices[0].finish_reason == "stop" for r in after)

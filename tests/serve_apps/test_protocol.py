@@ -66,25 +66,57 @@ def test_from_args_parses_cli_strings_and_student_uri(tmp_path):
     ({"ingress_max_ongoing_requests": 47}, "ingress_max_ongoing_requests=47: must be an int >= .* 48"),
     ({"ingress_max_queued_requests": 10}, "ingress_max_queued_requests=10: must be an int >= .* 48"),
     ({"batching": "step"}, r"batching='step': must be one of \['continuous', 'request', 'legacy'\]"),
+    ({"queue_budget_s": 0}, r"queue_budget_s=0: must be > 0 and below request_timeout_s 60.0 .*; use e.g. 5.0"),
+    ({"queue_budget_s": 90.0}, r"queue_budget_s=90.0: must be > 0 and below request_timeout_s"),
+    ({"num_replicas": None, "autoscaling": {"max_replicas": 2, "target_ongoing_requests": 40}},
+     r"target_ongoing_requests=40: must be <= max_batch_size 16.*use max_batch_size / 2"),
+    ({"num_replicas": None, "autoscaling": {"max_replicas": 2, "upscale_delay": 2}},
+     r"has keys \['upscale_delay'\] that Ray Serve's AutoscalingConfig lacks"),
+    ({"num_replicas": None, "autoscaling": {"max_replicas": 2, "upscale_delay_s": -1}}, "rejected by Ray Serve"),
+    ({"num_replicas": None, "autoscaling": {"max_replicas": 2, "look_back_period_s": 0.5}},
+     r"look_back_period_s=0.5: must exceed metrics_interval_s 0.5"),
 ])
 def test_bad_config_names_value_rule_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
         ServeConfig.from_preset("tiny", **overrides)
 
 
-def test_the_ingress_takes_the_engines_rows_plus_headroom_and_serve_refuses_beyond_with_429():
-    from serve_apps.config import INGRESS_HEADROOM, INGRESS_QUEUE_FACTOR
+def test_the_ingress_takes_every_connection_so_probes_never_queue_in_serves_proxy():
+    """Issue 33: with 320 closed-loop clients the surplus waited up to 39 s in Serve's proxy queue (the ingress took
+    its rows + 32), and a probe waited behind it; the ingress now takes the connections and answers them itself."""
+    from serve_apps.config import INGRESS_HEADROOM
 
     cfg = ServeConfig.from_preset("tiny", max_batch_size=8, max_queued_requests=4, num_replicas=3)
     assert cfg.row_capacity == 3 * (8 + 4)
     opts = cfg.ingress_options()
     assert opts["max_ongoing_requests"] == 36 + INGRESS_HEADROOM
-    assert opts["max_queued_requests"] == INGRESS_QUEUE_FACTOR * (36 + INGRESS_HEADROOM)
+    assert ServeConfig.from_preset("tiny").ingress_options()["max_ongoing_requests"] >= 320 + 48
+    assert opts["max_queued_requests"] == opts["max_ongoing_requests"]
     assert opts["backpressure_config"].status_code == 429 and opts["backpressure_config"].retry_after_s == 1.0
     auto = ServeConfig.from_preset("tiny", num_replicas=None, autoscaling={"min_replicas": 1, "max_replicas": 2})
     assert auto.row_capacity == 2 * (16 + 32)  # sized for the most replicas
     own = ServeConfig.from_args({"ingress_max_ongoing_requests": "200", "ingress_max_queued_requests": "64"})
     assert (own.ingress_options()["max_ongoing_requests"], own.ingress_options()["max_queued_requests"]) == (200, 64)
+
+
+def test_autoscaling_reports_often_and_targets_half_a_batch_unless_told_otherwise():
+    """Issue 33: with Serve's defaults (reports every 10 s, averaged over 30 s) 16 clients did not bring up a second
+    replica within 15 s."""
+    auto = ServeConfig.from_preset("tiny", autoscaling={"min_replicas": 1, "max_replicas": 2})
+    opts = auto.deployment_options()["autoscaling_config"]
+    assert opts["metrics_interval_s"] == 0.5 and opts["look_back_period_s"] == 2.0 and opts["upscale_delay_s"] == 2.0
+    assert opts["target_ongoing_requests"] == 8  # half of max_batch_size 16
+    own = ServeConfig.from_preset("tiny", autoscaling={"max_replicas": 2, "upscale_delay_s": 30,
+                                                       "target_ongoing_requests": 16})
+    assert own.autoscaling_options()["upscale_delay_s"] == 30 and own.autoscaling_options()["metrics_interval_s"] == 0.5
+    assert ServeConfig.from_preset("llada-8b").autoscaling_options()["target_ongoing_requests"] == 16  # batch 32
+
+
+def test_the_model_deployment_holds_rows_queue_and_probe_room_and_its_router_what_the_ingress_admits():
+    cfg = ServeConfig.from_preset("tiny", max_batch_size=8, max_queued_requests=4)
+    opts = cfg.deployment_options()
+    assert opts["max_ongoing_requests"] == 8 + 4 + 8 and opts["max_queued_requests"] == 8 + 4 + 8
+    assert cfg.queue_budget_s == 5.0
 
 
 def test_unknown_builder_argument_is_rejected():

@@ -38,3 +38,17 @@ def test_mixed_requests_are_reproducible_spread_and_accepted(bench):
         params, max_tokens = P.resolve_params(cfg, req)
         assert max_tokens == p["max_tokens"] <= params.gen_length
         assert params.threshold == p.get("sampler_params", {}).get("threshold", cfg.sampler_params["threshold"])
+
+
+def test_the_summary_separates_refusals_and_names_their_reasons(bench):
+    ok = {"status": 200, "latency": 2.0, "ttft": None, "tokens": 10, "retry_after": None}
+    refusal = {"status": 429, "latency": 0.1, "ttft": None, "tokens": 0, "retry_after": "1",
+               "refusal": bench.refusal_kind(json.dumps(P.APIError(429, "server overloaded: 48 of 48 rows are taken: "
+                                                                      "retry after 1 s").body()).encode())}
+    proxy = {"status": 429, "latency": 0.3, "ttft": None, "tokens": 0, "retry_after": "1",
+             "refusal": bench.refusal_kind(b"Request dropped due to backpressure (num_queued_requests=9)")}
+    out = bench.summary([ok, refusal, proxy, {**ok, "status": "timeout"}], wall=1.0)
+    assert out["ok"] == 1 and out["refused"] == 2 and out["hangs"] == 1 and out["refusals_with_retry_after"] == 2
+    assert out["refusal_latency_max_s"] == 0.3 and out["latency_max_s"] == 2.0
+    assert out["refusal_kinds"] == {"server overloaded: N of N rows are taken": 1,
+                                    "proxy: Request dropped due to backpressure (num_queued_requests=9)": 1}

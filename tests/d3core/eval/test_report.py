@@ -71,3 +71,34 @@ def test_zero_accuracy_task_and_empty_input():
     assert rep["aup"]["mbpp"]["teacher/d3llm"] == 0.0
     with pytest.raises(ValueError, match="no cells"):
         build_report([])
+
+
+def _code_records(confinements):
+    """Per-sample records of a code cell whose verdicts name ``confinements`` (None: a verdict without one)."""
+    return [{"id": str(i), "correct": True, "generated_tokens": 10, "nfe": 5,
+             "verdict": {"status": "passed", "confinement": c} if c is not None else {"status": "passed"}}
+            for i, c in enumerate(confinements)]
+
+
+def test_code_cells_name_their_confinement_and_weaker_ones_are_flagged():
+    cells = [cell("teacher", "d3llm", 0.5, 0.5, 2.0, task="humaneval"),
+             cell("teacher", "d3llm", 0.1, 0.6, 1.5, task="humaneval"),
+             cell("teacher", "vanilla", None, 0.6, 1.0, task="humaneval"),
+             cell("teacher", "d3llm", 0.5, 0.7, 2.0)]  # synthetic: no code, no verdicts
+    full = "bwrap-root+cgroup+seccomp"
+    samples = [_code_records([full, full]), _code_records([full, "bwrap-user+cgroup"]), _code_records([None, None]),
+               [{"id": "0", "correct": True, "generated_tokens": 10, "nfe": 5, "verdict": None}]]
+    rep = build_report(cells, samples=samples)
+    assert [(e["threshold"], e["confinements"], e["seccomp"]) for e in rep["confinement"]] == [
+        (0.5, [full], True), (0.1, ["bwrap-root+cgroup+seccomp", "bwrap-user+cgroup"], False),
+        (None, ["unrecorded"], False)]
+    assert [(e["system"], e["threshold"]) for e in rep["weak_confinement"]] == [("teacher/d3llm", 0.1),
+                                                                               ("teacher/vanilla", None)]
+    md = to_markdown(rep)
+    assert "**Weaker sandbox:** 2 code cell(s) were judged without the seccomp filter" in md
+    assert "humaneval teacher/d3llm at 0.1 (bwrap-root+cgroup+seccomp, bwrap-user+cgroup)" in md
+    assert "| humaneval | teacher/d3llm | 0.5 | bwrap-root+cgroup+seccomp | yes |" in md
+    assert "| humaneval | teacher/vanilla | - | unrecorded | **no** |" in md
+    quiet = to_markdown(build_report(cells[:1], samples=samples[:1]))
+    assert "Weaker sandbox" not in quiet and "## Sandbox confinement" in quiet
+    assert build_report(CELLS)["confinement"] == [] and "Sandbox confinement" not in to_markdown(build_report(CELLS))
