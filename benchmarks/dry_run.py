@@ -43,9 +43,10 @@ def _params(sampler: str, temperature: float = 0.0):
     from d3core.samplers.d3llm import D3LLMParams
     from d3core.samplers.fast_dllm import FastDLLMParams
 
-    if sampler == "d3llm":
+    if sampler.startswith("d3llm"):  # d3llm: the reference window; d3llm-blocks: the in-flight blocks only
+        window = {"window": "blocks"} if sampler == "d3llm-blocks" else {}
         return D3LLMParams(gen_length=256, block_length=32, threshold=0.5, cache_delay_iter=1, early_stop=False,
-                           temperature=temperature)
+                           temperature=temperature, **window)
     return FastDLLMParams(gen_length=256, block_length=32, threshold=0.9, cache="dual", early_stop=False)
 
 
@@ -53,7 +54,7 @@ def _program(sampler: str):
     from d3core.samplers.d3llm import D3LLMProgram
     from d3core.samplers.fast_dllm import FastDLLMProgram
 
-    return D3LLMProgram() if sampler == "d3llm" else FastDLLMProgram()
+    return D3LLMProgram() if sampler.startswith("d3llm") else FastDLLMProgram()
 
 
 def decode_case(arch: str, sampler: str, batch: int, layers: int | None, prompt: int = 256, tpf: int = 9,
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/dry_run.json")
     parser.add_argument("--layers", type=int, default=0, help="layers of every model (0: the official count)")
     parser.add_argument("--quick", action="store_true", help="LLaDA only, batch 1 and 8 (and 32 for the fit)")
+    parser.add_argument("--samplers", default="d3llm,fast_dllm",
+                        help="decode cases: d3llm (reference window), d3llm-blocks (windowed), fast_dllm (dual)")
+    parser.add_argument("--decode-only", action="store_true", help="skip the serving and distillation cases")
     args = parser.parse_args()
     if args.layers < 0:
         parser.error(f"--layers {args.layers}: must be >= 0 (0 keeps the official layer count)")
@@ -134,9 +138,13 @@ def main() -> None:
     out: dict = {"note": "projections from fake-tensor dry runs and published device figures, not measurements",
                  "devices": {k: vars(v) for k, v in DEVICES.items()}, "usable_fraction": USABLE_FRACTION,
                  "layers": layers or "official", "decode": [], "largest_batch": {}}
+    samplers = [s for s in args.samplers.split(",") if s]
+    unknown = set(samplers) - {"d3llm", "d3llm-blocks", "fast_dllm"}
+    if unknown:
+        parser.error(f"--samplers {args.samplers}: unknown {sorted(unknown)}; use d3llm, d3llm-blocks, fast_dllm")
     archs = ("llada",) if args.quick else tuple(MODELS)
     for arch in archs:
-        for sampler in ("d3llm", "fast_dllm"):
+        for sampler in samplers:
             batches = (1, 8, 32) if args.quick or arch == "dream" else (1, 8, 32, 64)
             if args.quick and sampler == "fast_dllm":
                 batches = (1,)
@@ -145,14 +153,15 @@ def main() -> None:
             if 8 in batches and 32 in batches:
                 out["largest_batch"][f"{arch}/{sampler}"] = largest_batch(rows, budget)
     fit = out["largest_batch"].get("llada/d3llm", {}).get("h100")
-    if fit and not args.quick:
+    if fit and not args.quick and not args.decode_only:
         check = decode_case("llada", "d3llm", fit, layers)
         out["largest_batch_check"] = {"batch": fit, "peak_gb": check["peak_gb"],
                                       "fits_h100": check["peak_gb"] * 1e9 <= budget["h100"]}
-    if not args.quick:  # sampling: float64 Gumbel noise over (cells, vocab)
+    if not args.quick and not args.decode_only:  # sampling: float64 Gumbel noise over (cells, vocab)
         out["decode"] += [decode_case("llada", "d3llm", b, layers, temperature=0.8) for b in (8, 32)]
-    out["serving"] = serving_case(layers, requests=8 if args.quick else 16)
-    out["distill"] = distill_rows(layers, (1, 2) if args.quick else (1, 2, 4, 8))
+    if not args.decode_only:
+        out["serving"] = serving_case(layers, requests=8 if args.quick else 16)
+        out["distill"] = distill_rows(layers, (1, 2) if args.quick else (1, 2, 4, 8))
     out["wall_s"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -76,20 +76,27 @@ def project(decode_rows: list[dict], host: dict[tuple[str, int], float]) -> list
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", required=True, help="the JSON of benchmarks/dry_run.py")
+    parser.add_argument("--dry-run", required=True, action="append",
+                        help="a JSON of benchmarks/dry_run.py (repeat to merge runs)")
     parser.add_argument("--out", default="runs/bench/project_gpu.json")
     parser.add_argument("--repeats", type=int, default=3, help="host-time decodes per cell (median)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1")
-    if not os.path.exists(args.dry_run):
-        parser.error(f"--dry-run {args.dry_run}: no such file; run benchmarks/dry_run.py first")
-    with open(args.dry_run) as f:
-        dry = json.load(f)
-    rows = [r for r in dry["decode"] if r["arch"] == "llada"]
+    rows, layers = [], set()
+    for path in args.dry_run:
+        if not os.path.exists(path):
+            parser.error(f"--dry-run {path}: no such file; run benchmarks/dry_run.py first")
+        with open(path) as f:
+            dry = json.load(f)
+        rows += [r for r in dry["decode"] if r["arch"] == "llada" and r["case"] in ("d3llm", "d3llm-blocks",
+                                                                                     "fast_dllm")]
+        layers.add(str(dry["layers"]))
+    if len(layers) > 1:
+        parser.error(f"--dry-run files of different layer counts {sorted(layers)}: project one shape at a time")
     host = host_times(sorted({r["case"] for r in rows}), sorted({r["batch"] for r in rows} | {64}), args.repeats)
     out = {"note": "a roofline projection from fake-tensor dry runs and published figures, not a measurement",
-           "dry_run": args.dry_run, "layers": dry["layers"], "anchors_tokens_per_s": ANCHORS,
+           "dry_run": args.dry_run, "layers": layers.pop(), "anchors_tokens_per_s": ANCHORS,
            "host_ms_per_step": {f"{s}/{b}": v for (s, b), v in host.items()},
            "projection": project(rows, host)}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
