@@ -44,7 +44,7 @@ def _params(sampler: str, temperature: float = 0.0):
     from d3core.samplers.fast_dllm import FastDLLMParams
 
     if sampler.startswith("d3llm"):  # d3llm: the reference window; d3llm-blocks: the in-flight blocks only
-        window = {"window": "blocks"} if sampler == "d3llm-blocks" else {}
+        window = {"window": "blocks", "suffix": "drop"} if sampler == "d3llm-blocks" else {}
         return D3LLMParams(gen_length=256, block_length=32, threshold=0.5, cache_delay_iter=1, early_stop=False,
                            temperature=temperature, **window)
     return FastDLLMParams(gen_length=256, block_length=32, threshold=0.9, cache="dual", early_stop=False)

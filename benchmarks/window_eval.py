@@ -32,8 +32,8 @@ logger = logging.getLogger("d3ray.bench.window_eval")
 THRESHOLDS = (0.3, 0.5)
 SYSTEMS: dict[str, tuple[str, dict]] = {
     "d3llm-reference": ("d3llm", {"cache_delay_iter": 2}),
-    "d3llm-blocks-cache": ("d3llm", {"cache_delay_iter": 2, "window": "blocks"}),
-    "d3llm-blocks-cache-la1": ("d3llm", {"cache_delay_iter": 2, "window": "blocks", "lookahead": 1}),
+    "d3llm-blocks-cache": ("d3llm", {"cache_delay_iter": 2, "window": "blocks", "suffix": "cache"}),
+    "d3llm-blocks-cache-la1": ("d3llm", {"cache_delay_iter": 2, "window": "blocks", "suffix": "cache", "lookahead": 1}),
     "d3llm-blocks-drop": ("d3llm", {"cache_delay_iter": 2, "window": "blocks", "suffix": "drop"}),
     "fast_dllm-dual": ("fast_dllm", {"cache": "dual"}),
     "dparallel": ("dparallel", {}),

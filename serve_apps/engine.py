@@ -105,6 +105,14 @@ class GenerationOutput:
     def nfe(self) -> int:
         return sum(c.nfe for c in self.choices)
 
+    @property
+    def tokens_computed(self) -> int:
+        return sum(c.tokens_computed for c in self.choices)
+
+    @property
+    def tokens_committed(self) -> int:
+        return sum(c.tokens_committed for c in self.choices)
+
 
 class EngineMetrics(Protocol):
     def on_step(self, rows: int, seconds: float, tokens: int) -> None: ...
@@ -470,7 +478,8 @@ class ContinuousEngine:
     def _finish(self, item: _Item) -> None:
         item.done = True
         now = time.monotonic()
-        choices = tuple(t.choice(r.nfe) for t, r in zip(item.texts, item.rows))
+        choices = tuple(t.choice(r.nfe, r.computed, _committed(r, self.model.config.mask_id))
+                        for t, r in zip(item.texts, item.rows))
         out = GenerationOutput(choices, len(item.req.prompt_ids), item.batch_size, item.admitted - item.arrived,
                                now - item.admitted)
         self._observe_request("ok", out)
@@ -480,6 +489,14 @@ class ContinuousEngine:
         if self.metrics is not None and (status != "ok" or out is not None):
             with contextlib.suppress(Exception):
                 self.metrics.on_request(status, out)
+
+
+def _committed(row: Row, mask_id: int) -> int:
+    """Generation slots a row committed before it ended (all of them unless it left early); 0 while it
+    still decodes (a legacy-batching row whose text is final before its sampler ends it)."""
+    if row.result is None:
+        return 0
+    return int(np.count_nonzero(np.asarray(row.result.tokens) != mask_id))
 
 
 def _group_key(req: GenerationRequest) -> tuple:

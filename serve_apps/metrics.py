@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TPF_BOUNDARIES = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 NFE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+FORWARDS_BOUNDARIES = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -47,6 +48,10 @@ class HttpMetrics:
                              registry=r)
         self.tpf = Histogram("d3ray_request_tpf", "Tokens per forward of each answered choice.",
                              buckets=TPF_BOUNDARIES, registry=r)
+        self.forwards = Histogram("d3ray_request_token_forwards_per_token",
+                                  "Token-forwards per committed token of each answered choice (device-independent "
+                                  "cost: window tokens recomputed / slots committed).", buckets=FORWARDS_BOUNDARIES,
+                                  registry=r)
         self.batch = Histogram("d3ray_request_batch_size", "Most rows that shared a step with a request.",
                                buckets=BATCH_BOUNDARIES, registry=r)
 
@@ -62,6 +67,8 @@ class HttpMetrics:
         for c in out.choices:
             self.nfe.observe(c.nfe)
             self.tpf.observe(len(c.token_ids) / max(c.nfe, 1))
+            if c.tokens_committed:
+                self.forwards.observe(c.tokens_computed / c.tokens_committed)
         self.batch.observe(out.batch_size)
 
     def render(self) -> bytes:

@@ -42,6 +42,8 @@ class Choice:
     finish_reason: str  # "stop": EOS or a stop string; "length": max_tokens or the canvas ran out
     nfe: int
     token_texts: tuple[str, ...] | None = None
+    tokens_computed: int = 0  # window tokens the model recomputed for this row over all its steps
+    tokens_committed: int = 0  # generation slots the row committed (model or EOS fill) before it ended
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,11 @@ class ChoiceText:
         return Delta(self.index, text, tuple(self.ids[first: n_tok]), tuple(self.logprobs[first: n_tok]),
                      self.starts.texts(self.text, first, n_tok, end), offset)
 
-    def choice(self, nfe: int) -> Choice:
+    def choice(self, nfe: int, computed: int = 0, committed: int = 0) -> Choice:
+        """The final choice; ``computed`` and ``committed`` are the row's token-forwards and committed slots."""
+        reason = self.finish_reason or "length"
         if not self.want_logprobs:
-            return Choice(self.index, self.text, tuple(self.ids), None, self.finish_reason or "length", nfe)
+            return Choice(self.index, self.text, tuple(self.ids), None, reason, nfe, None, computed, committed)
         n = self._listed()
-        return Choice(self.index, self.text, tuple(self.ids), tuple(self.logprobs[:n]), self.finish_reason or "length",
-                      nfe, self.starts.texts(self.text, 0, n, len(self.text)))
+        return Choice(self.index, self.text, tuple(self.ids), tuple(self.logprobs[:n]), reason, nfe,
+                      self.starts.texts(self.text, 0, n, len(self.text)), computed, committed)

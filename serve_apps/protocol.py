@@ -400,10 +400,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, nfe: int, batch_size: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, nfe: int, batch_size: int, tokens_computed: int = 0,
+          tokens_committed: int = 0) -> dict[str, Any]:
+    """OpenAI's usage plus d3ray's cost figures: NFE, TPF, the batch, and token-forwards per committed token
+    (window tokens the model recomputed / generation slots committed: device-independent)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe,
-            "tpf": round(completion_tokens / max(nfe, 1), 4), "batch_size": batch_size}
+            "tpf": round(completion_tokens / max(nfe, 1), 4), "batch_size": batch_size,
+            "tokens_computed": tokens_computed,
+            "token_forwards_per_token": round(tokens_computed / max(tokens_committed, 1), 4)}
 
 
 def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int) -> dict[str, Any]:

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 def _usage(outs: list[GenerationOutput]) -> dict[str, Any]:
     return P.usage(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
-                   sum(o.nfe for o in outs), max(o.batch_size for o in outs))
+                   sum(o.nfe for o in outs), max(o.batch_size for o in outs), sum(o.tokens_computed for o in outs),
+                   sum(o.tokens_committed for o in outs))
 
 
 def _logprobs(texts: Sequence[str] | None, logprobs: Sequence[float] | None, chat: bool, offset: int) -> dict | None:

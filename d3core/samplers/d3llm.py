@@ -27,9 +27,14 @@ short windows (windows are per row, see :mod:`d3core.cache`).
 cached length to the end of the canvas, blocks not yet created included. ``window="blocks"`` computes
 only the created blocks (plus ``lookahead`` blocks) each step:
 
-* the all-mask suffix past them is read from the cache (``suffix="cache"``: its K/V come from the
-  row's first forward, which covers the whole canvas, as Fast-dLLM's dual cache reads its suffix) or
-  left out of attention (``suffix="drop"``, as block-diffusion models decode);
+* the all-mask suffix past them is left out of attention (``suffix="drop"``, the default, as
+  block-diffusion models decode) or read from the cache (``suffix="cache"``: its K/V come from the
+  row's first forward, which covers the whole canvas, as Fast-dLLM's dual cache reads its suffix).
+  Chosen by measurement (docs/benchmarks.md, ``benchmarks/window_eval.py``): on the tiny teacher at its
+  longest canvas (80 slots) dropping the suffix computes 0.38x the reference's token-forwards and
+  answers 18-20 points better (the all-mask suffix is what the model reads badly on a canvas longer than
+  it was trained on); at the trained length (48) it costs 1.8-4.0 points, reading the suffix from the
+  cache 1.8-2.2;
 * a newly completed unit is not refreshed by recomputing the row: the stale part (completed units
   not yet committed to the cache) lies inside the window already, so the cached prefix and the mask
   suffix are left alone; ``refresh_interval`` still recomputes the prefix, never the suffix.
@@ -101,7 +106,7 @@ class D3LLMParams(BlockParams):
     early_stop: bool = True
     commit_rule: str | None = None  # "llada" | "dream"; None: the model family's rule
     window: str = "canvas"  # "canvas": recompute to the canvas's end (the reference); "blocks": in-flight blocks only
-    suffix: str = "cache"  # with window="blocks": the all-mask suffix is read from the cache, or "drop"ped
+    suffix: str | None = None  # with window="blocks": the all-mask suffix is "drop"ped (default) or read from "cache"
     lookahead: int = 0  # with window="blocks": blocks past the newest one recomputed anyway
 
     def __post_init__(self) -> None:
@@ -119,11 +124,12 @@ class D3LLMParams(BlockParams):
         if self.window not in WINDOWS:
             raise ValueError(f"window={self.window!r}: must be one of {WINDOWS} (canvas: the reference; blocks: "
                              "the in-flight blocks only)")
-        if self.suffix not in SUFFIXES:
-            raise ValueError(f"suffix={self.suffix!r}: must be one of {SUFFIXES}")
+        if self.suffix is not None and self.suffix not in SUFFIXES:
+            raise ValueError(f"suffix={self.suffix!r}: must be one of {SUFFIXES}, or None (with window='blocks': "
+                             "drop)")
         if self.lookahead < 0:
             raise ValueError(f"lookahead={self.lookahead}: must be >= 0 blocks")
-        if self.window == "canvas" and (self.suffix != "cache" or self.lookahead):
+        if self.window == "canvas" and (self.suffix is not None or self.lookahead):
             raise ValueError(f"suffix={self.suffix!r}, lookahead={self.lookahead} apply to window='blocks' only: "
                              "set window='blocks' or leave them at their defaults")
         if self.commit_rule is not None and self.commit_rule not in COMMIT_RULES:
@@ -174,7 +180,7 @@ class D3LLMProgram(Program):
         row.state = _Blocks(row.params.num_blocks, block_length=row.params.block_length)
 
     def reads_cache(self, params: D3LLMParams) -> bool:
-        return params.cache_delay_iter is not None or (params.window == "blocks" and params.suffix == "cache")
+        return params.cache_delay_iter is not None or params.suffix == "cache"
 
     def plan(self, row: Row, d: Decoder) -> RowPlan | None:
         st, p = row.state, row.params
@@ -190,7 +196,7 @@ class D3LLMProgram(Program):
         end = keys = row.length
         if p.window == "blocks":
             end = min(row.prompt_len + (st.created + p.lookahead) * p.block_length, row.length)
-            if p.suffix == "drop":
+            if p.suffix != "cache":  # drop, the default
                 keys = end
             elif row.nfe == 0:
                 end = row.length  # the first forward computes the whole canvas: the suffix's K/V come from it

@@ -303,3 +303,19 @@ def test_bad_requests_and_settings_name_the_value(teacher, tok):
         ContinuousEngine(teacher, tok, max_batch_size=0)
     with pytest.raises(ValueError, match="sampler='apd'"):
         ContinuousEngine(teacher, tok, sampler="apd")
+
+
+def test_each_choice_reports_its_token_forwards_per_committed_token(teacher, tok, prompts):
+    from serve_apps import protocol as P
+
+    async def body(engine):
+        return await asyncio.gather(engine.generate(GenerationRequest(prompts[0], PARAMS)),
+                                    engine.generate(GenerationRequest(prompts[1], PARAMS, max_tokens=4)))
+
+    whole, cut = run(with_engine(teacher, tok, body, max_batch_size=4))
+    seq = D3LLM.generate(teacher, [list(prompts[0])], PARAMS).sequences[0]
+    choice = whole.choices[0]
+    assert (choice.tokens_computed, choice.tokens_committed) == (seq.tokens_computed, PARAMS.gen_length)
+    assert 0 < cut.choices[0].tokens_committed < PARAMS.gen_length  # left at max_tokens, before its canvas ended
+    use = P.usage(1, 2, 3, 1, whole.tokens_computed, whole.tokens_committed)
+    assert use["token_forwards_per_token"] == round(seq.tokens_computed / PARAMS.gen_length, 4)

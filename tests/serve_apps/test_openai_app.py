@@ -124,6 +124,8 @@ def test_chat_matches_the_sampler_and_reports_usage(client, questions):
     assert u.completion_tokens == len(seq.response_ids) and u.prompt_tokens == len(seq.prompt_ids)
     assert u.model_extra["nfe"] == seq.nfe and u.model_extra["tpf"] == pytest.approx(seq.tpf, abs=1e-3)
     assert u.model_extra["tpf"] > 1.0  # parallel decoding: more than one token per forward
+    assert u.model_extra["tokens_computed"] == seq.tokens_computed
+    assert u.model_extra["token_forwards_per_token"] == pytest.approx(seq.forwards_per_token, abs=1e-3)
 
 
 def test_completion_with_max_tokens_echo_and_several_prompts(client, questions):
@@ -283,7 +285,8 @@ def test_d7_metrics_on_the_http_port_count_every_route_and_status(server, client
     assert 'route="unmatched",status_code="404"' in text
     assert 'route="/v1/models",status_code="401"' in text or 'status_code="401"' in text
     for name in ("d3ray_completion_tokens_total", "d3ray_request_nfe_bucket", "d3ray_request_tpf_bucket",
-                 "d3ray_http_request_duration_seconds_bucket", "d3ray_http_inflight_requests"):
+                 "d3ray_request_token_forwards_per_token_bucket", "d3ray_http_request_duration_seconds_bucket",
+                 "d3ray_http_inflight_requests"):
         assert name in text, name
 
 

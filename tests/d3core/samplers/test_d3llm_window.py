@@ -26,6 +26,7 @@ def prompts(tok):
     ({"window": "blocks", "suffix": "keep"}, "suffix='keep'"),
     ({"window": "blocks", "lookahead": -1}, "lookahead=-1"),
     ({"suffix": "drop"}, "apply to window='blocks' only"),
+    ({"suffix": "cache"}, "apply to window='blocks' only"),
     ({"lookahead": 1}, "apply to window='blocks' only"),
 ])
 def test_bad_window_settings_are_refused(kwargs, match):
@@ -55,7 +56,7 @@ def _plans(teacher, prompt, params, steps):
 
 
 def test_blocks_windows_end_at_the_newest_block_and_read_the_suffix_from_the_first_forward(teacher, prompts):
-    params = D3LLMParams(gen_length=80, threshold=0.5, cache_delay_iter=2, window="blocks")
+    params = D3LLMParams(gen_length=80, threshold=0.5, cache_delay_iter=2, window="blocks", suffix="cache")
     seen, p = _plans(teacher, prompts[0], params, 12)
     assert seen[0][:3] == (0, p + 80, p + 80)  # the first forward covers the canvas: the suffix's K/V
     for start, end, keys, created in seen[1:]:
@@ -64,11 +65,10 @@ def test_blocks_windows_end_at_the_newest_block_and_read_the_suffix_from_the_fir
 
 
 def test_a_dropped_suffix_is_not_attended_and_lookahead_adds_blocks(teacher, prompts):
-    drop, p = _plans(teacher, prompts[0], D3LLMParams(gen_length=80, cache_delay_iter=1, window="blocks",
-                                                      suffix="drop"), 8)
+    drop, p = _plans(teacher, prompts[0], D3LLMParams(gen_length=80, cache_delay_iter=1, window="blocks"), 8)
     assert all(end == keys == min(p + created * 16, p + 80) for _, end, keys, created in drop)
     ahead, _ = _plans(teacher, prompts[0], D3LLMParams(gen_length=80, cache_delay_iter=1, window="blocks",
-                                                       lookahead=1), 8)
+                                                       suffix="cache", lookahead=1), 8)
     assert all(end == min(p + (created + 1) * 16, p + 80) for _, end, _, created in ahead[1:])
 
 
