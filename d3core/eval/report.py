@@ -143,7 +143,7 @@ def build_report(cells: Sequence[dict], anchor_vanilla: bool = False, unit_tpf_s
                 "threshold": best.get("threshold"), "accuracy": 100.0 * float(best["accuracy"]),
                 "tpf": float(best["tpf"]), "tokens_per_second": float(best["tokens_per_second"]),
                 "mean_nfe": float(best["mean_nfe"]), "backend": best.get("backend", "d3core"),
-                "accuracy_ci": _percent_ci(best.get("accuracy_ci"))}
+                "forwards_per_token": _forwards(best), "accuracy_ci": _percent_ci(best.get("accuracy_ci"))}
     tasks = list(report["aup"])
     systems_all = _order({s for t in tasks for s in report["aup"][t]}, cells)
     report["average_aup"] = {s: sum(report["aup"][t].get(s, 0.0) for t in tasks) / len(tasks) for s in systems_all}
@@ -159,6 +159,12 @@ def _confinement(cells: Sequence[dict], rows: dict[int, list[dict]]) -> list[dic
             out.append({"task": c["task"], "system": system_name(c), "threshold": c.get("threshold"),
                         "confinements": found, "seccomp": all(SECCOMP in f for f in found)})
     return out
+
+
+def _forwards(cell: dict) -> float | None:
+    """Token-forwards per committed token of a cell (None where its backend does not count them, e.g. vLLM)."""
+    value = cell.get("forwards_per_token")
+    return float(value) if value else None
 
 
 def _percent_ci(ci) -> list[float] | None:
@@ -227,28 +233,31 @@ def to_markdown(report: dict) -> str:
                   "the interval of their AUP difference contains 0 (column 'within noise of' below)."]
     for t in tasks:
         lines += ["", f"## {t} (y_max {report['y_max'][t]:.2f}%)", "",
-                  "| method | threshold | accuracy (%) [95% CI] | TPF | NFE / problem | tokens/s | AUP "
-                  "| within noise of |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | threshold | accuracy (%) [95% CI] | TPF | NFE / problem | token-forwards / token "
+                  "| tokens/s | AUP | within noise of |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in systems:
             op = report["operating_point"][t].get(s)
             if op is None:
                 continue
             thr = "-" if op["threshold"] is None else f"{op['threshold']:g}"
             lines.append(f"| {s} | {thr} | {op['accuracy']:.2f}{_fmt_ci(op.get('accuracy_ci'))} | {op['tpf']:.2f} | "
-                         f"{op['mean_nfe']:.1f} | {op['tokens_per_second']:.0f} | {_fmt(report['aup'][t].get(s))} | "
+                         f"{op['mean_nfe']:.1f} | {_fmt(op.get('forwards_per_token'))} | "
+                         f"{op['tokens_per_second']:.0f} | {_fmt(report['aup'][t].get(s))} | "
                          f"{_noise_partners(report, t, s)} |")
     lines += ["", "## Every point", "", "| task | method | threshold | accuracy (%) [95% CI] | TPF | NFE / problem | "
-              "tokens/s | backend |", "|---|---|---|---|---|---|---|---|"]
+              "token-forwards / token | tokens/s | backend |", "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["task"], system_name(c), c.get("threshold") or 0.0)):
         thr = "-" if c.get("threshold") is None else f"{c['threshold']:g}"
         ci = _fmt_ci(_percent_ci(c.get("accuracy_ci")))
         lines.append(f"| {c['task']} | {system_name(c)} | {thr} | {100 * c['accuracy']:.2f}{ci} | {c['tpf']:.2f} | "
-                     f"{c['mean_nfe']:.1f} | {c['tokens_per_second']:.0f} | {c.get('backend', 'd3core')} |")
+                     f"{c['mean_nfe']:.1f} | {_fmt(_forwards(c))} | {c['tokens_per_second']:.0f} | "
+                     f"{c.get('backend', 'd3core')} |")
     if report.get("confinement"):
         lines += ["", "## Sandbox confinement", "",
                   (f"The confinements the code cells' verdicts name (sandbox mode, then `+cgroup` and `{SECCOMP}` "
-                   "where used)."), "", "| task | method | threshold | confinement | seccomp |", "|---|---|---|---|---|"]
+                   "where used)."), "", "| task | method | threshold | confinement | seccomp |",
+                  "|---|---|---|---|---|"]
         for e in report["confinement"]:
             thr = "-" if e["threshold"] is None else f"{e['threshold']:g}"
             flag = "yes" if e["seccomp"] else "**no**"

@@ -102,3 +102,12 @@ def test_code_cells_name_their_confinement_and_weaker_ones_are_flagged():
     quiet = to_markdown(build_report(cells[:1], samples=samples[:1]))
     assert "Weaker sandbox" not in quiet and "## Sandbox confinement" in quiet
     assert build_report(CELLS)["confinement"] == [] and "Sandbox confinement" not in to_markdown(build_report(CELLS))
+
+
+def test_cells_and_operating_points_carry_token_forwards_per_token():
+    cells = [dict(c, forwards_per_token=7.5 if c["sampler"] == "d3llm" else None) for c in CELLS]
+    rep = build_report(cells)
+    assert rep["operating_point"]["synthetic"]["student/d3llm"]["forwards_per_token"] == 7.5
+    assert rep["operating_point"]["synthetic"]["AR/ar"]["forwards_per_token"] is None
+    md = to_markdown(rep)
+    assert "token-forwards / token" in md and "| 7.5 |" in md
