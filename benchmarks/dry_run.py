@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: bench_json by name
+from bench_json import write_json  # noqa: E402
 
 logger = logging.getLogger("d3ray.bench.dry_run")
 
@@ -163,10 +164,7 @@ def main() -> None:
         out["serving"] = serving_case(layers, requests=8 if args.quick else 16)
         out["distill"] = distill_rows(layers, (1, 2) if args.quick else (1, 2, 4, 8))
     out["wall_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    logger.info("wrote %s in %.0f s", args.out, out["wall_s"])
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

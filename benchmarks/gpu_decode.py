@@ -25,9 +25,7 @@ Target: step <= 1.3x the weight-read floor at batch 1 on an H200, i.e. >= 2,000 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -36,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: bench_json by name
+from bench_json import write_json  # noqa: E402
 
 logger = logging.getLogger("d3ray.bench.gpu_decode")
 
@@ -293,10 +293,7 @@ def main() -> None:
     if not args.skip_tiny:
         out["tiny"] = tiny_table(device)
     out["wall_s"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    logger.info("wrote %s in %.0f s", args.out, out["wall_s"])
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

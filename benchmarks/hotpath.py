@@ -1,6 +1,7 @@
 """Decode hot path: host<->device syncs, kernel-launching ops and host time per step, old vs new engine.
 
-    python benchmarks/hotpath.py --out runs/bench/hotpath.json [--ref 18a9495] [--wide] [--rounds 3] [--samplers vanilla,d3llm]
+    python benchmarks/hotpath.py --out runs/bench/hotpath.json [--ref 18a9495] [--wide] [--rounds 3] \
+        [--samplers vanilla,d3llm]
 
 For every dLLM sampler at batch 1 and batch 8, on the shipped tiny teacher (and with ``--wide``
 on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports:
@@ -16,7 +17,8 @@ on a 2-layer LLaDA-8B-shape random model), one worker process per engine reports
   at batch 1 and 8 as ``benchmarks/samplers.py`` measures it.
 
 ``--ref COMMIT`` exports that commit's tree (``git archive``) into a temp dir, with this tree's tiny
-teacher copied in (``--ref-own-weights`` keeps the commit's own), and runs the same worker on it; the two engines' timing workers alternate ``--rounds`` times (A B A B ...) and the
+teacher copied in (``--ref-own-weights`` keeps the commit's own), and runs the same worker on it; the two
+engines' timing workers alternate ``--rounds`` times (A B A B ...) and the
 medians are reported, so both see the same machine load.
 """
 

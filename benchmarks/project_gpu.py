@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: bench_json by name
+from bench_json import write_json  # noqa: E402
 
 logger = logging.getLogger("d3ray.bench.project_gpu")
 
@@ -99,14 +101,11 @@ def main() -> None:
            "dry_run": args.dry_run, "layers": layers.pop(), "anchors_tokens_per_s": ANCHORS,
            "host_ms_per_step": {f"{s}/{b}": v for (s, b), v in host.items()},
            "projection": project(rows, host)}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(args.out, out)
     for item in out["projection"]:
         logger.info("%s batch %d: H100 %.0f-%.0f tok/s, H200 %.0f-%.0f tok/s (op-step rooflines, host %.2f ms)",
                     item["sampler"], item["batch"], item["h100_op_tokens_per_s"], item["h100_step_tokens_per_s"],
                     item["h200_op_tokens_per_s"], item["h200_step_tokens_per_s"], item["host_ms"])
-    logger.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

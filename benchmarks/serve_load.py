@@ -34,7 +34,8 @@ with ``--max-batch`` closed-loop clients for ``--capacity-seconds``, then Poisso
 that rate for ``--seconds`` while ``/health`` and ``/ready`` are probed every 0.2 s. It reports
 client timeouts, refusals (429) and their latency, accepted requests' latency against the queue
 budget (``--queue-budget``) plus one request's decode time (the capacity run's median latency),
-and the probes' latency, with the machine's load average before, during and after. The load generator is aiohttp (see :func:`session`); each burst also times
+and the probes' latency, with the machine's load average before, during and after. The load generator
+is aiohttp (see :func:`session`); each burst also times
 the floor from httpx's client, the one earlier runs used. Writes one JSON file with every run, the
 command, the hardware and the machine load.
 
@@ -253,20 +254,25 @@ async def burst(base: str, model: str, questions: list[str], n: int, timeout: fl
     return out
 
 
+async def timed_get(http: aiohttp.ClientSession, url: str) -> tuple[int | str, float]:
+    """One GET: its status code (or the name of its failure, "timeout" included) and seconds."""
+    t0 = time.perf_counter()
+    try:
+        async with http.get(url) as r:
+            await r.read()
+            status: int | str = r.status
+    except asyncio.TimeoutError:
+        status = "timeout"
+    except aiohttp.ClientError as e:
+        status = type(e).__name__
+    return status, time.perf_counter() - t0
+
+
 async def http_floor(base: str, n: int, timeout: float) -> dict:
     """``n`` concurrent ``GET /v1/models``: what Serve's proxy and the ingress alone cost for a burst."""
 
     async def get(http: aiohttp.ClientSession) -> tuple[int | str, float]:
-        t0 = time.perf_counter()
-        try:
-            async with http.get(f"{base}/v1/models") as r:
-                await r.read()
-                status: int | str = r.status
-        except asyncio.TimeoutError:
-            status = "timeout"
-        except aiohttp.ClientError as e:
-            status = type(e).__name__
-        return status, time.perf_counter() - t0
+        return await timed_get(http, f"{base}/v1/models")
 
     async with session(n + 4, timeout) as http:
         got = await asyncio.gather(*(get(http) for _ in range(n)))
@@ -343,16 +349,7 @@ async def probes(base: str, seconds: float, timeout: float) -> dict:
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             for path, recs in got.items():
-                t0 = time.perf_counter()
-                try:
-                    async with http.get(f"{base}{path}") as r:
-                        await r.read()
-                        status: int | str = r.status
-                except asyncio.TimeoutError:
-                    status = "timeout"
-                except aiohttp.ClientError as e:
-                    status = type(e).__name__
-                recs.append((status, time.perf_counter() - t0))
+                recs.append(await timed_get(http, f"{base}{path}"))
             await asyncio.sleep(0.2)
     return {path: {"probes": len(v), "non_200": sum(1 for s, _ in v if s != 200),
                    **{f"latency_{q}_s": pct([t for _, t in v], n) for q, n in (("p50", 50), ("p99", 99), ("max", 100))}}

@@ -18,14 +18,14 @@ task's y_max over every system at that length (d3core/eval/aup.py). Writes one J
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: bench_json by name
+from bench_json import write_json  # noqa: E402
 
 logger = logging.getLogger("d3ray.bench.window_eval")
 
@@ -107,10 +107,7 @@ def main() -> None:
         rows = [r for gen in gens for r in evaluate(model, tok, problems, gen, args.batch)]
         out["models"][name] = {"rows": rows, "aup": with_aup(rows)}
         logger.info("%s AUP %s", name, out["models"][name]["aup"])
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    logger.info("wrote %s", args.out)
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
