@@ -314,11 +314,11 @@ def test_a_driver_killed_right_after_a_checkpoint_resumes_from_it(ray_local, tea
 
     traj, out = tmp_path / "traj", tmp_path / "student"
     write_rows(traj, teacher_dir, 40, seed=6)
-    common = dict(trajectories=str(traj), out=str(out), num_workers=2, batch_size=8, epochs=4, max_steps=20, lr=1e-3,
-                  warmup_steps=1, window_sizes=(8,), ckpt_every=2)
+    common = dict(trajectories=str(traj), out=str(out), num_workers=2, batch_size=8, max_steps=20, lr=1e-3,
+                  warmup_steps=1, window_sizes=(8,), ckpt_every=2)  # max_steps sets the length (epochs: the default)
     cfg = DistillConfig(**common)  # the CLI below starts from the tiny recipe: every value it differs in is a flag
     cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "pipelines" / "distill.py"),
-           "--trajectories", str(traj), "--out", str(out), "--num-workers", "2", "--batch-size", "8", "--epochs", "4",
+           "--trajectories", str(traj), "--out", str(out), "--num-workers", "2", "--batch-size", "8",
            "--max-steps", "20", "--lr", "1e-3", "--warmup-steps", "1", "--window-sizes", "8", "--ckpt-every", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
