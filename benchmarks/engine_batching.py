@@ -144,11 +144,13 @@ def floor_forward(model, floor_s: float) -> None:
 async def one_run(model, tokenizer, cfg, requests: list, mode: str, args, capacity: float | None,
                   seed: int) -> dict:
     """Saturation, then the open loop at ``args.loads`` x ``capacity`` (this run's own rate when None)."""
+    from legacy_engine import LegacyEngine
     from serve_apps.engine import ContinuousEngine
 
     meter = StepMeter()
-    engine = ContinuousEngine(model, tokenizer, cfg.sampler, args.max_batch, max_queued=OPEN_LOOP_QUEUE,
-                              batching=mode, batch_wait_timeout_s=cfg.batch_wait_timeout_s, metrics=meter)
+    engine_cls, batching = (LegacyEngine, "request") if mode == "legacy" else (ContinuousEngine, mode)
+    engine = engine_cls(model, tokenizer, cfg.sampler, args.max_batch, max_queued=OPEN_LOOP_QUEUE,
+                        batching=batching, batch_wait_timeout_s=cfg.batch_wait_timeout_s, metrics=meter)
     try:
         if args.warmup:
             await closed_loop(engine, requests, min(4, args.clients), args.warmup)

@@ -3,8 +3,6 @@
 Starts a local Ray (``--num-cpus``) and Serve on 127.0.0.1, and for each batching mode of
 ``--modes`` (the deployment's ``batching``; rounds interleave the modes, ``--repeats`` times):
 
-- ``legacy``: request-level batching as the app shipped it before the step engine (one parameter
-  set per batch; rows decode to EOS or ``gen_length``, ``max_tokens`` cuts the text afterwards);
 - ``request``: request-level batching on the step engine (per-row parameters, rows leave at
   ``max_tokens``): the stricter baseline, isolating what joining at step boundaries is worth;
 - ``continuous``: rows join and leave at every step.
@@ -69,7 +67,8 @@ import httpx  # noqa: E402
 logger = logging.getLogger("d3ray.serve_load")
 
 APP = "d3ray-load"
-MODES = ("legacy", "request", "continuous")  # the deployment's batching, baselines first
+MODES = ("request", "continuous")  # the deployment's batching, the baseline first (the app's batching from
+# before the step engine is a benchmark-only engine: benchmarks/engine_batching.py runs it in process)
 WORKLOADS = ("uniform", "mixed")
 MIXED_MAX_TOKENS = (8, 48)  # inclusive range of the mixed workload's max_tokens
 MIXED_STRICT_EVERY = 4  # one request in this many asks for the strict threshold

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -73,6 +74,8 @@ class ServeConfig:
     torch_threads: int | None = 1  # torch threads per replica (None: torch's default)
     num_cpus: float = 1.0  # CPUs per model replica
     num_gpus: float = 0.0  # GPUs per model replica
+    # custom Ray resources per model replica, e.g. {"worker": 1}: replicas run only on nodes that declare them
+    resources: dict[str, float] = field(default_factory=dict)
     ingress_num_cpus: float = 0.0  # CPUs of the FastAPI ingress
     # HTTP requests the ingress holds at once; None: every replica's rows and queue + INGRESS_HEADROOM (1024)
     ingress_max_ongoing_requests: int | None = None
@@ -88,7 +91,7 @@ class ServeConfig:
     queue_budget_s: float = 5.0
     batch_wait_timeout_s: float = 0.01  # how long an idle engine waits for a batch to fill
     # "continuous": rows join and leave at every step; "request": a batch decodes to the end before the next
-    # forms; "legacy": request-level as before the step engine (benchmark baseline, see serve_apps/engine.py)
+    # forms (a benchmark baseline)
     batching: str = "continuous"
     request_timeout_s: float = 60.0  # a request that takes longer fails
     max_request_bytes: int = 2 * 2**20  # larger bodies get a 413
@@ -144,6 +147,7 @@ class ServeConfig:
         for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
             if getattr(self, name) < 0:
                 fail(name, getattr(self, name), "must be >= 0", "use 0 or more")
+        self._check_resources(fail)
         if self.device == "cuda" and self.num_gpus <= 0:
             fail("num_gpus", self.num_gpus, "must be > 0 when device='cuda'", "set num_gpus=1")
         if (self.num_replicas is None) == (self.autoscaling is None):
@@ -179,7 +183,8 @@ class ServeConfig:
                  "leave room for the prompt, or use None for the model's context")
         if self.batching not in BATCHING:
             fail("batching", self.batching, f"must be one of {list(BATCHING)}",
-                 "write batching: continuous (the others are benchmark baselines)")
+                 "write batching: continuous (request is a benchmark baseline; the app's batching from before the "
+                 "step engine is benchmarks/legacy_engine.py)")
         if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
             fail("max_request_bytes", self.max_request_bytes, "must be an int >= 1024", "use e.g. 2097152")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
@@ -191,6 +196,19 @@ class ServeConfig:
             fail("queue_budget_s", self.queue_budget_s, f"must be > 0 and below request_timeout_s "
                  f"{self.request_timeout_s} (a request that waits its whole timeout is never decoded)",
                  "use e.g. 5.0")
+
+    def _check_resources(self, fail) -> None:
+        """Custom resources only (CPU and GPU have their own fields), amounts Ray accepts."""
+        if not isinstance(self.resources, Mapping):
+            fail("resources", self.resources, "must map resource names to amounts", 'write e.g. {"worker": 1}')
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or not name.strip() or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                fail("resources", dict(self.resources), f"{name!r} is no custom resource name",
+                     "set CPUs and GPUs with num_cpus / num_gpus and name custom resources only here")
+            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+            if not number or not math.isfinite(amount) or amount <= 0 or (amount > 1 and amount != int(amount)):
+                fail(f"resources[{name!r}]", amount, "must be a number > 0, whole above 1 (Ray takes fractions of a "
+                     "resource only up to 1)", "use e.g. 1, 0.5 or 2")
 
     def _check_autoscaling(self, fail) -> None:
         lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
@@ -264,6 +282,8 @@ class ServeConfig:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.replica_ongoing,

@@ -5,15 +5,15 @@ Requests enter a bounded admission queue. A decode thread owns a
 
 1. admit queued requests into free decoder rows (``n`` rows per request). ``batching`` names the
    policy: ``"continuous"`` admits at every step; ``"request"`` admits a batch only when the
-   decoder is empty (request-level batching); ``"legacy"`` is request-level batching as this app
-   shipped it before the step engine, kept as the benchmarks' baseline: one parameter set (and
-   seed, when sampling) per batch, and rows decode to EOS or ``gen_length`` however small
-   ``max_tokens`` or however early a stop string (the text is cut afterwards);
+   decoder is empty (request-level batching, a baseline for the benchmarks; the app's batching from
+   before the step engine lives in ``benchmarks/legacy_engine.py``);
 2. drop the rows of requests that were cancelled or passed their deadline;
 3. run one decode step for every row at once (rows with different thresholds, temperatures and
    seeds share it: they are per-row parameters);
-4. turn each row's committed prefix into text (:class:`~serve_apps.outputs.ChoiceText`), stream
-   the new part, end rows at EOS, a stop string or ``max_tokens``, and answer finished requests.
+4. read the step's per-row outputs (:class:`~d3core.samplers.engine.RowOutput`: the answer tokens that
+   became final and whether the answer ended; the engine reads nothing else of the decoder), turn them
+   into text (:class:`~serve_apps.outputs.ChoiceText`), stream the new part, end rows at EOS, a stop
+   string or ``max_tokens``, and answer finished requests.
 
 Failures stay with their request: a request the decoder refuses, or whose output handling
 raises, fails alone; a step that raises fails the rows in it, and the thread carries on with an
@@ -37,13 +37,13 @@ import torch
 from d3core.samplers import get_sampler
 from d3core.samplers import graphs as graph_modes
 from d3core.samplers.base import validate_prompts
-from d3core.samplers.engine import Decoder, Program, Row
+from d3core.samplers.engine import Decoder, Program, Row, RowOutput
 from serve_apps.outputs import Choice, ChoiceText, Delta
 
 logger = logging.getLogger(__name__)
 
 SEED_SPACE = 2**63  # row seeds are int64; request seeds are validated to this range by the protocol
-BATCHING = ("continuous", "request", "legacy")  # admission policies (see the module docstring)
+BATCHING = ("continuous", "request")  # admission policies (see the module docstring)
 
 
 class EngineTimeout(Exception):
@@ -167,7 +167,7 @@ class ContinuousEngine:
         cfg = model.config
         if capacity is not None and not 0 < capacity <= cfg.max_seq_len:
             raise ValueError(f"capacity={capacity}: must lie in (0, {cfg.max_seq_len}] (the model's context)")
-        self._capacity, self._eos = capacity or cfg.max_seq_len, np.asarray(cfg.eos_ids)
+        self._capacity = capacity or cfg.max_seq_len
         # Resolved now, so that a bad mode fails the constructor rather than the decode thread.
         self._graphs = graph_modes.resolve(graphs, next(model.parameters()).device)
         self._buckets = buckets
@@ -315,9 +315,10 @@ class ContinuousEngine:
                 wait = head.arrived + self.batch_wait_timeout_s - time.monotonic()
                 if wait > 0:
                     time.sleep(min(wait, self.batch_wait_timeout_s))
-        if self.batching == "legacy":
-            self._admit_group()
-            return
+        self._admit_batch()
+
+    def _admit_batch(self) -> None:
+        """Start queued requests, first come first served, while their rows fit."""
         free = self.max_batch_size - len(self._owner)
         while free > 0:
             with self._cond:
@@ -332,26 +333,6 @@ class ContinuousEngine:
                     return  # first come, first served: wait for rows to free up
                 self._pending.popleft()
             free -= self._start(item)
-
-    def _admit_group(self) -> None:
-        """The legacy batch: the oldest request and every queued one that shares its parameters."""
-        now, free, group = time.monotonic(), self.max_batch_size, []
-        with self._cond:
-            key, rest = None, collections.deque()
-            for item in self._pending:
-                if item.cancelled or now > item.deadline:
-                    self._gone(item)
-                    continue
-                if key is None:
-                    key = _group_key(item.req)
-                if _group_key(item.req) == key and item.req.n <= free:
-                    group.append(item)
-                    free -= item.req.n
-                else:
-                    rest.append(item)
-            self._pending = rest
-        for item in group:
-            self._start(item)
 
     def _start(self, item: _Item) -> int:
         req = item.req
@@ -375,7 +356,8 @@ class ContinuousEngine:
         seg = getattr(params, "block_length", 1)
         if seg not in self._decoders:
             self._decoders[seg] = Decoder(self.model, self._program_factory(), rows=self.max_batch_size,
-                                          capacity=self._capacity, graphs=self._graphs, buckets=self._buckets)
+                                          capacity=self._capacity, graphs=self._graphs, buckets=self._buckets,
+                                          emit_outputs=True)
         return self._decoders[seg]
 
     def _expire(self) -> None:
@@ -424,15 +406,18 @@ class ContinuousEngine:
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], rows)
             self._step_s = 0.9 * self._step_s + 0.1 * seconds if self._step_s else seconds
-        committed = 0
         for row in list(decoder.rows) + report.finished:
-            owner = self._owner.get(row)
+            if row in self._owner:
+                item = self._owner[row][0]
+                item.batch_size = max(item.batch_size, rows)
+        committed = 0
+        for out in report.outputs:
+            owner = self._owner.get(out.row)
             if owner is None:
                 continue
             item, index = owner
-            item.batch_size = max(item.batch_size, rows)
             try:
-                committed += self._update(decoder, item, index, row)
+                committed += self._deliver(decoder, item, index, out)
             except RequestFailed as e:
                 self._fail(item, e)
             except Exception as e:  # this request's output handling broke: it alone fails
@@ -443,32 +428,27 @@ class ContinuousEngine:
             with contextlib.suppress(Exception):  # metrics never take the scheduler down
                 self.metrics.on_step(rows, seconds, committed)
 
-    def _update(self, decoder: Decoder, item: _Item, index: int, row: Row) -> int:
+    # A row whose text is final (max_tokens or a stop string) leaves the decoder at once. The benchmarks'
+    # legacy engine keeps such rows decoding to their end, as the app did before the step engine.
+    STOP_ROWS_AT_TEXT_END = True
+
+    def _deliver(self, decoder: Decoder, item: _Item, index: int, out: RowOutput) -> int:
+        """One row's step output into its choice's text: stream the new part, end the row or the request."""
         if item.done:
             return 0
-        text = item.texts[index]
-        if row.result is not None:
-            if row.error:
-                raise RequestFailed(row.error)
-            tokens, lps, done = np.asarray(row.result.tokens), row.result.logprobs or [], True
-        else:
-            r = row.cache_row
-            tokens = decoder.tokens[r, row.prompt_len: row.length]
-            lps, done = decoder.logprob[r, row.prompt_len: row.length], False
-        stop = (tokens == decoder.mask_id) | np.isin(tokens, self._eos)
-        hits = np.nonzero(stop)[0]
-        n = int(hits[0]) if len(hits) else len(tokens)
-        hit_eos = bool(len(hits)) and tokens[n] != decoder.mask_id
+        if out.finish_reason == "error" and out.ended:
+            raise RequestFailed(out.row.error or "the decoder ended the row")
+        text, row = item.texts[index], out.row
         before = len(text.ids)
-        # A committed EOS with nothing undecided before it makes the answer final even before the sampler
-        # notices (committed tokens never change).
-        delta = text.update(tokens[:n].tolist(), [float(x) for x in lps[:n]], done or hit_eos, hit_eos)
+        # An EOS with nothing undecided before it makes the answer final even while the sampler still
+        # fills slots after it (committed tokens never change).
+        delta = text.extend(out.token_ids, out.logprobs, out.finished, out.finish_reason == "stop")
         if delta is not None and delta.text:
             item.post(delta)
-        if text.finish_reason is not None and row.result is None:
-            if self.batching == "legacy":
-                return max(len(text.ids) - before, 0)  # the row decodes on to its end; its text is final
-            decoder.cancel(row)  # max_tokens or a stop string: no more decoding for this row
+        if text.finish_reason is not None and not out.ended:
+            if not self.STOP_ROWS_AT_TEXT_END:
+                return max(len(text.ids) - before, 0)
+            decoder.cancel(row)  # max_tokens, a stop string or an EOS: no more decoding for this row
         if text.finish_reason is not None:
             self._owner.pop(row, None)
             if all(t.finish_reason is not None for t in item.texts):
@@ -493,16 +473,10 @@ class ContinuousEngine:
 
 def _committed(row: Row, mask_id: int) -> int:
     """Generation slots a row committed before it ended (all of them unless it left early); 0 while it
-    still decodes (a legacy-batching row whose text is final before its sampler ends it)."""
+    still decodes (a row the benchmarks' legacy engine keeps decoding after its text is final)."""
     if row.result is None:
         return 0
     return int(np.count_nonzero(np.asarray(row.result.tokens) != mask_id))
-
-
-def _group_key(req: GenerationRequest) -> tuple:
-    """Legacy batches share one parameter set, and one seed when sampling (a batch had one generator)."""
-    sampling = getattr(req.params, "temperature", 0.0) > 0
-    return req.params, req.seed if sampling else None
 
 
 def _program_for(sampler: str) -> Callable[[], Program]:

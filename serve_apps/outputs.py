@@ -108,8 +108,17 @@ class ChoiceText:
         self.sent_tokens = 0
         self.finish_reason: str | None = None  # set once this choice needs no more tokens
         self.stopped_in_text = False  # a stop string cut the text
+        self._prefix: list[int] = []  # the row's final answer tokens so far (before max_tokens and stop cuts)
+        self._prefix_logprobs: list[float] = []
         self.starts = TokenStarts(tokenizer)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def extend(self, ids: Sequence[int], logprobs: Sequence[float], sampler_done: bool,
+               hit_eos: bool) -> Delta | None:
+        """:meth:`update` with the answer tokens that became final since the last call (a step's RowOutput)."""
+        self._prefix += ids
+        self._prefix_logprobs += logprobs
+        return self.update(self._prefix, self._prefix_logprobs, sampler_done, hit_eos)
 
     def update(self, ids: Sequence[int], logprobs: Sequence[float], sampler_done: bool, hit_eos: bool) -> Delta | None:
         """``ids`` is the row's committed prefix (no EOS); ``sampler_done``: the row has no more slots to fill."""

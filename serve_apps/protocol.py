@@ -30,6 +30,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from d3core.samplers.base import PromptError, validate_prompts
 from serve_apps.config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -382,16 +383,13 @@ def resolve_params(cfg: ServeConfig, req: _Request) -> tuple[Any, int | None]:
 
 
 def check_prompt(prompt_ids: list[int], gen_length: int, max_seq_len: int, vocab_size: int, param: str) -> None:
-    if not prompt_ids:
-        raise APIError(400, f"{param} is empty: send at least one token of text", param=param, code="empty_prompt")
-    if len(prompt_ids) + gen_length > max_seq_len:
-        raise APIError(400, f"{param} has {len(prompt_ids)} tokens; with {gen_length} generation slots (max_tokens "
-                            f"rounded up to whole blocks) that exceeds the model's context of {max_seq_len} tokens: "
-                            "shorten the prompt or max_tokens", param=param, code="context_length_exceeded")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise APIError(400, f"{param} has token ids {bad[:4]} outside the vocabulary [0, {vocab_size})", param=param,
-                       code="invalid_token")
+    """The decoder's prompt check (:func:`~d3core.samplers.base.validate_prompts`) at the HTTP edge, as a 400.
+
+    ``gen_length`` is ``max_tokens`` rounded up to whole blocks."""
+    try:
+        validate_prompts([prompt_ids], gen_length, max_seq_len, vocab_size, name=param)
+    except PromptError as e:
+        raise APIError(400, str(e), param=param, code=e.code) from e
 
 
 # ---------------------------------------------------------------- responses

@@ -90,20 +90,34 @@ class Batch:
     gen_length: int
 
 
-def validate_prompts(prompts: Sequence[Sequence[int]], gen_length: int, max_seq_len: int, vocab_size: int) -> None:
+class PromptError(ValueError):
+    """A prompt the model cannot decode; ``code`` names the rule (OpenAI's error codes)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], gen_length: int, max_seq_len: int, vocab_size: int,
+                     name: str = "prompt") -> None:
+    """Every prompt is non-empty, fits ``gen_length`` slots in the context and holds vocabulary ids only.
+
+    The one prompt check: the library's ``generate()``, the decoder and the HTTP edge all use it.
+    Raises :class:`PromptError` naming the prompt (``name`` and its index when there are several)."""
     if len(prompts) == 0:
-        raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
+        raise PromptError(f"{name}s is empty: pass at least one prompt (a list of token ids)", "empty_prompt")
     for i, p in enumerate(prompts):
+        which = name if len(prompts) == 1 and name != "prompt" else f"{name} {i}"
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            raise PromptError(f"{which} is empty: every prompt needs at least one token", "empty_prompt")
         if len(p) + gen_length > max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with gen_length={gen_length} that is {len(p) + gen_length} "
-                f"> the model's context {max_seq_len}: shorten the prompt or the generation"
-            )
+            raise PromptError(
+                f"{which} has {len(p)} tokens; with gen_length={gen_length} that is {len(p) + gen_length} "
+                f"> the model's context {max_seq_len}: shorten the prompt or the generation", "context_length_exceeded")
         bad = [t for t in p if not 0 <= int(t) < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids {bad[:4]} outside the vocabulary [0, {vocab_size})")
+            raise PromptError(f"{which} has token ids {bad[:4]} outside the vocabulary [0, {vocab_size})",
+                              "invalid_token")
 
 
 def make_batch(

@@ -48,6 +48,8 @@ class Row:
     cache_row: int = -1
     nfe: int = 0
     computed: int = 0  # window tokens recomputed for this row over all its steps (padding excluded)
+    emitted: int = 0  # answer tokens already reported in a RowOutput
+    finish_reason: str | None = None  # reported once the answer is complete (see RowOutput)
     state: Any = None
     finished: bool = False
     result: SequenceResult | None = None
@@ -127,10 +129,31 @@ class _EagerStep:
     meta: StepMeta
 
 
+@dataclass(frozen=True)
+class RowOutput:
+    """What one row produced in a step: the answer tokens that became final (contiguous, from the front),
+    and whether the answer is complete.
+
+    ``finish_reason``: ``"stop"`` when an EOS closed the answer (final even while the sampler still fills
+    slots after it: committed tokens never change), ``"length"`` when the row ended with every slot
+    filled and no EOS, ``"error"`` when the engine ended it (``row.error`` says why); None while open."""
+
+    row: Row
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None = None
+    ended: bool = False  # the row left the decoder this step (its answer may have been complete earlier)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclass
 class StepReport:
     finished: list[Row] = field(default_factory=list)
     forwarded: bool = False
+    outputs: list[RowOutput] = field(default_factory=list)  # one per row with news this step
 
 
 class Decoder:
@@ -140,11 +163,13 @@ class Decoder:
     ``"cuda"`` (CUDA graphs), ``"emulate"`` (their semantics on any device, :mod:`~d3core.samplers.replay`),
     ``False`` or ``"off"``; ``None`` takes :func:`~d3core.samplers.graphs.default_mode` (CUDA graphs on
     CUDA devices). ``buckets`` (default: as ``graphs``) rounds step sizes up even when running eagerly.
+    ``emit_outputs`` fills each :class:`StepReport`'s ``outputs`` (per-row :class:`RowOutput` s: what a
+    server consumes, instead of reading the decoder's slots).
     """
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: int, capacity: int,
                  verifier: torch.nn.Module | None = None, graphs: bool | str | None = None,
-                 buckets: bool | None = None) -> None:
+                 buckets: bool | None = None, emit_outputs: bool = False) -> None:
         cfg = model.config
         self.model, self.program, self.verifier = model, program, verifier
         self.device = next(model.parameters()).device
@@ -165,6 +190,7 @@ class Decoder:
         if mode != "off":
             self.graphs = graph_modes.GraphRunner(self.packer, self._captured_step, mode)
         self.buckets = self.graphs is not None if buckets is None else buckets
+        self.emit_outputs = emit_outputs
 
     # ------------------------------------------------------------------ membership
     @torch.inference_mode()
@@ -257,6 +283,8 @@ class Decoder:
         for row in report.finished:
             self._leave(row)
         if not live:
+            if self.emit_outputs:
+                report.outputs = [out for out in map(self._output, report.finished) if out]
             return report
         live.sort(key=lambda rp: rp[0].cache_row)
         rows, plans = [rp[0] for rp in live], [rp[1] for rp in live]
@@ -278,8 +306,37 @@ class Decoder:
         for row in done:
             row.finished = False
             self._leave(row)
+        if self.emit_outputs:
+            report.outputs = [out for out in map(self._output, report.finished + rows) if out]
         report.finished += done
         return report
+
+    def _output(self, row: Row) -> RowOutput | None:
+        """The row's news since its last output (None when there is none)."""
+        ended = row.result is not None
+        if row.finish_reason is not None:  # the answer was complete already: only its end is news
+            return RowOutput(row, (), (), row.finish_reason, True) if ended else None
+        if ended:
+            tokens, logprobs = np.asarray(row.result.tokens), row.result.logprobs or ()
+        else:
+            r = row.cache_row
+            tokens, logprobs = self.tokens[r, row.prompt_len: row.length], self.logprob[r, row.prompt_len: row.length]
+        stop = (tokens == self.mask_id) | is_eos(tokens, self.eos_ids)
+        hits = np.flatnonzero(stop)
+        n = int(hits[0]) if len(hits) else len(tokens)
+        reason = None
+        if row.error:
+            reason = "error"
+        elif len(hits) and tokens[n] != self.mask_id:
+            reason = "stop"
+        elif ended:
+            reason = "length"
+        if n <= row.emitted and reason is None:
+            return None
+        new = slice(row.emitted, n)
+        row.emitted, row.finish_reason = max(n, row.emitted), reason
+        return RowOutput(row, tuple(int(t) for t in tokens[new]), tuple(float(x) for x in logprobs[new]), reason,
+                         ended)
 
     def segment_step(self, rows: list[Row], plans: list[RowPlan], steps: list[int]) -> list[np.ndarray]:
         sizes = None

@@ -248,7 +248,7 @@ class StepRows:
         pass
 
 
-@pytest.mark.parametrize("batching", ["request", "legacy"])
+@pytest.mark.parametrize("batching", ["request"])
 def test_request_level_modes_admit_only_into_an_empty_decoder(teacher, tok, prompts, batching):
     async def body(engine):
         return await asyncio.gather(*(engine.generate(GenerationRequest(p, PARAMS)) for p in prompts[:6]))
@@ -259,34 +259,6 @@ def test_request_level_modes_admit_only_into_an_empty_decoder(teacher, tok, prom
     # all six are queued within the batch wait; the last two start only after the first four are all done
     first_batch_end = max(o.queue_s + o.decode_s for o in outs[:4])
     assert min(o.queue_s for o in outs[4:]) >= first_batch_end - 0.005
-
-
-def test_legacy_batches_share_one_parameter_set(teacher, tok, prompts):
-    other = D3LLMParams(threshold=0.9, cache_delay_iter=2)
-
-    async def body(engine):
-        reqs = [GenerationRequest(p, PARAMS if i % 2 else other) for i, p in enumerate(prompts[:6])]
-        return await asyncio.gather(*(engine.generate(r) for r in reqs))
-
-    for batching, most in (("legacy", 3), ("request", 6)):
-        meter = StepRows()
-        outs = run(with_engine(teacher, tok, body, max_batch_size=8, batching=batching, metrics=meter,
-                               batch_wait_timeout_s=0.5))
-        assert max(meter.rows) == most  # request-level on the step engine mixes them; legacy never did
-        for i, (p, out) in enumerate(zip(prompts, outs)):
-            assert out.choices[0].text == response_text(tok, teacher, p, PARAMS if i % 2 else other)[0]
-
-
-def test_legacy_rows_decode_past_max_tokens_and_cut_the_text_after(teacher, tok, prompts):
-    async def body(engine):
-        return await engine.generate(GenerationRequest(prompts[3], PARAMS, max_tokens=2))
-
-    legacy = run(with_engine(teacher, tok, body, batching="legacy")).choices[0]
-    step = run(with_engine(teacher, tok, body, batching="continuous")).choices[0]
-    text, seq = response_text(tok, teacher, prompts[3], PARAMS)
-    assert legacy.token_ids == step.token_ids == tuple(seq.response_ids[:2])
-    assert legacy.finish_reason == step.finish_reason == "length"
-    assert legacy.nfe == seq.nfe > step.nfe  # the old engine decoded the whole canvas; the step engine stops
 
 
 def test_bad_requests_and_settings_name_the_value(teacher, tok):

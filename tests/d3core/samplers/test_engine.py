@@ -188,3 +188,23 @@ def test_a_decode_in_inference_mode_leaves_plain_tensors_for_training_and_hooks(
     loss = model(ids).logsumexp(-1).mean()
     loss.backward()  # would raise "Inference tensors cannot be saved for backward"
     assert model.embed.weight.grad is not None
+
+
+def test_row_outputs_carry_each_answer_once_in_order_and_say_how_it_ended(teacher, prompts):
+    """What a server reads instead of the decoder's slots: final answer tokens as they settle, then the end."""
+    params = D3LLMParams(threshold=0.5, cache_delay_iter=2)
+    d = Decoder(teacher, D3LLMProgram(), rows=4, capacity=128, emit_outputs=True)
+    rows = [d.add(p, params) for p in prompts[:4]]
+    got = {id(r): [] for r in rows}
+    reasons, ends = {id(r): [] for r in rows}, {id(r): 0 for r in rows}
+    while d.rows:
+        for out in d.step().outputs:
+            got[id(out.row)] += out.token_ids
+            reasons[id(out.row)].append(out.finish_reason)
+            ends[id(out.row)] += out.ended
+    for r in rows:
+        assert got[id(r)] == r.result.response_ids  # every final token once, in order, nothing after EOS
+        assert [x for x in reasons[id(r)] if x] and ends[id(r)] == 1
+        final = [x for x in reasons[id(r)] if x][0]
+        assert final == ("stop" if len(r.result.response_ids) < params.gen_length else "length")
+        assert sum(1 for x in reasons[id(r)] if x is None) >= 1  # tokens arrived before the answer ended
