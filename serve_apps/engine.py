@@ -161,6 +161,10 @@ class ContinuousEngine:
         self.model, self.tokenizer = model, tokenizer
         self.sampler = sampler
         self._program_factory = program_factory or _program_for(sampler)
+        self._program = self._program_factory()  # the contract's host questions (segment length, joins)
+        if not self._program.joins_mid_run:
+            raise ValueError(f"sampler={sampler!r}: its program cannot take rows between steps "
+                             "(Program.joins_mid_run is False), which step-level batching needs")
         self.max_batch_size, self.max_queued = max_batch_size, max_queued
         self.batching, self.batch_wait_timeout_s = batching, batch_wait_timeout_s
         self.metrics, self.stall_timeout_s = metrics, stall_timeout_s
@@ -353,7 +357,7 @@ class ContinuousEngine:
         return req.n
 
     def _decoder_for(self, params) -> Decoder:
-        seg = getattr(params, "block_length", 1)
+        seg = self._program.segment_length(params)
         if seg not in self._decoders:
             self._decoders[seg] = Decoder(self.model, self._program_factory(), rows=self.max_batch_size,
                                           capacity=self._capacity, graphs=self._graphs, buckets=self._buckets,

@@ -73,6 +73,7 @@ class APDProgram(Program):
 
     name = "apd"
     reusable = False  # the verifier's cache and the batch's width belong to one decode
+    joins_mid_run = False  # one verifier cache for the batch: rows are fixed at the first step
 
     def __init__(self, params: APDParams, verifier: torch.nn.Module) -> None:
         self.params, self.verifier = params, verifier

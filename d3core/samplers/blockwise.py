@@ -27,7 +27,7 @@ import torch
 
 from d3core.samplers.base import BlockParams
 from d3core.samplers.engine import Decoder, Program, Row
-from d3core.samplers.packing import Cells, RowPlan
+from d3core.samplers.packing import Cells, RowParams, RowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +77,14 @@ class BlockwiseProgram(Program):
             start, end = 0, row.length
         else:
             start, end = lo, (row.length if p.cache == "prefix" else lo + p.block_length)
-        return RowPlan(start, end, row.length, [lo], ints=self.rule_ints(p), floats=self.rule_floats(p),
-                       temperature=p.temperature)
+        return RowPlan(start, end, row.length, [lo], params=self.row_params(p), temperature=p.temperature)
 
     def reads_cache(self, params) -> bool:
         return params.cache != "none"
 
-    def rule_floats(self, params) -> tuple[float, ...]:
-        """Per-row float parameters handed to :meth:`select` (``floats[:, i]``)."""
-        return ()
-
-    def rule_ints(self, params) -> tuple[int, ...]:
-        """Per-row int parameters; :meth:`select` sees the host-known column maxima."""
-        return ()
+    def row_params(self, params) -> dict[str, bool | int | float]:
+        """The commit rule's per-row parameters by name (:class:`~d3core.samplers.packing.RowParams`)."""
+        return {}
 
     def rule(self, cells: Cells) -> torch.Tensor:
         n, ns, seg = cells.cand.shape  # one segment per row: the current block
@@ -97,11 +92,11 @@ class BlockwiseProgram(Program):
         def flat(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.view(n * ns, seg)
 
-        take = self.select(flat(cells.conf), flat(cells.entropy), flat(cells.cand), cells.floats, cells.int_max)
+        take = self.select(flat(cells.conf), flat(cells.entropy), flat(cells.cand), cells.row)
         return take.view(n, ns, seg)
 
     def select(self, conf: torch.Tensor, ent: torch.Tensor | None, masked: torch.Tensor,
-               floats: torch.Tensor, int_max: tuple[int, ...]) -> torch.Tensor:
+               row: RowParams) -> torch.Tensor:
         """Device: bool ``(rows, block)`` of the masked positions to commit."""
         raise NotImplementedError
 

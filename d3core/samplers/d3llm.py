@@ -202,17 +202,17 @@ class D3LLMProgram(Program):
                 end = row.length  # the first forward computes the whole canvas: the suffix's K/V come from it
         live = [k for k in range(st.created) if masks[k] > 0]
         forced = next((k for k in live if st.fully[k]), None)
-        rule = commit_rule(p, d.model.config.arch)
+        llada = commit_rule(p, d.model.config.arch) == LLADA
         return RowPlan(start, end, keys, [row.prompt_len + k * p.block_length for k in live],
-                       flags=[FORCED if k == forced else 0 for k in live], ints=(rule, 1 - rule),
-                       floats=(p.threshold,), temperature=p.temperature)
+                       flags=[FORCED if k == forced else 0 for k in live],
+                       params={"llada_rule": llada, "threshold": p.threshold}, temperature=p.temperature)
 
     def rule(self, cells: Cells) -> torch.Tensor:
         h, cand = cells.entropy, cells.cand
         n, ns, seg = cand.shape
-        threshold = cells.floats[:, 0, None, None].to(h.dtype)
-        any_llada, any_dream = cells.int_max
-        llada = cells.ints[:, 0, None, None] == LLADA
+        threshold = cells.row["threshold"][:, None, None].to(h.dtype)
+        any_llada, any_dream = cells.row.any("llada_rule"), not cells.row.all("llada_rule")
+        llada = cells.row["llada_rule"][:, None, None] > 0
         if not any_dream:
             take = cand & (h <= threshold)
         elif not any_llada:

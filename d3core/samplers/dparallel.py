@@ -35,11 +35,11 @@ class DParallelProgram(BlockwiseProgram):
     name = "dparallel"
     needs_entropy = True
 
-    def rule_floats(self, params: DParallelParams) -> tuple[float, ...]:
-        return (params.threshold,)
+    def row_params(self, params: DParallelParams) -> dict[str, bool | int | float]:
+        return {"threshold": params.threshold}
 
-    def select(self, conf, ent, masked, floats, int_max):
-        return with_best(masked & (ent <= floats[:, :1].to(ent.dtype)), -ent, masked)
+    def select(self, conf, ent, masked, row):
+        return with_best(masked & (ent <= row["threshold"][:, None].to(ent.dtype)), -ent, masked)
 
 
 def generate(

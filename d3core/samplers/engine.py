@@ -70,6 +70,7 @@ class Program:
     name = ""
     needs_entropy = False
     reusable = True  # one instance serves any number of decodes (no per-call state): pooled decoders keep it
+    joins_mid_run = True  # rows may join a running decoder between steps (a server may batch continuously)
 
     def segment_length(self, params) -> int:
         return params.block_length
@@ -357,8 +358,9 @@ class Decoder:
         last = self._eager
         if last is not None and last.parts is step.parts:
             torch.ne(last.cand, 0, out=last.meta.cand)
-            if last.meta.int_max != step.shape.int_max:
-                last.meta = replace(last.meta, int_max=step.shape.int_max)
+            row, shape = last.meta.row, step.shape
+            if (row.host_min, row.host_max) != (shape.host_min, shape.host_max):
+                last.meta = replace(last.meta, row=replace(row, host_min=shape.host_min, host_max=shape.host_max))
             return last.meta
         dev = self.packer.upload(step.parts)
         meta = segment_meta(dev, step.shape, self.device)
@@ -391,8 +393,7 @@ class Decoder:
 
         uniform = spread(uniform_per_cell(keys), 0.0) if meta.uniform else None
         cells = Cells(spread(stats.tokens, 0), spread(stats.conf, -1.0), spread(stats.logprob, 0.0),
-                      spread(stats.entropy, float("inf")), meta.cand, meta.flags, meta.ints, meta.floats, uniform,
-                      meta.int_max)
+                      spread(stats.entropy, float("inf")), meta.cand, meta.flags, meta.row, uniform)
         take = self.program.rule(cells)
         return pack_decisions(take, cells.tokens, cells.logprob)
 

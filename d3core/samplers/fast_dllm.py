@@ -55,20 +55,17 @@ def factor_select(conf: torch.Tensor, masked: torch.Tensor, factor: torch.Tensor
 class FastDLLMProgram(BlockwiseProgram):
     name = "fast_dllm"
 
-    def rule_floats(self, params: FastDLLMParams) -> tuple[float, ...]:
-        return (params.threshold, -1.0 if params.factor is None else params.factor)
+    def row_params(self, params: FastDLLMParams) -> dict[str, bool | int | float]:
+        factor = params.factor is not None
+        return {"factor_rule": factor, "threshold": params.threshold, "factor": params.factor if factor else 0.0}
 
-    def rule_ints(self, params: FastDLLMParams) -> tuple[int, ...]:
-        return (int(params.factor is not None), int(params.factor is None))  # host knows which rules run
-
-    def select(self, conf, ent, masked, floats, int_max):
-        any_factor, any_threshold = int_max
-        threshold, factor = floats[:, 0].to(conf.dtype), floats[:, 1]
-        if not any_factor:
+    def select(self, conf, ent, masked, row):
+        threshold, factor = row["threshold"].to(conf.dtype), row["factor"]
+        if not row.any("factor_rule"):  # the host knows which rules this step's rows use
             return threshold_select(conf, masked, threshold)
-        if not any_threshold:
+        if row.all("factor_rule"):
             return factor_select(conf, masked, factor)
-        return torch.where((factor > 0)[:, None], factor_select(conf, masked, factor),
+        return torch.where((row["factor_rule"] > 0)[:, None], factor_select(conf, masked, factor),
                            threshold_select(conf, masked, threshold))
 
 

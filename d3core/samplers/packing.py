@@ -31,15 +31,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RowPlan:
-    """What one row asks of a step: recompute ``[start, end)``, attend to ``[0, keys)``, logits per segment."""
+    """What one row asks of a step: recompute ``[start, end)``, attend to ``[0, keys)``, logits per segment.
+
+    ``params`` are the commit rule's per-row parameters by name: ``bool`` and ``int`` values travel as
+    int64, ``float`` values as float64, and the rule reads them as named ``(rows,)`` device tensors
+    (:class:`RowParams`). Every row of a program gives the same names."""
 
     start: int
     end: int
     keys: int
     segments: list[int] = field(default_factory=list)  # first slot of each logit segment
     flags: list[int] = field(default_factory=list)  # one sampler-defined flag per segment
-    ints: tuple[int, ...] = ()  # per-row integer parameters of the commit rule
-    floats: tuple[float, ...] = ()  # per-row float parameters of the commit rule
+    params: dict[str, bool | int | float] = field(default_factory=dict)
     temperature: float = 0.0
 
     @property
@@ -47,7 +50,47 @@ class RowPlan:
         return self.end <= self.start
 
 
-SIT_OUT = RowPlan(0, 0, 1)
+SIT_OUT = RowPlan(0, 0, 1)  # a row that sits a step out (also the padding rows of a bucketed step)
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """The commit rule's per-row parameters of a step, by name: ``row["threshold"]`` is a ``(rows,)`` device
+    tensor (int64 for bool and int parameters, float64 for float ones); ``max``, ``min``, ``any`` and
+    ``all`` of an int or bool parameter over the step's rows are host values (no device read), for shapes
+    (a top-k size) and for code paths (whether some row uses a rule)."""
+
+    ints: torch.Tensor  # (n, len(int_names)) int64
+    floats: torch.Tensor  # (n, len(float_names)) float64
+    int_names: tuple[str, ...]
+    float_names: tuple[str, ...]
+    host_min: tuple[int, ...]  # per int parameter, over the real rows
+    host_max: tuple[int, ...]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.int_names:
+            return self.ints[:, self.int_names.index(name)]
+        if name in self.float_names:
+            return self.floats[:, self.float_names.index(name)]
+        raise KeyError(f"no per-row parameter {name!r}: this step has {self.int_names + self.float_names}")
+
+    def max(self, name: str) -> int:
+        return self.host_max[self._int(name)]
+
+    def min(self, name: str) -> int:
+        return self.host_min[self._int(name)]
+
+    def any(self, name: str) -> bool:
+        return self.max(name) > 0
+
+    def all(self, name: str) -> bool:
+        return self.min(name) > 0
+
+    def _int(self, name: str) -> int:
+        if name not in self.int_names:
+            raise KeyError(f"{name!r} is not an int or bool per-row parameter (those are {self.int_names}): host "
+                           "summaries exist for them only")
+        return self.int_names.index(name)
 
 
 @dataclass(frozen=True)
@@ -60,10 +103,8 @@ class Cells:
     entropy: torch.Tensor | None
     cand: torch.Tensor  # bool: a masked slot the rule may commit
     flags: torch.Tensor  # (n, NS) long
-    ints: torch.Tensor  # (n, k) long
-    floats: torch.Tensor  # (n, k) float64
+    row: RowParams  # the commit rule's per-row parameters, by name
     uniform: torch.Tensor | None  # (n, NS, seg) float64 per-cell uniforms, when the program asks
-    int_max: tuple[int, ...]  # host copy of each ``ints`` column's maximum (e.g. a top-k size)
 
 
 @dataclass(frozen=True)
@@ -76,9 +117,10 @@ class Shape:
     S: int  # key span
     ns: int  # segments per row
     seg: int  # cells per segment
-    n_int: int
-    n_float: int
-    int_max: tuple[int, ...]
+    int_names: tuple[str, ...]  # the rule's int and bool per-row parameters
+    float_names: tuple[str, ...]  # its float ones
+    host_min: tuple[int, ...]  # each int parameter's minimum and maximum over the real rows (see RowParams)
+    host_max: tuple[int, ...]
     sampling: bool  # some row samples (temperature > 0)
     uniform: bool  # the program wants per-cell uniforms
     masked_keys: bool  # some row attends to fewer than S slots
@@ -96,9 +138,7 @@ class StepMeta:
     pad_pos: torch.Tensor | None  # (NL,) position of each logit slot in the (n*NS*seg) layout; None: identity
     cand: torch.Tensor
     flags: torch.Tensor
-    ints: torch.Tensor
-    floats: torch.Tensor
-    int_max: tuple[int, ...]
+    row: RowParams
     uniform: bool  # the program wants per-cell uniforms this step
     temperature: torch.Tensor | None  # (NL,) float64; None: every slot greedy
     seeds: torch.Tensor | None  # (NL,) the row seed of each logit slot (noise keys are hashed on device)
@@ -306,22 +346,38 @@ def _cell_layout(plans: list[RowPlan], ns: int, seg: int, bucketed: bool):
     return seg_start, flags, cell_rows, cell_slots, pad_pos, None if real.all() else real
 
 
-def _rule_params(plans: list[RowPlan]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """Per-row ``ints`` and ``floats`` (zero-padded to the longest), and each ``ints`` column's maximum."""
-    n, n_int, n_float = len(plans), max(len(p.ints) for p in plans), max(len(p.floats) for p in plans)
-    ints = [list(p.ints) + [0] * (n_int - len(p.ints)) for p in plans]
-    floats = [list(p.floats) + [0.0] * (n_float - len(p.floats)) for p in plans]
-    int_max = tuple(max(column) for column in zip(*ints))
-    return (np.array(ints, dtype=np.int64).reshape(n, n_int), np.array(floats, dtype=np.float64).reshape(n, n_float),
-            int_max)
+def param_names(plans: list[RowPlan]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The int (and bool) and the float per-row parameter names of a step's rows (padding rows have none)."""
+    named = next((p.params for p in plans if p.params), {})
+    ints = tuple(k for k, v in named.items() if not isinstance(v, float))
+    return ints, tuple(k for k in named if k not in ints)
+
+
+def _rule_params(plans: list[RowPlan], names: tuple[tuple[str, ...], tuple[str, ...]]):
+    """Per-row int and float parameter arrays (rows without parameters, padding, hold zeros) and the int
+    parameters' minimum and maximum over the rows that have them."""
+    int_names, float_names = names
+    real = [p for p in plans if p.params]
+    for p in real:
+        if set(p.params) != set(int_names + float_names):
+            raise ValueError(f"a row's per-row parameters {sorted(p.params)} differ from the step's "
+                             f"{sorted(int_names + float_names)}: every row of a program names the same ones")
+    ints = np.array([[int(p.params[k]) for k in int_names] if p.params else [0] * len(int_names) for p in plans],
+                    dtype=np.int64).reshape(len(plans), len(int_names))
+    floats = np.array([[float(p.params[k]) for k in float_names] if p.params else [0.0] * len(float_names)
+                       for p in plans], dtype=np.float64).reshape(len(plans), len(float_names))
+    rows = ints[[i for i, p in enumerate(plans) if p.params]] if real else ints[:0]
+    lo = tuple(int(v) for v in rows.min(0)) if len(rows) else (0,) * len(int_names)
+    hi = tuple(int(v) for v in rows.max(0)) if len(rows) else (0,) * len(int_names)
+    return ints, floats, lo, hi
 
 
 def step_key(plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int], uniform: bool, capacity: int,
              buckets: dict | None, store: bool) -> tuple:
     """Everything a segment step's parts depend on except the tokens, rule parameters and step counters."""
     return (seg, mask_id, uniform, capacity, store, None if buckets is None else tuple(buckets.values()),
-            tuple(seeds), tuple((p.start, p.end, p.keys, tuple(p.segments), tuple(p.flags), p.temperature,
-                                 len(p.ints), len(p.floats)) for p in plans))
+            tuple(seeds), param_names(plans), tuple((p.start, p.end, p.keys, tuple(p.segments), tuple(p.flags),
+                                                     p.temperature) for p in plans))
 
 
 def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_id: int, seeds: list[int],
@@ -357,7 +413,8 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
     else:
         cand = np.zeros(len(cell_rows), dtype=np.int64)
     _fill_cand(cand, tokens, cand_rows, cand_slots, cand_at, mask_id)
-    ints, floats, int_max = _rule_params(plans)
+    names = param_names(plans)
+    ints, floats, lo, hi = _rule_params(plans, names)
     sampling = any(p.temperature > 0 for p in plans)
     pad_to = None
     if buckets is not None:
@@ -379,7 +436,7 @@ def build_segment_step(tokens: np.ndarray, plans: list[RowPlan], seg: int, mask_
         temps = np.array([p.temperature for p in plans], dtype=np.float64)[cell_rows]
         parts["temperature"] = (temps if real is None else np.where(real, temps, 0.0)).view(np.int64)
     # A gathered (non-dense) attention reads the window's keys back from the cache: it must store them.
-    shape = Shape(n, n_tok, width, span, ns, seg, ints.shape[1], floats.shape[1], int_max, sampling, uniform, masked,
+    shape = Shape(n, n_tok, width, span, ns, seg, names[0], names[1], lo, hi, sampling, uniform, masked,
                   pad_pos is not None, aligned, dense, store or not dense)
     if dense:
         id_rows = id_slots = None
@@ -411,13 +468,13 @@ def _refilled(previous: HostStep, tokens: np.ndarray, plans: list[RowPlan], step
     else:
         ids[: len(fill.id_rows)] = tokens[fill.id_rows, fill.id_slots]
     _fill_cand(parts["cand"], tokens, fill.cand_rows, fill.cand_slots, fill.cand_at, mask_id)
-    ints, floats, int_max = _rule_params(plans)
+    ints, floats, lo, hi = _rule_params(plans, (shape.int_names, shape.float_names))
     parts["ints"][:] = ints.reshape(-1)
     parts["floats"][:] = floats.reshape(-1).view(np.int64)
     if "steps" in parts:
         parts["steps"][:] = np.asarray(list(steps) + [0] * (n - len(steps)), dtype=np.int64)[fill.cell_rows]
-    if int_max != shape.int_max:
-        shape = replace(shape, int_max=int_max)
+    if (lo, hi) != (shape.host_min, shape.host_max):
+        shape = replace(shape, host_min=lo, host_max=hi)
     return HostStep(parts, shape, previous.layout, fill)
 
 
@@ -471,7 +528,9 @@ def segment_meta(dev: dict[str, torch.Tensor], shape: Shape, device: torch.devic
         windows=windows_view(dev, n, shape.T, shape.S, shape.masked_keys, device, shape.aligned, shape.dense,
                              shape.store),
         pad_pos=dev["pad_pos"] if shape.padded_cells else None, cand=dev["cand"].view(n, ns, seg).bool(),
-        flags=dev["flags"].view(n, ns), ints=dev["ints"].view(n, shape.n_int),
-        floats=dev["floats"].view(torch.float64).view(n, shape.n_float), int_max=shape.int_max,
+        flags=dev["flags"].view(n, ns),
+        row=RowParams(dev["ints"].view(n, len(shape.int_names)),
+                      dev["floats"].view(torch.float64).view(n, len(shape.float_names)), shape.int_names,
+                      shape.float_names, shape.host_min, shape.host_max),
         uniform=shape.uniform, temperature=dev["temperature"].view(torch.float64) if shape.sampling else None,
         seeds=dev.get("seeds"), steps=dev.get("steps"), layout=(n, ns, seg))

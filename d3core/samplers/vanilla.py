@@ -80,19 +80,20 @@ class VanillaProgram(Program):
         if st.block == p.num_blocks:
             return None
         lo = row.prompt_len + st.block * p.block_length
-        return RowPlan(0, row.length, row.length, [lo], ints=(st.schedule[st.step_in_block],),
-                       floats=(float(p.remasking == "random"),), temperature=p.temperature)
+        return RowPlan(0, row.length, row.length, [lo],
+                       params={"k": st.schedule[st.step_in_block], "random": p.remasking == "random"},
+                       temperature=p.temperature)
 
     def rule(self, cells: Cells) -> torch.Tensor:
         n, ns, seg = cells.cand.shape
         score = cells.conf
         if cells.uniform is not None:
-            score = torch.where(cells.floats[:, 0, None, None] > 0, cells.uniform.to(score.dtype), score)
+            score = torch.where(cells.row["random"][:, None, None] > 0, cells.uniform.to(score.dtype), score)
         score = torch.where(cells.cand, score, torch.full_like(score, -float("inf"))).view(n, ns * seg)
-        top = score.topk(cells.int_max[0], dim=-1).indices  # k_max is a host int: no sync
+        top = score.topk(cells.row.max("k"), dim=-1).indices  # the largest k is a host int: no sync
         ranks = torch.arange(top.shape[1], device=top.device)[None]
         take = torch.zeros_like(cells.cand.view(n, ns * seg))
-        take.scatter_(1, top, ranks < cells.ints[:, :1])
+        take.scatter_(1, top, ranks < cells.row["k"][:, None])
         return take.view(n, ns, seg)
 
     def after(self, row: Row, d: Decoder, committed: np.ndarray) -> None:

@@ -19,12 +19,12 @@ def _tokens(rng: np.random.Generator, rows: int) -> np.ndarray:
 
 GEOMETRIES = {
     # dense: every row recomputes all of its slots
-    "dense": [RowPlan(0, 32, 32, [8], ints=(2,), floats=(0.5,)), RowPlan(0, 32, 32, [16], ints=(1,), floats=(0.9,))],
+    "dense": [RowPlan(0, 32, 32, [8], params={"k": 2, "t": 0.5}), RowPlan(0, 32, 32, [16], params={"k": 1, "t": 0.9})],
     # aligned windows over cached keys (dual cache)
-    "aligned": [RowPlan(8, 16, 32, [8], ints=(1,)), RowPlan(16, 24, 40, [16], ints=(3,))],
+    "aligned": [RowPlan(8, 16, 32, [8], params={"k": 1}), RowPlan(16, 24, 40, [16], params={"k": 3})],
     # ragged windows, padded segments, one row sitting out, sampling
-    "ragged": [RowPlan(4, 30, 30, [8, 16], flags=[1, 0], ints=(2,), temperature=0.7),
-               RowPlan(0, 0, 1), RowPlan(10, 20, 36, [12], flags=[1], ints=(4,))],
+    "ragged": [RowPlan(4, 30, 30, [8, 16], flags=[1, 0], params={"k": 2}, temperature=0.7),
+               RowPlan(0, 0, 1), RowPlan(10, 20, 36, [12], flags=[1], params={"k": 4})],
 }
 
 
@@ -34,8 +34,9 @@ def _build(tokens, plans, steps, buckets, previous=None):
 
 
 def _with_ints(plans: list[RowPlan], bump: int) -> list[RowPlan]:
-    return [RowPlan(p.start, p.end, p.keys, p.segments, p.flags, tuple(i + bump for i in p.ints),
-                    tuple(f / 2 for f in p.floats), p.temperature) for p in plans]
+    return [RowPlan(p.start, p.end, p.keys, p.segments, p.flags,
+                    {k: v + bump if isinstance(v, int) else v / 2 for k, v in p.params.items()}, p.temperature)
+            for p in plans]
 
 
 @pytest.mark.parametrize("bucketed", [False, True], ids=["eager", "bucketed"])
@@ -51,7 +52,7 @@ def test_a_refilled_step_equals_a_fresh_build(name, bucketed):
     refilled = _build(tokens, later, steps, buckets, previous=first)
     fresh = _build(tokens, later, steps, buckets)
     assert refilled.parts is first.parts  # the arrays were rewritten in place, not rebuilt
-    assert refilled.shape == fresh.shape  # int_max follows the new rule parameters
+    assert refilled.shape == fresh.shape  # the host min / max follow the new rule parameters
     assert list(refilled.parts) == list(fresh.parts)
     for key in fresh.parts:
         np.testing.assert_array_equal(refilled.parts[key], fresh.parts[key], err_msg=key)
@@ -64,7 +65,7 @@ def test_another_geometry_is_built_afresh():
     rng = np.random.default_rng(1)
     plans = GEOMETRIES["aligned"]
     first = _build(_tokens(rng, 2), plans, [0, 0], None)
-    moved = [RowPlan(16, 24, 32, [16], ints=(1,)), plans[1]]  # row 0's block advanced
+    moved = [RowPlan(16, 24, 32, [16], params={"k": 1}), plans[1]]  # row 0's block advanced
     tokens = _tokens(rng, 2)
     step = _build(tokens, moved, [1, 1], None, previous=first)
     assert step.parts is not first.parts
@@ -152,3 +153,23 @@ def test_a_padded_dense_step_gives_the_logits_of_the_gathered_step(arch, monkeyp
     gathered, still_dense = logits()
     assert dense and not still_dense
     torch.testing.assert_close(padded, gathered, rtol=1e-6, atol=1e-6)
+
+
+def test_row_parameters_travel_by_name_with_host_summaries():
+    from d3core.samplers.packing import Packer, segment_meta
+
+    tokens = np.full((3, 64), 7, dtype=np.int64)
+    plans = [RowPlan(0, 32, 32, [8], params={"llada": True, "k": 3, "threshold": 0.25}),
+             RowPlan(0, 32, 32, [16], params={"llada": False, "k": 5, "threshold": 0.75})]
+    step = build_segment_step(tokens, plans, 8, 1, [0, 0], [0, 0], False, 64,
+                              {"rows": 3, "capacity": 64, "scratch_row": 2, "pad_id": 0, "max_segments": 4})
+    assert step.shape.n == 3 and step.shape.int_names == ("llada", "k") and step.shape.float_names == ("threshold",)
+    row = segment_meta(Packer(torch.device("cpu"), 64).upload(step.parts), step.shape, torch.device("cpu")).row
+    assert row["threshold"][:2].tolist() == [0.25, 0.75] and row["k"][:2].tolist() == [3, 5]
+    assert row["k"][2:].tolist() == [0]  # a padding row carries zeros and is left out of the summaries
+    assert (row.max("k"), row.min("k"), row.any("llada"), row.all("llada")) == (5, 3, True, False)
+    with pytest.raises(KeyError, match="no per-row parameter 'temperature'"):
+        row["temperature"]
+    with pytest.raises(ValueError, match="differ from the step's"):
+        build_segment_step(tokens, [plans[0], RowPlan(0, 32, 32, [16], params={"k": 1})], 8, 1, [0, 0], [0, 0],
+                           False, 64)
