@@ -20,6 +20,13 @@ TMP_PREFIX = ".tmp-"
 # The package extra that installs an fsspec implementation (pyproject.toml's optional dependencies).
 EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
 
+# Several processes write one run directory (the driver, Ray workers, Ray Train's controller), but s3fs and
+# gcsfs cache every directory listing for the life of a process by default: a driver then missed the
+# checkpoints its workers wrote since it last listed, and a file rewritten since failed to read
+# (s3fs.utils.FileExpired: the cached ETag no longer held). Object stores are listed uncached.
+for _protocol in ("s3", "gs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
 
 def require_filesystem(uri: str, what: str) -> None:
     """Refuse, before any work, a URI whose fsspec implementation is not installed, naming what to install."""
@@ -72,16 +79,21 @@ def is_file(uri: str) -> bool:
 
 
 def read_json(uri: str) -> Any | None:
-    """The JSON document at ``uri``, or None when there is none."""
+    """The JSON document at ``uri``, or None when there is none.
+
+    One whole-object read (``cat_file``): a document another process replaces meanwhile is read whole,
+    old or new, where a seek-and-read file object fails on S3 once the object it opened changes.
+    """
     fs, root = fs_root(uri)
-    if not fs.exists(root):
+    try:
+        data = fs.cat_file(root)
+    except FileNotFoundError:
         return None
-    with fs.open(root, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{uri}: not valid JSON ({err}); d3ray writes it atomically, so something else damaged "
-                             "it: redo that stage with --overwrite, or write to a new location") from err
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{uri}: not valid JSON ({err}); d3ray writes it atomically, so something else damaged "
+                         "it: redo that stage with --overwrite, or write to a new location") from err
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -1,10 +1,17 @@
-"""Checks against the Ray cluster a pipeline runs on, made before any actor or worker starts."""
+"""Checks against the Ray cluster a pipeline runs on, made before any actor or worker starts.
+
+Stages ask for CPUs and GPUs through their own fields, and for custom Ray resources through a
+``resources`` field (``{"worker": 1}``): a cluster pins work to node types by such resources the
+way a GPU cluster pins it by ``GPU``. :func:`validate_resources` validates that field on construction.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from typing import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -12,6 +19,8 @@ logger = logging.getLogger(__name__)
 # wait this long for them before refusing. A local cluster started by this process cannot grow.
 GPU_WAIT_S = 600.0
 POLL_S = 5.0
+# Resources Ray reserves names for; each stage sets them through its own fields (num_cpus..., num_gpus...).
+RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 def joined_existing_cluster() -> bool:
@@ -19,19 +28,58 @@ def joined_existing_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def require_gpus(needed: float, what: str, wait_s: float | None = None) -> None:
-    """Refuse a GPU request the cluster cannot meet (Ray would otherwise wait for it forever)."""
+def validate_resources(resources: Mapping[str, float], what: str) -> None:
+    """Refuse a custom-resource request Ray would reject: names must be custom, amounts > 0 (whole above 1)."""
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{what}={dict(resources)}: resource names must be non-empty strings; name the "
+                             "custom resource your nodes declare, e.g. {'worker': 1}")
+        if name in RESERVED:
+            raise ValueError(f"{what}[{name!r}]={amount!r}: {name} is not a custom resource; set it through the "
+                             "stage's own CPU/GPU fields and name custom resources only here")
+        number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+        if not number or not math.isfinite(amount) or amount <= 0:
+            raise ValueError(f"{what}[{name!r}]={amount!r}: must be a number > 0 (the share of the resource each "
+                             "one reserves); drop the entry to ask for none")
+        if amount > 1 and amount != int(amount):
+            raise ValueError(f"{what}[{name!r}]={amount!r}: Ray takes fractions of a resource only up to 1; "
+                             f"use a whole number above 1, e.g. {math.ceil(amount)}")
+
+
+def _wait_for(name: str, needed: float, wait: float) -> float:
+    """How much of resource ``name`` the cluster has, once it has ``needed`` or ``wait`` seconds have passed."""
     import ray
 
-    wait = (GPU_WAIT_S if joined_existing_cluster() else 0.0) if wait_s is None else wait_s
     deadline = time.monotonic() + wait
     while True:
-        have = float(ray.cluster_resources().get("GPU", 0.0))
-        if have >= needed:
-            return
-        if time.monotonic() >= deadline:
-            raise ValueError(f"{what}={needed:g} but the Ray cluster has {have:g} GPU(s)"
-                             + (f" (waited {wait:.0f} s for autoscaling)" if wait else "")
-                             + f": run on a cluster with GPUs, or set {what}=0 to run on CPU")
-        logger.info("waiting for GPUs: %s=%g, the cluster has %g", what, needed, have)
+        have = float(ray.cluster_resources().get(name, 0.0))
+        if have >= needed or time.monotonic() >= deadline:
+            return have
+        logger.info("waiting for resource %s: %g needed, the cluster has %g", name, needed, have)
         time.sleep(POLL_S)
+
+
+def _wait_s(wait_s: float | None) -> float:
+    return (GPU_WAIT_S if joined_existing_cluster() else 0.0) if wait_s is None else wait_s
+
+
+def require_gpus(needed: float, what: str, wait_s: float | None = None) -> None:
+    """Refuse a GPU request the cluster cannot meet (Ray would otherwise wait for it forever)."""
+    wait = _wait_s(wait_s)
+    have = _wait_for("GPU", needed, wait)
+    if have < needed:
+        raise ValueError(f"{what}={needed:g} but the Ray cluster has {have:g} GPU(s)"
+                         + (f" (waited {wait:.0f} s for autoscaling)" if wait else "")
+                         + f": run on a cluster with GPUs, or set {what}=0 to run on CPU")
+
+
+def require_resources(resources: Mapping[str, float], what: str, wait_s: float | None = None) -> None:
+    """Refuse custom resources no node of the cluster offers (Ray would otherwise wait for them forever)."""
+    wait = _wait_s(wait_s)
+    for name, needed in resources.items():
+        have = _wait_for(name, needed, wait)
+        if have < needed:
+            raise ValueError(f"{what}[{name!r}]={needed:g} but the Ray cluster has {have:g} of resource {name!r}"
+                             + (f" (waited {wait:.0f} s for autoscaling)" if wait else "")
+                             + f": start nodes that declare it (ray start --resources '{{\"{name}\": 1}}'), or drop "
+                             f"it from {what}")

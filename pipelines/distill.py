@@ -27,11 +27,12 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.cluster import validate_resources
 from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import TrajectorySet, read_trajectory_set  # noqa: F401  (the reader)
 
@@ -73,6 +74,8 @@ class DistillConfig:
     num_workers: int = 2  # Ray Train workers (FSDP2 ranks)
     use_gpu: bool = False  # one GPU per worker, bf16 params with fp32 reduction (NCCL); False: CPU, gloo
     threads_per_worker: int = 1  # torch threads per worker (and CPUs it reserves on GPU presets)
+    # custom Ray resources each worker reserves, e.g. {"worker": 1}: workers run only on nodes that declare them
+    resources: dict[str, float] = field(default_factory=dict)
     batch_size: int = 32  # global batch (rows per optimizer step, split evenly over the workers)
     epochs: int = 5  # passes over the rows (each row used at most once per epoch)
     max_steps: int | None = None  # stop after this many optimizer steps; None: epochs x steps per epoch
@@ -112,6 +115,7 @@ class DistillConfig:
         for name in ("num_workers", "threads_per_worker", "batch_size", "epochs", "ckpt_every", "num_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        validate_resources(self.resources, "resources")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}: "
                              "the global batch is split evenly over the workers")
@@ -352,7 +356,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines import train_checkpoint as C
-    from pipelines.cluster import require_gpus
+    from pipelines.cluster import require_gpus, require_resources
     from pipelines.distill_worker import train_loop
 
     require_filesystems(cfg)
@@ -365,6 +369,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
         ray.init(include_dashboard=False, log_to_driver=True)
     if cfg.use_gpu:  # before anything is written or cleared: a refusal leaves the outputs as they were
         require_gpus(cfg.num_workers, "num_workers (use_gpu=True)")
+    require_resources(cfg.resources, "resources")
     if overwrite:
         claim(cfg, plan_, overwrite=True)
     F.write_record(cfg.storage_path, STAGE, plan_.fingerprint, {"out": cfg.out, "trajectories": cfg.trajectories})
@@ -380,7 +385,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.threads_per_worker if cfg.use_gpu else 1}),
+            resources_per_worker={"CPU": cfg.threads_per_worker if cfg.use_gpu else 1, **cfg.resources}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -33,6 +33,7 @@ import fsspec
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.cluster import validate_resources
 from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, SWEEP_AXES, VANILLA, split_sweep_key, sweep_key  # noqa: F401
 
 logger = logging.getLogger("d3ray.evaluate")
@@ -41,6 +42,12 @@ USE_VLLM = ("auto", "on", "off")
 AR_NAME = "AR"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 STAGE = "evaluate"
+# Ray reruns a cell whose worker process or node died this many times (system failures only: an exception
+# the cell raises is not retried). A cell writes nothing itself; the driver writes each one once, from the
+# attempt that returned, so a rerun cell is neither lost nor counted twice.
+CELL_RETRIES = 2
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """One evaluation sweep (the defaults are the tiny recipe). ``n=0`` evaluates each task's whole test split."""
@@ -64,6 +71,8 @@ class EvaluateConfig:
                                                                      "fast_dllm": {"cache": "dual"}})
     num_cpus_per_cell: float = 1.0  # CPUs each cell (a Ray task) reserves
     num_gpus_per_cell: float = 0.0  # > 0: one GPU share per cell (needs GPUs in the cluster)
+    # custom Ray resources each cell reserves, e.g. {"worker": 1}: cells run only on nodes that declare them
+    resources: dict[str, float] = field(default_factory=dict)
     threads_per_cell: int = 1  # torch threads inside each cell
     use_vllm: str = "auto"  # AR baseline through vLLM: auto (when it imports), on, off
     seed: int = 0  # seeds the task's example order and sampling
@@ -116,6 +125,7 @@ class EvaluateConfig:
             raise ValueError(f"num_cpus_per_cell={self.num_cpus_per_cell}, num_gpus_per_cell="
                              f"{self.num_gpus_per_cell}, threads_per_cell={self.threads_per_cell}: need CPUs > 0, "
                              "GPUs >= 0, threads >= 1")
+        validate_resources(self.resources, "resources")
         if self.code_workers < 1 or not self.sandbox_timeout_s > 0:
             raise ValueError(f"code_workers={self.code_workers}, sandbox_timeout_s={self.sandbox_timeout_s}: "
                              "both must be positive")
@@ -215,8 +225,8 @@ def model_identities(cfg: EvaluateConfig) -> dict[str, dict]:
 def fingerprint(cfg: EvaluateConfig, identities: dict[str, dict]) -> dict:
     """Every model's identity and every setting that decides the report's numbers."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("models", "ar_model", "out", "num_cpus_per_cell", "num_gpus_per_cell", "code_workers",
-                             "trust_remote_code", "preset")}
+                if k not in ("models", "ar_model", "out", "num_cpus_per_cell", "num_gpus_per_cell", "resources",
+                             "code_workers", "trust_remote_code", "preset")}
     settings["sweeps"] = {k: list(v) for k, v in cfg.sweeps.items()}
     settings["tasks"] = list(cfg.tasks)
     return {"stage": STAGE, "models": {name: identities[uri] for name, uri in cfg.models.items()},
@@ -351,12 +361,14 @@ def _ray_init() -> None:
 
 
 def _require_gpus(cfg: EvaluateConfig) -> None:
-    """Ray is up and has the GPUs the cells ask for (a request no node can meet waits forever)."""
+    """Ray is up and has the GPUs and custom resources the cells ask for (a request no node can meet waits
+    forever)."""
+    from pipelines.cluster import require_gpus, require_resources
+
     _ray_init()
     if cfg.num_gpus_per_cell > 0:
-        from pipelines.cluster import require_gpus
-
         require_gpus(cfg.num_gpus_per_cell, "num_gpus_per_cell")
+    require_resources(cfg.resources, "resources")
 
 
 def write_cell(fs: fsspec.AbstractFileSystem, root: str, key: str, result: dict) -> None:
@@ -382,7 +394,10 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
     remote = ray.remote(run_cell)
     refs = {}
     for cell in pending:
-        options = {"num_cpus": cfg.num_cpus_per_cell, "num_gpus": cfg.num_gpus_per_cell, "max_retries": 0}
+        options = {"num_cpus": cfg.num_cpus_per_cell, "num_gpus": cfg.num_gpus_per_cell,
+                   "max_retries": CELL_RETRIES}
+        if cfg.resources:
+            options["resources"] = dict(cfg.resources)
         if cell.sampler == "ar":
             options["runtime_env"] = {"env_vars": CPU_ENV if cfg.num_gpus_per_cell == 0 else
                                       {"VLLM_HOST_IP": "127.0.0.1"}}

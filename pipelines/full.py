@@ -264,8 +264,9 @@ def check_finished(cfg: FullConfig, recipe: Recipe) -> None:
 
 
 def check_gpus(cfg: FullConfig, recipe: Recipe) -> None:
-    """Once Ray is up and before anything is written: the cluster has the GPUs of every stage with work to do."""
-    from pipelines.cluster import require_gpus
+    """Once Ray is up and before anything is written: the cluster has the GPUs and custom resources of every stage
+    with work to do."""
+    from pipelines.cluster import require_gpus, require_resources
 
     needs = [("trajectories", recipe.trajectories.num_gpus_per_actor, "trajectories.num_gpus_per_actor"),
              ("distill", recipe.distill.num_workers if recipe.distill.use_gpu else 0,
@@ -275,6 +276,11 @@ def check_gpus(cfg: FullConfig, recipe: Recipe) -> None:
     for stage, needed, what in needs:
         if needed > 0 and stage not in cfg.skip and not _finished(cfg, stage):
             require_gpus(needed, what)
+    custom = [("trajectories", recipe.trajectories.resources), ("distill", recipe.distill.resources),
+              ("evaluate", recipe.evaluate.resources), ("serve", recipe.serve.resources if cfg.serve else {})]
+    for stage, resources in custom:
+        if resources and stage not in cfg.skip and not _finished(cfg, stage):
+            require_resources(resources, f"{stage}.resources")
 
 
 def _finished(cfg: FullConfig, stage: str) -> bool:

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from pipelines import _io
+
 logger = logging.getLogger("d3ray.distill")
 
 TRAINER_STATE = "trainer_state.json"
@@ -100,8 +102,8 @@ def load_checkpoint(uri: str, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def read_trainer_state(uri: str) -> dict:
-    with fsspec.open(uri.rstrip("/") + "/" + TRAINER_STATE, "r") as f:
-        return json.load(f)
+    fs, root = _io.fs_root(uri)
+    return json.loads(fs.cat_file(f"{root}/{TRAINER_STATE}"))
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -110,7 +112,7 @@ def checkpoint_dir_name(step: int) -> str:
 
 def list_checkpoints(experiment_uri: str) -> list[str]:
     """URIs of the checkpoint directories under a Ray Train run directory, oldest step first."""
-    fs, root = fsspec.core.url_to_fs(experiment_uri)
+    fs, root = _io.fs_root(experiment_uri)  # listed as the store is now (workers write while the driver waits)
     if not fs.exists(root):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
@@ -135,7 +137,7 @@ def verify(uri: str, digest: str) -> dict | None:
     state = read_state_or_none(uri)
     if state is None or state.get("fingerprint_digest") != digest:
         return None
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = _io.fs_root(uri)
     try:
         meta = _reader(uri).read_metadata()
     except (FileNotFoundError, OSError, EOFError, RuntimeError, ValueError) as err:
@@ -154,14 +156,19 @@ def verify(uri: str, digest: str) -> dict | None:
 
 
 def registered(experiment_uri: str) -> set[str]:
-    """Names of the checkpoint directories Ray Train's controller registered (its snapshot in storage)."""
-    fs, root = fsspec.core.url_to_fs(experiment_uri)
-    path = root.rstrip("/") + "/" + RAY_SNAPSHOT
-    if not fs.exists(path):
+    """Names of the checkpoint directories Ray Train's controller registered (its snapshot in storage).
+
+    The controller rewrites the snapshot while training runs: it is read in one request (``cat_file``), so a
+    rewrite meanwhile gives the old or the new list, never a read error.
+    """
+    fs, root = _io.fs_root(experiment_uri)
+    path = f"{root}/{RAY_SNAPSHOT}"
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return set()
     try:
-        with fs.open(path, "r") as f:
-            snapshot = json.load(f)
+        snapshot = json.loads(data)
         return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
     except (json.JSONDecodeError, KeyError, TypeError) as err:  # a Ray version with another layout: delete nothing
         logger.warning("cannot read Ray's checkpoint list %s (%s): keeping every checkpoint", path, err)
@@ -186,7 +193,7 @@ def reconcile(experiment_uri: str, digest: str, num_to_keep: int) -> str | None:
     checkpoints = list_checkpoints(experiment_uri)
     complete = [uri for uri in checkpoints if verify(uri, digest) is not None]
     keep = set(complete[-num_to_keep:])
-    fs, _ = fsspec.core.url_to_fs(experiment_uri)
+    fs, _ = _io.fs_root(experiment_uri)
     for uri in checkpoints:
         name = uri.rsplit("/", 1)[-1]
         if uri in keep or name in names or "*" in names:

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -37,6 +37,7 @@ from d3core import trajectory as T
 from d3core.models.shipped import TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
+from pipelines.cluster import validate_resources
 from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import (  # noqa: F401  (the writer's API, re-exported)
     SAMPLER,
@@ -73,6 +74,8 @@ class TrajectoriesConfig:
     num_actors: int = 2  # decoder actors (each loads the teacher once)
     num_cpus_per_actor: float = 0.5  # CPUs each actor reserves (0.5 on 2 cores leaves room for the writers)
     num_gpus_per_actor: float = 0.0  # > 0: one teacher replica per GPU share (needs GPUs in the cluster)
+    # custom Ray resources each actor reserves, e.g. {"worker": 1}: actors run only on nodes that declare them
+    resources: dict[str, float] = field(default_factory=dict)
     batch_size: int = 125  # prompts decoded together by one actor
     gen_length: int = 48  # generation slots per prompt
     block_length: int = 16  # block size of the semi-autoregressive decode (divides gen_length)
@@ -96,6 +99,7 @@ class TrajectoriesConfig:
         if not self.num_cpus_per_actor > 0 or self.num_gpus_per_actor < 0:
             raise ValueError(f"num_cpus_per_actor={self.num_cpus_per_actor}, num_gpus_per_actor="
                              f"{self.num_gpus_per_actor}: need CPUs > 0 and GPUs >= 0 (0: decode on CPU)")
+        validate_resources(self.resources, "resources")
         if not 1 <= self.max_attempts <= 10:
             raise ValueError(f"max_attempts={self.max_attempts}: must lie in [1, 10] (temperature rises 0.1 a try)")
         if self.gen_length % self.block_length:
@@ -323,12 +327,13 @@ def decode_prompts(model, tok, cfg: TrajectoriesConfig, ids, prompts, answers, t
 
 
 def check_resources(cfg: TrajectoriesConfig) -> None:
-    """Before any actor starts: the cluster has the GPUs the actors ask for (a request no node can
-    meet waits forever)."""
-    from pipelines.cluster import require_gpus
+    """Before any actor starts: the cluster has the GPUs and custom resources the actors ask for (a
+    request no node can meet waits forever)."""
+    from pipelines.cluster import require_gpus, require_resources
 
     if cfg.num_gpus_per_actor > 0:
         require_gpus(cfg.num_gpus_per_actor, "num_gpus_per_actor")
+    require_resources(cfg.resources, "resources")
 
 
 def require_filesystems(cfg: TrajectoriesConfig) -> None:
@@ -400,6 +405,7 @@ def run(cfg: TrajectoriesConfig, overwrite: bool = False) -> dict:
             compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(pending))),
             num_cpus=cfg.num_cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor,
+            **({"resources": dict(cfg.resources)} if cfg.resources else {}),
         )
         buffers: dict[int, list[pa.Table]] = {}
         bar = tqdm(total=len(pending), desc="trajectory shards", unit="shard")
