@@ -2,7 +2,13 @@
 token and AUP, at the trained generation length and at the longest canvas the tiny model allows.
 
     python benchmarks/window_eval.py --out runs/bench/window_eval.json                       # the teacher
-    python benchmarks/window_eval.py --model runs/seed0/student --model runs/seed1/student ... --out ...
+    python benchmarks/window_eval.py --model runs/full/student --out ...                     # saved students
+    python benchmarks/window_eval.py --trajectories runs/traj --seeds 0,1,2 --out ...        # students trained here
+
+``--trajectories`` trains one student per ``--seeds`` value in this process with the main job's
+distillation settings (the tiny preset: 350 steps, certainty-forcing weight 12, windows 16-48, mask
+ratio up to 1; ``benchmarks/distill_sweep.py``'s ``train_point``, the pipeline's ``distill_step``) and
+scores each.
 
 Systems (cache delay 2, block 16, batch 50, 500 held-out synthetic problems by default):
 
@@ -38,6 +44,20 @@ SYSTEMS: dict[str, tuple[str, dict]] = {
     "fast_dllm-dual": ("fast_dllm", {"cache": "dual"}),
     "dparallel": ("dparallel", {}),
 }
+
+
+def trained_students(trajectories: str, seeds: list[int]):
+    """``(name, student)`` per seed, trained with the tiny preset's distillation settings, one at a time."""
+    from distill_sweep import Point, load_rows, train_point
+
+    from d3core.models.shipped import TINY_TEACHER_DIR
+
+    rows = load_rows(trajectories)
+    for seed in seeds:
+        point = Point(steps=350, ew=12.0, mr_max=1.0, windows="16-48", seed=seed)
+        model, info = train_point(point, rows, str(TINY_TEACHER_DIR), "cpu")
+        logger.info("student seed %d trained: %s", seed, info)
+        yield f"student-seed{seed}", model
 
 
 def longest_canvas(model, prompts: list[list[int]], block: int) -> int:
@@ -82,6 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/window_eval.json")
     parser.add_argument("--model", action="append", default=[], help="a model directory (default: the tiny teacher)")
+    parser.add_argument("--trajectories", default="", help="train students from these trajectories (see --seeds)")
+    parser.add_argument("--seeds", default="0,1,2", help="distillation seeds of the students --trajectories trains")
     parser.add_argument("--n", type=int, default=500, help="held-out problems")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -99,8 +121,11 @@ def main() -> None:
     tok = load_tiny_tokenizer()
     problems = synthetic.generate("test", args.n, seed=0)
     prompts = [encode_prompt(tok, p.question) for p in problems]
-    models = [("teacher", load_tiny_teacher())] if not args.model else \
-        [(m, load_pretrained(m).eval()) for m in args.model]
+    models = [(m, load_pretrained(m).eval()) for m in args.model]
+    if args.trajectories:
+        models += list(trained_students(args.trajectories, [int(s) for s in args.seeds.split(",") if s]))
+    if not models:
+        models = [("teacher", load_tiny_teacher())]
     out = {"n": args.n, "thresholds": THRESHOLDS, "systems": SYSTEMS, "models": {}}
     for name, model in models:
         gens = (48, longest_canvas(model, prompts, 16))
