@@ -39,6 +39,6 @@ def load_tiny_ar(device: str = "cpu"):
 
 
 def load_tiny_tokenizer():
-    from transformers import AutoTokenizer
+    from d3core.models.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(_require(TINY_TEACHER_DIR))
+    return load_tokenizer(str(_require(TINY_TEACHER_DIR)))

@@ -110,8 +110,14 @@ def local_tokenizer_dir(uri: str) -> str:
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False, flag: str = FLAG):
     """``AutoTokenizer`` for the checkpoint ``ref`` (path, fsspec URI, hub id or ``hf://`` URI)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     uri = resolve_checkpoint(ref, weights=False, trust_remote_code=trust_remote_code)
     check_remote_code(uri, trust_remote_code, flag)
-    return AutoTokenizer.from_pretrained(local_tokenizer_dir(uri), trust_remote_code=trust_remote_code)
+    extra = {}
+    tokenizer_config = read_tokenizer_config(uri)
+    if tokenizer_config.get("tokenizer_class") or remote_code_modules(tokenizer_config):
+        # The tokenizer config names the class: don't let transformers read config.json for it, whose model
+        # type (llada, dream) it does not know and warns about ("a model of type `llada` ... of type ``").
+        extra["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(local_tokenizer_dir(uri), trust_remote_code=trust_remote_code, **extra)

@@ -145,3 +145,21 @@ def test_ar_baseline_resolves_hub_refs_too(hub_cache, tmp_path):
         expected = ar.eval()(ids).logits
         for ref in ("Qwen/Qwen2.5-7B-Instruct", "hf://Qwen/Qwen2.5-7B-Instruct"):
             assert torch.equal(load_ar_model(ref)(ids).logits, expected), ref
+
+
+def test_loading_a_dllm_tokenizer_logs_no_model_type_warning(caplog):
+    """transformers warned once per load ("a model of type `llada` to instantiate a model of type ``")
+    because it read config.json to find a tokenizer class the tokenizer config already names."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from d3core.models.shipped import load_tiny_tokenizer
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            tok = load_tiny_tokenizer()
+    finally:
+        hf_logging.disable_propagation()
+    assert tok("7 + 5")["input_ids"] and not [r for r in caplog.records if "model of type" in r.getMessage()]
