@@ -214,7 +214,8 @@ def test_dream_gqa_with_a_padding_mask_runs_on_fused_sdpa_kernels(dtype):
 
     from d3core.cache import KVCache
     from d3core.models.registry import build_model
-    from d3core.samplers.packing import Packer, RowPlan
+    from d3core.samplers.packing import Packer
+    from d3core.samplers.plan import RowPlan
 
     model = build_model("dream", "tiny", seed=0, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                         intermediate_size=512).to("cuda", dtype).eval()

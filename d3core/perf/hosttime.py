@@ -20,7 +20,7 @@ import torch
 from d3core.models.registry import build_model
 from d3core.perf.dryrun import ScriptedDecoder
 from d3core.samplers.engine import Program
-from d3core.samplers.packing import StepMeta
+from d3core.samplers.plan import StepMeta
 
 logger = logging.getLogger(__name__)
 

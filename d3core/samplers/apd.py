@@ -34,7 +34,7 @@ from d3core.samplers.base import DecodeParams, GenerationResult, check_probabili
 from d3core.samplers.engine import Decoder, Program, Row
 from d3core.samplers.generation import OnStep, run
 from d3core.samplers.logits import cell_keys, choose, gumbel_noise
-from d3core.samplers.packing import RowPlan
+from d3core.samplers.plan import RowPlan
 
 logger = logging.getLogger(__name__)
 

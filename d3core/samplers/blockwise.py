@@ -27,7 +27,7 @@ import torch
 
 from d3core.samplers.base import BlockParams
 from d3core.samplers.engine import Decoder, Program, Row
-from d3core.samplers.packing import Cells, RowParams, RowPlan
+from d3core.samplers.plan import Cells, RowParams, RowPlan
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ import torch
 from d3core.samplers.base import BlockParams, GenerationResult, check_probability
 from d3core.samplers.engine import Decoder, Program, Row, is_eos
 from d3core.samplers.generation import OnStep, run
-from d3core.samplers.packing import Cells, RowPlan
+from d3core.samplers.plan import Cells, RowPlan
 
 logger = logging.getLogger(__name__)
 

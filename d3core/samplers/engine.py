@@ -31,8 +31,8 @@ from d3core.cache import KVCache
 from d3core.samplers import graphs as graph_modes
 from d3core.samplers.base import SequenceResult, validate_prompts
 from d3core.samplers.logits import cell_keys, token_stats, uniform_per_cell
-from d3core.samplers.packing import (DYNAMIC_PARTS, Cells, HostLayout, HostStep, Packer, RowPlan, StepMeta,
-                                     StepSpec, build_segment_step, segment_meta)
+from d3core.samplers.packing import Packer, build_segment_step, segment_meta
+from d3core.samplers.plan import DYNAMIC_PARTS, Cells, HostLayout, HostStep, RowPlan, StepMeta, StepSpec
 
 logger = logging.getLogger(__name__)
 

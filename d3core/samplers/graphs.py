@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from d3core.samplers.packing import HostStep, Packer, StepSpec
+from d3core.samplers.packing import Packer
+from d3core.samplers.plan import HostStep, StepSpec
 
 logger = logging.getLogger(__name__)
 

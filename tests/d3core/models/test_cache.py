@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from host_reads import HostReads
 
 from d3core.cache import KVCache
 from d3core.models.registry import build_model, preset
 from d3core.samplers.base import make_batch
-from d3core.samplers.packing import Packer, RowPlan
-from host_reads import HostReads
+from d3core.samplers.packing import Packer
+from d3core.samplers.plan import RowPlan
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 ATOL = dict(rtol=1e-5, atol=1e-5)

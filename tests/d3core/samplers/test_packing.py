@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from d3core.samplers.packing import DYNAMIC_PARTS, RowPlan, build_segment_step
+from d3core.samplers.packing import build_segment_step
+from d3core.samplers.plan import DYNAMIC_PARTS, RowPlan
 
 MASK, PAD, CAP, SEG = 5, 0, 40, 8
 
