@@ -1,4 +1,5 @@
-"""Install docs that resolve: the extras each feature needs are declared, and the README's pins match pyproject."""
+"""Install docs that resolve: the extras each feature needs are declared, and the install docs' pins (README.md
+and docs/install.md) match pyproject."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+; on 3.10 tests/cluster 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 EXTRAS = PROJECT["optional-dependencies"]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "README.md").read_text() + (ROOT / "docs" / "install.md").read_text()  # the install docs
 
 
 def _pin(requirements: list[str], name: str) -> str:
