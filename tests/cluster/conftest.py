@@ -1,5 +1,9 @@
-"""Fixtures of the multi-node tests: one S3 server and one loopback Ray cluster for the package (a node-loss
+"""Fixtures of the multi-node tests: an S3 server and a loopback Ray cluster for each test module (a node-loss
 test leaves the cluster as it found it: it adds a replacement for the node it removes).
+
+Module scope, not package scope: ``tests/cluster`` is no Python package, and pytest scopes a "package" fixture
+of such a directory to the whole session. The cluster (this process its driver, ``RAY_TMPDIR`` set) then
+outlived these tests, and every later ``ray.init()`` in the suite joined it or failed.
 
 Tests marked ``cluster_full`` are the slower ones: they are skipped unless ``D3RAY_CLUSTER_TESTS=1``
 (``D3RAY_CLUSTER_TESTS=1 pytest -m cluster tests/cluster`` runs them all).
@@ -21,7 +25,7 @@ def pytest_runtest_setup(item):
         pytest.skip(f"a slower multi-node test: run it with {FULL_ENV}=1 pytest -m cluster tests/cluster")
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """moto's S3 server on 127.0.0.1, its endpoint and dummy credentials in this process's environment
     (and so in every Ray node started while it runs)."""
@@ -40,7 +44,7 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def cluster(s3_server):
     """The cluster, with this process connected to its head as the driver."""
     import ray
