@@ -1,21 +1,23 @@
-"""Command lines generated from the stage config dataclasses (tyro), with presets and YAML config files.
+"""The machinery :mod:`pipelines.cli` builds every command line with: tyro over the config dataclasses, and YAML.
 
 Every pipeline's CLI is the same shape::
 
     python pipelines/X.py [--preset NAME] [--config FILE.yaml] [--FIELD VALUE ...]
 
-- defaults come from the preset's :class:`~pipelines.recipes.Recipe` (the single source);
-- ``--config FILE`` (YAML, the shape :func:`to_yaml` prints and the run directory keeps) is
-  applied on top of the preset, then the flags on top of that;
-- every field has a flag with its help text (the field's comment) and its default shown;
-  booleans are ``--x`` / ``--no-x``; tuples take several values;
-- the values are checked by the dataclasses themselves, after parsing and before any work: a
-  bad value is a :class:`ValueError` naming the value, the rule and the fix.
+- ``--preset`` and ``--config FILE`` are read first (:func:`pre_parse`): the preset's recipe,
+  with the file's values over it, gives the defaults every other flag is shown with;
+- every field of the config dataclass is a flag with its help text (the field's comment) and its
+  default; booleans are ``--x`` / ``--no-x``; tuples take several values; nested configs are
+  flag groups (``--trajectories.seed``);
+- a :class:`Spec` says how one config class appears on one command line: fields the caller
+  decides are hidden, some have short aliases (``--n-prompts``), some are typed in another
+  :class:`Syntax` (``NAME=URI`` items for a dict);
+- tyro returns the values as typed (nothing is built or validated inside tyro), and each config
+  is then built once by its own class, which checks it: a bad value is a :class:`ValueError`
+  naming the value, the rule and the fix (:func:`run_main` prints it as one line, exit code 2).
 
-The CLI is built on *views* of the config classes: subclasses whose fields may be hidden
-(values a caller binds, e.g. a stage's output path inside ``full.py``), aliased (``--n-prompts``
-for ``--trajectories.n-prompts``) or parsed from another form (``NAME=URI`` pairs for a dict),
-and whose ``__post_init__`` does nothing, so that validation happens once, in the real class.
+The config dataclasses stay plain: the command line is described beside them, through tyro's
+constructor registry, not by classes generated at run time.
 """
 
 from __future__ import annotations
@@ -23,41 +25,49 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
-import logging
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import tyro
 import yaml
-
-logger = logging.getLogger(__name__)
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, StructConstructorSpec, StructFieldSpec
 
 CONFIG_FLAG = "--config"
 
 
 @dataclass(frozen=True)
-class Transform:
-    """A field parsed in another form on the command line: ``view_type`` there, converted both ways."""
+class Syntax:
+    """A field typed in another form on the command line, parsed once after tyro (``NAME=URI`` items for a dict)."""
 
-    view_type: Any
-    to_view: Callable[[Any], Any]
-    from_view: Callable[[Any], Any]
+    metavar: str
+    parse: Callable[[list[str], Any], Any]  # (the words typed, the field's default) -> the field's value
+    show: Callable[[Any], list[str]]  # a value as it would be typed (the default in --help)
+    nargs: int | str = "*"
 
 
 @dataclass(frozen=True)
-class ViewSpec:
-    """How one config class appears on a command line."""
+class Spec:
+    """How one config class appears on one command line."""
 
-    cls: type
-    hidden: frozenset[str] = frozenset()
+    hidden: frozenset[str] = frozenset()  # fields the caller decides (set from the default, no flag)
     aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    transforms: Mapping[str, Transform] = dataclasses.field(default_factory=dict)
-    nested: Mapping[str, "ViewSpec"] = dataclasses.field(default_factory=dict)
-    extra: tuple[tuple[str, Any, Any, str], ...] = ()  # (name, type, default, help) fields only the CLI has
-    build: Callable[[dict], Any] | None = None  # builds the real config from field values (default: cls(**values))
+    syntax: Mapping[str, Syntax] = dataclasses.field(default_factory=dict)
     helps: Mapping[str, str] = dataclasses.field(default_factory=dict)  # help text replacing the field's comment
+    flat: frozenset[str] = frozenset()  # nested configs whose flags take no prefix (full.py's recipe)
+    build: Callable[[dict], Any] | None = None  # builds the config from its field values (default: cls(**values))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag of a command that is no config field (``--overwrite``, ``--preset``)."""
+
+    name: str
+    kind: Any
+    default: Any
+    help: str
 
 
 def _help(cls: type, name: str) -> str | None:
@@ -70,63 +80,102 @@ def _help(cls: type, name: str) -> str | None:
         return None
 
 
-class View:
-    """A tyro-parsable subclass of ``spec.cls`` plus the conversions between it and the real class."""
+class _Typed:
+    """The words typed for a :class:`Syntax` field: tyro hands them over unparsed."""
 
-    def __init__(self, spec: ViewSpec) -> None:
-        self.spec = spec
-        self.children = {name: View(child) for name, child in spec.nested.items()}
-        hints = typing.get_type_hints(spec.cls)
-        annotations: dict[str, Any] = {}
-        namespace: dict[str, Any] = {"__module__": spec.cls.__module__, "__post_init__": lambda self: None,
-                                     "__qualname__": spec.cls.__qualname__}
-        for f in dataclasses.fields(spec.cls):
-            marks: list[Any] = []
-            kind = hints[f.name]
-            if f.name in self.children:
-                kind = self.children[f.name].cls
-            elif f.name in spec.transforms:
-                kind = spec.transforms[f.name].view_type
-            if f.name in spec.hidden:
-                marks.append(tyro.conf.Suppress)
-            else:
-                text = spec.helps.get(f.name) or _help(spec.cls, f.name)
-                marks.append(tyro.conf.arg(aliases=spec.aliases.get(f.name) or None, help=text))
-            annotations[f.name] = Annotated[(kind, *marks)]
-            namespace[f.name] = dataclasses.field(default=None)
-        for name, kind, default, text in spec.extra:
-            annotations[name] = Annotated[kind, tyro.conf.arg(help=text)]
-            namespace[name] = dataclasses.field(default=default)
-        namespace["__annotations__"] = annotations
-        self.cls = dataclass(frozen=True)(type(spec.cls.__name__, (), namespace))
+    def __init__(self, words: list[str]) -> None:
+        self.words = list(words)
 
-    def to_view(self, obj: Any, extra: Mapping[str, Any] | None = None) -> Any:
-        values = {}
-        for f in dataclasses.fields(self.spec.cls):
-            value = getattr(obj, f.name)
-            if f.name in self.children:
-                value = self.children[f.name].to_view(value)
-            elif f.name in self.spec.transforms:
-                value = self.spec.transforms[f.name].to_view(value)
-            values[f.name] = value
-        for name, _, default, _ in self.spec.extra:
-            values[name] = (extra or {}).get(name, default)
-        return self.cls(**values)
 
-    def from_view(self, view: Any) -> Any:
-        """The real (validated) config; raises the real class's ValueError for a bad value."""
-        values = {}
-        for f in dataclasses.fields(self.spec.cls):
-            value = getattr(view, f.name)
-            if f.name in self.children:
-                value = self.children[f.name].from_view(value)
-            elif f.name in self.spec.transforms:
-                value = self.spec.transforms[f.name].from_view(value)
-            values[f.name] = value
-        return self.spec.build(values) if self.spec.build else self.spec.cls(**values)
+@dataclass(frozen=True)
+class _Values:
+    """One config's field values as parsed: built into the config after tyro returns."""
 
-    def extras(self, view: Any) -> dict[str, Any]:
-        return {name: getattr(view, name) for name, *_ in self.spec.extra}
+    cls: type
+    default: Any
+    values: dict[str, Any]
+
+
+class _Command:
+    """The root of a command line; its fields come from :func:`_registry`."""
+
+
+def _registry(specs: Mapping[type, Spec], root: tuple[StructFieldSpec, ...]) -> ConstructorRegistry:
+    registry = ConstructorRegistry()
+
+    @registry.struct_rule
+    def config_struct(info):
+        if info.type is _Command:
+            return StructConstructorSpec(instantiate=lambda **values: values, fields=root)
+        spec = specs.get(info.type)
+        if spec is None:
+            return None
+        cls, default = info.type, info.default
+        return StructConstructorSpec(instantiate=lambda **values: _Values(cls, default, values),
+                                     fields=_fields(cls, spec, default))
+
+    return registry
+
+
+def _default(default: Any, name: str) -> Any:
+    return default[name] if isinstance(default, Mapping) else getattr(default, name)
+
+
+def _fields(cls: type, spec: Spec, default: Any) -> tuple[StructFieldSpec, ...]:
+    """The flags of ``cls``'s fields, with defaults from ``default`` (an instance, or field values)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind, value = hints[f.name], _default(default, f.name)
+        if f.name in spec.hidden:
+            out.append(StructFieldSpec(f.name, Annotated[kind, tyro.conf.Suppress], value))
+            continue
+        marks: list[Any] = [tyro.conf.arg(aliases=spec.aliases.get(f.name) or None,
+                                          name="" if f.name in spec.flat else None)]
+        syntax = spec.syntax.get(f.name)
+        if syntax is not None:
+            kind = Any
+            marks.append(PrimitiveConstructorSpec(nargs=syntax.nargs, metavar=syntax.metavar, instance_from_str=_Typed,
+                                                  is_instance=lambda _: True, str_from_instance=syntax.show))
+        out.append(StructFieldSpec(f.name, Annotated[(kind, *marks)], value,
+                                   helptext=spec.helps.get(f.name) or _help(cls, f.name)))
+    return tuple(out)
+
+
+def _build(parsed: Any, specs: Mapping[type, Spec]) -> Any:
+    """The configs of a parse, each built once by its class (inner ones first)."""
+    if not isinstance(parsed, _Values):
+        return parsed
+    spec = specs[parsed.cls]
+    values = {}
+    for name, value in parsed.values.items():
+        if isinstance(value, _Typed):
+            value = spec.syntax[name].parse(value.words, _default(parsed.default, name))
+        values[name] = _build(value, specs)
+    return spec.build(values) if spec.build else parsed.cls(**values)
+
+
+def parse(cls: type, default: Any, specs: Mapping[type, Spec], argv: Sequence[str], description: str,
+          flags: Sequence[Flag] = ()) -> tuple[Any, dict[str, Any]]:
+    """``argv`` over ``default`` (a ``cls``, or its field values), whose fields are the top-level flags.
+
+    ``specs`` says how each config class appears (``cls`` and every nested one); ``flags`` are the
+    command's own. Returns (the config, built and validated by its classes; the values of ``flags``).
+    """
+    own = {f"flag:{f.name}": f for f in flags}  # kept apart from the config's field names (evaluate's preset)
+    root = (*_fields(cls, specs[cls], default),
+            *(StructFieldSpec(key, Annotated[f.kind, tyro.conf.arg(name=f.name)], f.default, helptext=f.help)
+              for key, f in own.items()))
+    parsed = tyro.cli(_Command, args=list(argv), description=description, registry=_registry(specs, root))
+    config = _Values(cls, default, {key: value for key, value in parsed.items() if key not in own})
+    return _build(config, specs), {f.name: parsed[key] for key, f in own.items()}
+
+
+def preset_flags(preset: str, presets: Sequence[str]) -> tuple[Flag, ...]:
+    """``--preset`` and ``--config``, read by :func:`pre_parse`; listed so that ``--help`` shows them."""
+    return (Flag("preset", str, preset, f"the recipe whose values are the defaults: one of {list(presets)}"),
+            Flag("config", typing.Optional[str], None, "YAML file of field values applied over the preset (e.g. "
+                                                       "a run dir's recipe.yaml); flags apply over it"))
 
 
 # -- dataclass <-> plain data (YAML) ----------------------------------------------------------------
@@ -145,21 +194,21 @@ def to_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_data(obj), sort_keys=False, default_flow_style=False, width=120)
 
 
-def _coerce(kind: Any, value: Any) -> Any:
+def coerce(kind: Any, value: Any) -> Any:
     origin = typing.get_origin(kind)
     if origin is Annotated:
-        return _coerce(typing.get_args(kind)[0], value)
+        return coerce(typing.get_args(kind)[0], value)
     if origin is tuple and isinstance(value, list):
         args = typing.get_args(kind)
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v) for v in value)
+        return tuple(coerce(inner, v) for v in value)
     if origin in (dict, collections.abc.Mapping) and isinstance(value, dict):
         args = typing.get_args(kind)
-        return {k: _coerce(args[1], v) for k, v in value.items()} if len(args) == 2 else dict(value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return {k: coerce(args[1], v) for k, v in value.items()} if len(args) == 2 else dict(value)
+    if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(kind):
             if arg is not type(None) and value is not None:
-                return _coerce(arg, value)
+                return coerce(arg, value)
     return value
 
 
@@ -179,7 +228,7 @@ def apply(obj: Any, data: Mapping[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[name] = apply(current, value, f"{where}.{name}" if where else name)
         else:
-            changes[name] = _coerce(hints[name], value)
+            changes[name] = coerce(hints[name], value)
     return dataclasses.replace(obj, **changes)
 
 
@@ -201,7 +250,7 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-# -- parsing --------------------------------------------------------------------------------------
+# -- argv -----------------------------------------------------------------------------------------
 def pre_parse(argv: Sequence[str], presets: Sequence[str], default_preset: str) -> tuple[str, dict, list[str]]:
     """``--preset`` and ``--config`` first (they decide the defaults every other flag is shown with)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -254,35 +303,14 @@ def stage_section(data: dict, stage: str) -> dict:
     return dict(section) if isinstance(section, dict) else data
 
 
-def parse(spec: ViewSpec, default: Any, argv: Sequence[str], description: str, preset: str,
-          presets: Sequence[str], extra_defaults: Mapping[str, Any] | None = None,
-          repeatable: Sequence[Sequence[str]] = ()) -> tuple[Any, dict[str, Any]]:
-    """Parse ``argv`` over ``default``; returns (validated config, values of the CLI-only fields).
-
-    ``--preset`` and ``--config`` were read by :func:`pre_parse`; they are listed here so that
-    ``--help`` shows them.
-    """
-    spec = dataclasses.replace(spec, extra=(
-        ("preset", str, preset, f"the recipe whose values are the defaults: one of {list(presets)}"),
-        ("config", typing.Optional[str], None, "YAML file of field values applied over the preset (e.g. a run "
-                                               "dir's recipe.yaml); flags apply over it"),
-        *spec.extra))
-    view = View(spec)
-    parsed = tyro.cli(view.cls, default=view.to_view(default, extra_defaults), args=merge_repeated(argv, repeatable),
-                      description=description)
-    extras = view.extras(parsed)
-    extras.pop("preset"), extras.pop("config")
-    return view.from_view(parsed), extras
-
-
 def none_word(value: Any) -> Any:
     """``none`` in any case is None (tyro reads only ``None``): ``--ar-model none`` means no AR baseline."""
     return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
 
-def optional_text() -> Transform:
+def optional_text() -> Syntax:
     """An optional string field whose ``none`` (any case) on the command line is None."""
-    return Transform(typing.Optional[str], lambda value: value, none_word)
+    return Syntax("{None}|STR", lambda words, _: none_word(words[0]), lambda value: [str(value)], nargs=1)
 
 
 def given(argv: Sequence[str], flag: str) -> bool:

@@ -1,4 +1,4 @@
-"""Checks against the Ray cluster a pipeline runs on, made before any actor or worker starts.
+"""Checks against the Ray cluster a pipeline runs on, made before any actor or worker starts; a driver-side bar.
 
 Stages ask for CPUs and GPUs through their own fields, and for custom Ray resources through a
 ``resources`` field (``{"worker": 1}``): a cluster pins work to node types by such resources the
@@ -7,11 +7,13 @@ way a GPU cluster pins it by ``GPU``. :func:`validate_resources` validates that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 import time
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +85,59 @@ def require_resources(resources: Mapping[str, float], what: str, wait_s: float |
                              + (f" (waited {wait:.0f} s for autoscaling)" if wait else "")
                              + f": start nodes that declare it (ray start --resources '{{\"{name}\": 1}}'), or drop "
                              f"it from {what}")
+
+
+class _Count:
+    """A number Ray workers set and the driver reads (the actor behind :func:`remote_progress`)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def set(self, n: int) -> None:
+        self.n = n
+
+    def get(self) -> int:
+        return self.n
+
+
+@contextlib.contextmanager
+def remote_progress(name: str, total: int, desc: str, unit: str, every_s: float = 1.0) -> Iterator[None]:
+    """A progress bar on the driver that Ray workers move through :func:`progress_setter` ``(name)``."""
+    import ray
+    from tqdm import tqdm
+
+    counter = ray.remote(num_cpus=0)(_Count).options(name=name).remote()
+    bar = tqdm(total=total, desc=desc, unit=unit)
+    stop = threading.Event()
+
+    def follow() -> None:
+        while True:
+            try:
+                bar.update(ray.get(counter.get.remote()) - bar.n)
+            except ray.exceptions.RayError:  # the job is ending
+                return
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=follow, name=f"{desc} bar", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(ray.exceptions.RayError):
+            bar.update(ray.get(counter.get.remote()) - bar.n)
+        bar.close()
+        ray.kill(counter)
+
+
+def progress_setter(name: str | None) -> Callable[[int], None]:
+    """In a Ray worker: ``set(n)`` moves the bar that :func:`remote_progress` ``(name)`` draws (a no-op without it)."""
+    import ray
+
+    try:
+        counter = ray.get_actor(name) if name else None
+    except ValueError:  # no such bar (the stage runs without one)
+        counter = None
+    return (lambda n: None) if counter is None else (lambda n: counter.set.remote(n))

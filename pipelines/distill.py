@@ -22,18 +22,15 @@ A teacher whose tokenizer is remote code (Dream) needs ``--trust-remote-code``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import _io
 from pipelines import fingerprint as F
 from pipelines.cluster import validate_resources
-from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import TrajectorySet, read_trajectory_set  # noqa: F401  (the reader)
 
 logger = logging.getLogger("d3ray.distill")
@@ -49,7 +46,6 @@ RESULT_FIELDS = ("masking", "only_correct", "use_gpu", "batch_size", "epochs", "
                  "max_shard_bytes")
 
 
-@preset_keyword("distill")  # DistillConfig(preset="llada-8b", warmup_steps=0)
 @dataclass(frozen=True)
 class DistillConfig:
     """Distillation: which trajectories, which student start, the objective, and the Ray Train layout.
@@ -168,26 +164,6 @@ def plan(cfg: DistillConfig, n_rows: int) -> tuple[int, int]:
     """(max steps, steps per epoch): an epoch is every full global batch of the rows (drop-last)."""
     steps_per_epoch = n_rows // cfg.batch_size
     return (cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch), steps_per_epoch
-
-
-def epochs_over_preset(cfg: DistillConfig, epochs_given: bool, max_steps_given: bool,
-                       flag: str = "--") -> DistillConfig:
-    """An explicit ``--epochs`` wins over a ``max_steps`` that came from the preset or a config file.
-
-    ``max_steps`` alone decides the length when set, so ``--epochs 2`` over the tiny preset's 350
-    steps would otherwise be ignored; both flags given at once is ambiguous and refused. ``flag``
-    is the flags' prefix (``--distill.`` in full.py).
-    """
-    if not epochs_given or cfg.max_steps is None:
-        return cfg
-    epochs, steps = f"{flag}epochs", f"{flag}max-steps"
-    if max_steps_given:
-        raise ValueError(f"{epochs} {cfg.epochs} with {steps} {cfg.max_steps}: max_steps alone sets the length, so "
-                         f"the epochs would be ignored; give {epochs} N for N passes over the rows, or {steps} S for "
-                         "S optimizer steps")
-    logger.info("%s %d given: training %d epochs instead of the preset's max_steps=%d", epochs, cfg.epochs, cfg.epochs,
-                cfg.max_steps)
-    return dataclasses.replace(cfg, max_steps=None)
 
 
 def require_filesystems(cfg: DistillConfig) -> None:
@@ -356,7 +332,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines import train_checkpoint as C
-    from pipelines.cluster import require_gpus, require_resources
+    from pipelines.cluster import remote_progress, require_gpus, require_resources
     from pipelines.distill_worker import train_loop
 
     require_filesystems(cfg)
@@ -377,11 +353,12 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
     table = plan_.data.table
     logger.info("distilling %s from %d trajectories (%s masking): %d steps, %d per epoch, %d workers", plan_.init,
                 table.num_rows, cfg.masking, plan_.max_steps, plan_.steps_per_epoch, cfg.num_workers)
+    progress = f"d3ray-distill-{uuid.uuid4().hex[:12]}"  # the driver's bar of training steps (moved by rank 0)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "init": plan_.init, "max_steps": plan_.max_steps,
                            "steps_per_epoch": plan_.steps_per_epoch, "fingerprint": plan_.fingerprint,
-                           "hooks": hooks},
+                           "hooks": hooks, "progress": progress},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -396,7 +373,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, hooks=None) -> dict
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     t0 = time.perf_counter()
-    trainer.fit()
+    with remote_progress(progress, plan_.max_steps, "distill steps", "step"):
+        trainer.fit()
     train_seconds = time.perf_counter() - t0
     newest = C.reconcile(cfg.experiment_uri, plan_.digest, cfg.num_to_keep)
     if newest is None:
@@ -438,39 +416,7 @@ def _check_teacher(init: str, cfg: DistillConfig) -> None:
     check_remote_code(local, cfg.trust_remote_code)
 
 
-# -- CLI -----------------------------------------------------------------------------------------
-def parse_args(argv=None) -> tuple[DistillConfig, bool]:
-    """(config, overwrite) from the command line, over the preset's recipe."""
-    from pipelines import _cli
-    from pipelines.recipes import RECIPES, get_recipe
+if __name__ == "__main__":  # the command line is pipelines/cli.py's (it reads the recipes, which import this stage)
+    import runpy
 
-    argv = sys.argv[1:] if argv is None else argv
-    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    default = _cli.apply(get_recipe(preset).distill, _cli.stage_section(data, STAGE), "config")
-    spec = _cli.ViewSpec(DistillConfig, extra=(
-        ("overwrite", bool, False, "clear OUT and the training storage if they hold another run's outputs, "
-                                   "then train anew"),))
-    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
-    cfg = epochs_over_preset(cfg, _cli.given(rest, "--epochs"), _cli.given(rest, "--max-steps"))
-    require_filesystems(cfg)
-    return cfg, extras["overwrite"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pipelines import _cli
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    def go():
-        cfg, overwrite = parse_args(argv)
-        logger.info("distill config:\n%s", _cli.to_yaml(cfg))
-        summary = run_distill(cfg, overwrite)
-        print(json.dumps({k: summary[k] for k in ("init", "rows", "steps", "train_seconds")}, indent=2))
-
-    _cli.run_main(go)
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("pipelines.cli", run_name="__main__")

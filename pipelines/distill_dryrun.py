@@ -18,7 +18,6 @@ sharding are those of the GPU run; collectives are no-ops of the fake process gr
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -26,8 +25,6 @@ import torch
 
 from d3core.distill.losses import LossWeights
 from d3core.distill.objective import DistillObjective, collate_rows, combined_loss, student_batch, student_loss_sums
-
-logger = logging.getLogger(__name__)
 
 
 def dry_distill_step(arch: str, size: str, world_size: int = 8, rows_per_worker: int = 8, prompt_len: int = 256,

@@ -142,6 +142,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     from d3core.models.checkpoint import load_pretrained
+    from pipelines.cluster import progress_setter
     from pipelines.fingerprint import digest as fingerprint_digest
     from pipelines.train_checkpoint import load_checkpoint
 
@@ -177,6 +178,7 @@ def train_loop(config: dict) -> None:
             logger.info("resumed at step %d (epoch %d, %d rows of it consumed) from %s (%d worker(s), now %d)", step,
                         epoch, len(consumed), resume, state["world_size"], size)
 
+    set_progress = progress_setter(config.get("progress") if rank == 0 else None)  # the driver's bar
     if hooks is not None and hasattr(hooks, "on_start"):
         hooks.on_start(rank, size)
     rows = load_rows(ray.train.get_dataset_shard("train"))
@@ -207,6 +209,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 logger.info("step %d/%d %s", step, max_steps,
                             " ".join(f"{k}={v:.4g}" for k, v in out.items() if k not in ("step",)))
+                set_progress(step)
             # Report (metrics + checkpoint) only at checkpoint steps: Ray Train v2 hands each report to
             # its controller through a one-slot queue that the controller drains on its own poll
             # interval, so reporting every step throttles a fast step to that interval (~2 s).

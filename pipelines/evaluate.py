@@ -19,6 +19,7 @@ code (Dream).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
 from pipelines.cluster import validate_resources
-from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, SWEEP_AXES, VANILLA, split_sweep_key, sweep_key  # noqa: F401
+from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, VANILLA, SweepPoint, ar_point, split_sweep_key, sweep_points
 
 logger = logging.getLogger("d3ray.evaluate")
 
@@ -136,48 +137,45 @@ class EvaluateConfig:
             if fixed:
                 raise ValueError(f"sampler_params[{sampler!r}] sets {fixed}: the decode shape comes from gen_length / "
                                  "block_length and the threshold from sweeps; set them there")
-        self._check_sampler_params()
+        _ = self.points  # every cell's sampler params, built now: a bad threshold fails before any Ray task starts
+
+    @functools.cached_property
+    def points(self) -> tuple[SweepPoint, ...]:
+        """Every sweep point with its sampler's params, built once (here, on the driver) and carried by the cells."""
+        return sweep_points(self.sweeps, self.sampler_params, self.gen_length, self.block_length)
 
     def sweep_values(self) -> dict[str, tuple[float, ...]]:
         """sampler -> values of its sweep axis (vanilla: ())."""
         return {split_sweep_key(k)[0]: v for k, v in self.sweeps.items()}
 
-    def _check_sampler_params(self) -> None:
-        """Build every cell's sampler params now, so a bad threshold fails before any Ray task starts."""
-        from d3core.samplers import get_sampler
-
-        for sampler, thresholds in self.sweep_values().items():
-            cls = get_sampler(sampler).params_cls
-            for t in thresholds or (None,):
-                try:
-                    cls(**sampler_kwargs(self, Cell("check", "", sampler, t, self.tasks[0]), cls))
-                except TypeError as err:
-                    raise ValueError(f"sampler_params[{sampler!r}]={self.sampler_params.get(sampler)}: {err}; use "
-                                     f"fields of {cls.__name__}") from err
-                except ValueError as err:
-                    axis = sweep_key(sampler)
-                    raise ValueError(f"{axis}={t}: {err}" if t is not None else str(err)) from err
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides) -> "EvaluateConfig":
-        """The recipe ``preset``'s evaluation settings with ``overrides`` (pipelines/recipes.py)."""
-        from pipelines.recipes import get_recipe
-
-        return dataclasses.replace(get_recipe(preset).evaluate, **overrides)
-
 
 @dataclass(frozen=True)
 class Cell:
+    """One model decoded with one sweep point on one task: one Ray task."""
+
     model: str
     uri: str
-    sampler: str  # "ar" for the AR baseline
-    threshold: float | None  # the value of the sampler's sweep axis (SWEEP_AXES); None: vanilla, AR
+    point: SweepPoint  # the sampler and its complete params (EvaluateConfig.points; sweeps.ar_point for AR)
     task: str
     identity: str = ""  # fingerprint digest of the checkpoint's identity (its content, not its location)
 
+    @property
+    def sampler(self) -> str:
+        return self.point.sampler
+
+    @property
+    def threshold(self) -> float | None:
+        """The value of the sampler's sweep axis; None: vanilla, AR."""
+        return self.point.value
+
+    def record(self) -> dict:
+        """The cell as its result records it."""
+        return {"model": self.model, "uri": self.uri, "sampler": self.sampler, "threshold": self.threshold,
+                "task": self.task, "identity": self.identity}
+
     def key(self, cfg: EvaluateConfig) -> str:
         """A readable, unique id: changes whenever anything that changes the result changes."""
-        spec = {"cell": dataclasses.asdict(self), "n": cfg.n, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        spec = {"cell": self.record(), "n": cfg.n, "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "gen_length": cfg.gen_length, "block_length": cfg.block_length, "style": cfg.prompt_style,
                 "params": cfg.sampler_params.get(self.sampler, {}), "threads": cfg.threads_per_cell,
                 "vllm": cfg.use_vllm if self.sampler == "ar" else None}
@@ -187,22 +185,19 @@ class Cell:
 
 
 def plan_cells(cfg: EvaluateConfig, identities: dict[str, str] | None = None) -> list[Cell]:
-    """Every cell of the sweep, slowest first (one-token-per-step decoders, then low thresholds).
+    """Every cell of the sweep, per task: the AR baseline, then each model's sweep points in ``sweeps`` order.
 
     ``identities`` (checkpoint URI -> identity digest, :func:`model_identities`) goes into each
     cell and so into its key: a checkpoint whose content changed gets new cells.
     """
     ids = identities or {}
+    baseline = ar_point(cfg.gen_length)
     cells = []
     for task in cfg.tasks:
         if cfg.ar_model is not None:
-            cells.append(Cell(AR_NAME, cfg.ar_model, "ar", None, task, ids.get(cfg.ar_model, "")))
+            cells.append(Cell(AR_NAME, cfg.ar_model, baseline, task, ids.get(cfg.ar_model, "")))
         for name, uri in cfg.models.items():
-            for sampler, thresholds in cfg.sweep_values().items():
-                if sampler == VANILLA:
-                    cells.append(Cell(name, uri, VANILLA, None, task, ids.get(uri, "")))
-                else:
-                    cells += [Cell(name, uri, sampler, t, task, ids.get(uri, "")) for t in thresholds]
+            cells += [Cell(name, uri, point, task, ids.get(uri, "")) for point in cfg.points]
     return cells
 
 
@@ -234,14 +229,6 @@ def fingerprint(cfg: EvaluateConfig, identities: dict[str, dict]) -> dict:
 
 
 # -- one cell (runs inside a Ray task) ---------------------------------------------------------
-def sampler_kwargs(cfg: EvaluateConfig, cell: Cell, params_cls) -> dict:
-    names = {f.name for f in dataclasses.fields(params_cls)}
-    base = {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "threshold": cell.threshold}
-    kwargs = {k: v for k, v in base.items() if k in names and v is not None}
-    kwargs.update(cfg.sampler_params.get(cell.sampler, {}))
-    return kwargs
-
-
 def _ar_backend(cfg: EvaluateConfig, cell: Cell, device: str):
     """(model, sampler, backend name): vLLM when allowed and importable, else d3core's ``ar``."""
     from d3core.samplers import get_sampler
@@ -288,7 +275,7 @@ def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
         model, spec, backend = _ar_backend(cfg, local, device)
     else:
         model, spec, backend = load_pretrained(cell.uri, device=device), get_sampler(cell.sampler), "d3core"
-    params = spec.params_cls(**sampler_kwargs(cfg, cell, spec.params_cls))
+    params = cell.point.params
     task = get_task(cell.task)
     examples = task.examples(cfg.n or None, seed=cfg.seed)
     report = evaluate_task(model, tokenizer, task, spec, params, examples, batch_size=cfg.batch_size,
@@ -297,7 +284,7 @@ def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
                            protocol=_ar_protocol(cfg, cell), truncate_prompts=True)
     hardware = torch.cuda.get_device_name() if device == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {cfg.threads_per_cell} torch thread(s)"
-    return {**dataclasses.asdict(cell), **report.summary(), "params": dataclasses.asdict(params),
+    return {**cell.record(), **report.summary(), "params": dataclasses.asdict(params),
             "backend": backend, "device": device, "hardware": hardware,
             "accuracy_ci": list(bootstrap_ci(report.correct, seed=cfg.seed)),
             "cell_seconds": time.perf_counter() - t0, "cell_cpu_seconds": time.process_time() - cpu0,
@@ -524,51 +511,7 @@ def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
     return report
 
 
-# -- CLI -------------------------------------------------------------------------------------
-def parse_args(argv=None) -> tuple[EvaluateConfig, bool]:
-    """(config, overwrite) from the command line, over the preset's recipe."""
-    import sys
+if __name__ == "__main__":  # the command line is pipelines/cli.py's (it reads the recipes, which import this stage)
+    import runpy
 
-    from pipelines import _cli
-    from pipelines.evaluate_cli import cli_spec, parse_sweeps, sweeps_to_items
-    from pipelines.recipes import RECIPES, get_recipe
-
-    argv = sys.argv[1:] if argv is None else argv
-    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    base = dataclasses.replace(get_recipe(preset).evaluate, preset=preset)
-    data = _cli.stage_section(data, STAGE)
-    if "sweeps" in data:
-        data["sweeps"] = parse_sweeps(sweeps_to_items(data["sweeps"]))
-    if "ar_model" in data:
-        data["ar_model"] = _cli.none_word(data["ar_model"])
-    default = _cli.apply(base, data, "config")
-    spec = dataclasses.replace(cli_spec(default, aliases={"models": ("--model",), "sweeps": ("--sweep",),
-                                                 "sampler_params": ("--param",)}),
-                               extra=(("overwrite", bool, False, "clear OUT if it holds another evaluation"),))
-    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES), repeatable=(
-        ("--models", "--model"), ("--sweeps", "--sweep"), ("--sampler-params", "--param")))
-    require_filesystems(cfg)
-    return cfg, extras["overwrite"]
-
-
-def main(argv=None) -> dict:
-    from pipelines import _cli
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    def go():
-        cfg, overwrite = parse_args(argv)
-        logger.info("evaluate config:\n%s", _cli.to_yaml(cfg))
-        report = run_evaluation(cfg, overwrite)
-        for task, systems in report["aup"].items():
-            for system, value in systems.items():
-                print(f"{task:12s} {system:28s} AUP {value:8.2f}")
-        return report
-
-    return _cli.run_main(go)
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("pipelines.cli", run_name="__main__")

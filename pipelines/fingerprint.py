@@ -21,15 +21,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 from typing import Any
 
 import fsspec
 
 from pipelines import _io
-
-logger = logging.getLogger(__name__)
 
 RECORD = "fingerprint.json"
 # Checkpoints up to this many bytes of weights are hashed whole; larger ones by size plus samples

@@ -9,8 +9,10 @@ Settings come from one recipe (``--preset``, ``pipelines/recipes.py``), changed 
 and by flags: the shared ones at the top (``--teacher``, ``--gen-length``, ...), any stage's field
 as ``--STAGE.FIELD`` (``--trajectories.seed 1``, ``--distill.lr 1e-4``,
 ``--evaluate.sampler-params d3llm.cache_delay_iter=1``), and short forms of the usual ones
-(``--n-prompts``, ``--distill-steps``, ``--n-eval``, ``--sweeps``, ``--param``). The resolved recipe
-is printed and saved as ``RUN_DIR/recipe.yaml`` (``--config RUN_DIR/recipe.yaml`` repeats the run).
+(``--n-prompts``, ``--distill-steps``, ``--n-eval``, ``--sweeps``, ``--param``); ``pipelines/cli.py``
+generates this command line from ``FullConfig`` and the recipe. The resolved recipe is saved as
+``RUN_DIR/recipe.yaml`` (``--config RUN_DIR/recipe.yaml`` repeats the run). The console shows each
+stage's progress bar and the report's path; the logs go to ``RUN_DIR/logs/`` (``pipelines/logs.py``).
 Every stage output records the fingerprint of what made it; a rerun with other settings refuses,
 naming the differing fields, unless given a new ``--run-dir`` or ``--overwrite STAGE`` (which redoes
 that stage and everything downstream of it).
@@ -44,13 +46,14 @@ import dataclasses
 import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 
-from pipelines import _io
+from pipelines import _cli, _io, cli
 from pipelines import fingerprint as F
-from pipelines.recipes import RECIPES, Recipe, get_recipe
+from pipelines.cluster import joined_existing_cluster
+from pipelines.logs import RunLogs
+from pipelines.recipes import Recipe, get_recipe
 
 logger = logging.getLogger("d3ray.full")
 
@@ -303,12 +306,14 @@ def require_filesystems(cfg: FullConfig) -> None:
     _io.require_filesystems(run_dir=cfg.run_dir, prompts=r.prompts, teacher=r.teacher, ar_model=r.ar_model)
 
 
-def run(cfg: FullConfig) -> dict:
+def run(cfg: FullConfig, logs: RunLogs | None = None) -> dict:
     """Check everything that can be checked (locations, inputs, earlier outputs, GPUs), then write
-    ``recipe.yaml`` and run the stages: a refusal leaves the run directory as it was."""
-    import ray
+    ``recipe.yaml`` and run the stages: a refusal leaves the run directory as it was.
 
-    from pipelines import _cli
+    ``logs`` (the command line's) moves into ``RUN_DIR/logs/`` once the run directory is the run's,
+    and the Ray this job starts prints there.
+    """
+    import ray
 
     require_filesystems(cfg)
     _io.require_directory(cfg.run_dir, "run_dir")
@@ -324,11 +329,15 @@ def run(cfg: FullConfig) -> dict:
         else:
             prepare(recipe.trajectories)  # also refuses trajectories of other settings
     check_finished(cfg, recipe)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`
+    if not ray.is_initialized():  # joins the cluster under `ray job submit`; worker output never on the console
+        starts = logs is not None and not joined_existing_cluster()
+        ray.init(include_dashboard=False, **(logs.ray_options() if starts else {"log_to_driver": False}))
     check_gpus(cfg, recipe)
     previous = _read_text(cfg.path(RECIPE_FILE))
     _io.write_bytes(cfg.path(RECIPE_FILE), text.encode())
+    if logs is not None:
+        logs.claim()
+    say(f"d3ray main job ({recipe.preset}): recipe {cfg.path(RECIPE_FILE)}" + (f", logs {logs.dir}" if logs else ""))
     try:
         return _run(cfg, recipe)
     except F.OutputMismatch:
@@ -358,6 +367,7 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
     for name, fn in plan:
         if name in cfg.skip:
             logger.info("stage %s: skipped (--skip)", name)
+            say(f"{name}: skipped (--skip)")
             stages.setdefault(name, {"status": "skipped"})
             continue
         logger.info("stage %s: starting", name)
@@ -369,12 +379,13 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
         if previous.get("status") == "done" and not redone and digest is not None \
                 and (previous.get("result") or {}).get("fingerprint_digest") == digest:
             result = {**previous, "rechecked_seconds": result["seconds"]}  # finished earlier: keep its time
+            say(f"{name}: finished earlier, kept")
         stages[name] = result
         _io.write_json(cfg.path("stages.json"), stages)
         logger.info("stage %s: done in %.0f s", name, result["seconds"])
     manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
     made_by = (manifest.get("provenance") or {}).get("teacher", teacher)
-    summary = {"recipe": _cli_data(recipe), "run_dir": cfg.run_dir, "hardware": hardware(),
+    summary = {"recipe": _cli.to_data(recipe), "run_dir": cfg.run_dir, "hardware": hardware(),
                "teacher": made_by, "ar_model": ar_model, "stages": stages}
     if cfg.push_to_hub:
         from d3core.models.export import push_to_hub
@@ -388,19 +399,19 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
     _io.write_json(cfg.path("report.json"), summary)
     _io.write_bytes(cfg.path("report.md"), markdown(summary, evaluation, cfg).encode())
     logger.info("report: %s", cfg.path("report.md"))
+    say(f"report: {cfg.path('report.md')}")
     return summary
+
+
+def say(line: str) -> None:
+    """One line on the console (stage bars and errors are the rest of it; the logs hold everything else)."""
+    print(line, flush=True)
 
 
 def _timed(fn) -> dict:
     t0 = time.perf_counter()
     out = fn()
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 1), "result": out}
-
-
-def _cli_data(recipe: Recipe) -> dict:
-    from pipelines import _cli
-
-    return _cli.to_data(recipe)
 
 
 def compare(evaluation: dict) -> dict:
@@ -451,112 +462,25 @@ def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-def cli_spec(base: Recipe):
-    """full.py's command line: the recipe (stage fields that the recipe or the run dir decide are hidden)."""
-    from pipelines import _cli
-    from pipelines.distill import DistillConfig
-    from pipelines.evaluate_cli import cli_spec as evaluate_spec
-    from pipelines.trajectories import TrajectoriesConfig
-    from serve_apps.config import ServeConfig
-
-    shared = {"teacher", "prompts", "trust_remote_code", "gen_length", "block_length"}
-    from pipelines.recipes import build
-
-    return _cli.ViewSpec(Recipe, hidden=frozenset({"preset"}), build=build,
-                         transforms={"ar_model": _cli.optional_text()}, nested={
-        "trajectories": _cli.ViewSpec(TrajectoriesConfig, hidden=frozenset({"out", *shared}),
-                                      aliases={"n_prompts": ("--n-prompts",)}),
-        "distill": _cli.ViewSpec(DistillConfig, hidden=frozenset({"trajectories", "out", "storage", "push_to_hub",
-                                                                  "trust_remote_code"}),
-                                 aliases={"max_steps": ("--distill-steps",), "masking": ("--masking",)}),
-        "evaluate": evaluate_spec(base.evaluate, hidden={"models", "ar_model", "out", "gen_length", "block_length",
-                                          "trust_remote_code", "preset"},
-                                  aliases={"n": ("--n-eval",), "sweeps": ("--sweeps",),
-                                           "sampler_params": ("--param",)}),
-        "serve": _cli.ViewSpec(ServeConfig, hidden=frozenset({"model", "trust_remote_code", "preset", "tokenizer",
-                                                              "sampler_params", "limits", "autoscaling"})),
-    }, extra=(
-        ("run_dir", str, "runs/full", "fsspec URI of the run directory (every stage's output lies under it)"),
-        ("skip", tuple[str, ...], (), f"stages not to run: {', '.join(STAGES)}"),
-        ("overwrite", tuple[str, ...], (), "stages to redo although their outputs exist (each also redoes "
-                                           "everything downstream): trajectories, distill, evaluate"),
-        ("pretrain", bool, False, "tiny only: retrain the embedded models first (hours on 2 CPU cores)"),
-        ("serve_smoke", bool, False, "deploy the student on Ray Serve on 127.0.0.1 and query it once "
-                                     "(also --serve)"),
-        ("push_to_hub", str | None, None, "after evaluation, upload the student directory (model card "
-                                          "included) to this hub repo ORG/NAME"),
-    ))
-
-
-_RUN_KEYS = ("run_dir", "skip", "overwrite", "pretrain", "serve_smoke", "push_to_hub")
-
-
-def _split_stages(values) -> tuple[str, ...]:
-    return tuple(s.strip() for v in values for s in str(v).split(",") if s.strip())
-
-
-def apply_recipe(base: Recipe, data: dict) -> Recipe:
-    """``base`` with the values of a config file (the shape of ``recipe.yaml``): shared fields set once."""
-    from pipelines import _cli
-    from pipelines.evaluate_cli import parse_sweeps, sweeps_to_items
-    from pipelines.recipes import SHARED, STAGE_FIELDS, build
-
-    data = dict(data)
-    unknown = sorted(set(data) - set(SHARED) - set(STAGE_FIELDS))
-    if unknown:
-        raise ValueError(f"config: unknown field(s) {unknown}; a recipe has {[*SHARED, *STAGE_FIELDS]} and the run's "
-                         f"{list(_RUN_KEYS[:-2]) + ['serve (a bool)', 'push_to_hub']}")
-    shared = {name: data.get(name, getattr(base, name)) for name in SHARED}
-    shared["ar_model"] = _cli.none_word(shared["ar_model"])
-    stages = {}
-    for name in STAGE_FIELDS:
-        values = dict(data.get(name) or {})
-        for key, value in values.items():  # a stage's copy of a shared field must say the same as the top
-            top = shared["teacher"] if (name, key) == ("evaluate", "models") else shared.get(key)
-            same = value.get("teacher") == top if (name, key) == ("evaluate", "models") else value == top
-            if key in SHARED and not same:
-                raise ValueError(f"config: {name}.{key}={value!r} but {key}={top!r}: {key} is one setting shared "
-                                 "by every stage; set it once at the top level")
-        if name == "evaluate" and "sweeps" in values:
-            values["sweeps"] = parse_sweeps(sweeps_to_items(values["sweeps"]))
-        stages[name] = _cli.apply(getattr(base, name), values, name) if values else getattr(base, name)
-    return build({"preset": base.preset, **shared, **stages})
-
-
 def parse_args(argv=None) -> FullConfig:
-    from pipelines import _cli
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = ["--serve-smoke" if a == "--serve" else a for a in argv]
-    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    run_values = {k: data.pop(k) for k in _RUN_KEYS if k in data}
-    if "serve" in data and isinstance(data["serve"], bool):
-        run_values["serve_smoke"] = data.pop("serve")
-    default = apply_recipe(get_recipe(preset), data)
-    extra_defaults = {"run_dir": "runs/full", **run_values}
-    parsed, extras = _cli.parse(cli_spec(default), default, rest, __doc__, preset, list(RECIPES),
-                                extra_defaults=extra_defaults, repeatable=(
-                                    ("--evaluate.sweeps", "--sweeps"), ("--evaluate.sampler-params", "--param")))
-    from pipelines.distill import epochs_over_preset
-
-    distill = epochs_over_preset(parsed.distill, _cli.given(rest, "--distill.epochs"),
-                                 _cli.given(rest, "--distill.max-steps") or _cli.given(rest, "--distill-steps"),
-                                 flag="--distill.")
-    cfg = FullConfig(run_dir=extras["run_dir"], skip=_split_stages(extras["skip"]),
-                     overwrite=_split_stages(extras["overwrite"]), pretrain=extras["pretrain"],
-                     serve=extras["serve_smoke"], push_to_hub=extras["push_to_hub"],
-                     recipe=dataclasses.replace(parsed, distill=distill))
+    """The main job's command line: generated by :mod:`pipelines.cli` from FullConfig and the preset's recipe."""
+    cfg = cli.parse_full(FullConfig, argv, __doc__)
     require_filesystems(cfg)
     return cfg
 
 
 def main(argv=None) -> dict:
-    from pipelines import _cli
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """``python pipelines/full.py``: the console shows each stage's progress bar and the report's path; the logs
+    (d3ray's, Ray's, its workers', transformers') go to ``RUN_DIR/logs/`` (:mod:`pipelines.logs`)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local cluster on 127.0.0.1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return _cli.run_main(lambda: run(parse_args(argv)))
+
+    def go() -> dict:
+        cfg = parse_args(argv)
+        with RunLogs(cfg.run_dir) as logs:
+            return run(cfg, logs)
+
+    return _cli.run_main(go)
 
 
 if __name__ == "__main__":

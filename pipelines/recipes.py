@@ -13,28 +13,30 @@ of each stage (:class:`~pipelines.trajectories.TrajectoriesConfig`,
 ``tiny`` recipe is the stage classes' own defaults, and the GPU recipes change exactly the
 fields they list. A field that several stages share (``SHARED``) is set once at the top and
 must agree with every stage (:meth:`Recipe.with_shared` changes it everywhere); locations are
-filled in by the caller (``full.py`` derives them from ``--run-dir``). Each stage CLI takes its
-defaults from ``get_recipe(--preset).<stage>``.
+filled in by the caller (``full.py`` derives them from ``--run-dir``).
+
+Recipes import the stage configs, never the reverse: a stage module is its config and its
+``run``, and the command lines (``pipelines/cli.py``) take their defaults from
+``get_recipe(--preset)``. The serve settings are the serve app's own presets
+(:func:`serve_apps.config.preset_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from d3core.models import dream, llada
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines.distill import DistillConfig
 from pipelines.evaluate import EvaluateConfig
 from pipelines.trajectories import TrajectoriesConfig
-from serve_apps.config import ServeConfig
-
-logger = logging.getLogger(__name__)
+from serve_apps.config import ServeConfig, preset_config
 
 # Fields set once per recipe and copied into every stage that has them.
 SHARED = ("teacher", "ar_model", "prompts", "trust_remote_code", "gen_length", "block_length")
-LLADA_8B, DREAM_7B = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
+LLADA_8B, DREAM_7B = llada.OFFICIAL_REPO, dream.OFFICIAL_REPO
 AR_8B = "Qwen/Qwen2.5-7B-Instruct"
 TINY_DISTILL_STEPS = 350  # the main job's distillation length on the tiny preset (docs/benchmarks.md)
 
@@ -134,7 +136,7 @@ def tiny() -> Recipe:
     return Recipe(preset="tiny", teacher=str(TINY_TEACHER_DIR), ar_model=str(TINY_AR_DIR), prompts=None,
                   trust_remote_code=False, gen_length=48, block_length=16, trajectories=TrajectoriesConfig(),
                   distill=DistillConfig(max_steps=TINY_DISTILL_STEPS), evaluate=EvaluateConfig(),
-                  serve=ServeConfig(model=str(TINY_TEACHER_DIR), model_name="d3ray-tiny"))
+                  serve=preset_config("tiny"))
 
 
 def llada_8b() -> Recipe:
@@ -158,12 +160,7 @@ def llada_8b() -> Recipe:
             sweeps={"vanilla": (), "fast_dllm.confidence_threshold": (0.95, 0.9, 0.8, 0.7),
                     "dparallel.entropy_threshold": (0.3, 0.4, 0.5, 0.6),
                     "d3llm.entropy_threshold": (0.3, 0.4, 0.5, 0.6)}, **shape),
-        serve=ServeConfig(model=LLADA_8B, model_name="d3ray-llada-8b", device="cuda", dtype="bfloat16",
-                          torch_threads=None, num_cpus=4.0, num_gpus=1.0, ingress_num_cpus=1.0, num_replicas=None,
-                          autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-                          sampler_params={**shape, "threshold": 0.5, "cache_delay_iter": 2, "refresh_interval": 32},
-                          max_gen_length=1024, max_model_len=2048, max_queued_requests=64, max_batch_size=32,
-                          request_timeout_s=300.0))
+        serve=preset_config("llada-8b"))
 
 
 def dream_7b() -> Recipe:
@@ -177,9 +174,8 @@ def dream_7b() -> Recipe:
     sweeps = {**ev.sweeps, "dparallel.entropy_threshold": (0.3, 0.4, 0.45, 0.5),
               "d3llm.entropy_threshold": (0.3, 0.4, 0.45, 0.5)}
     params = {**ev.sampler_params, "d3llm": {**ev.sampler_params.get("d3llm", {}), "cache_delay_iter": 1}}
-    recipe = dataclasses.replace(
-        base, preset="dream-7b", evaluate=dataclasses.replace(ev, sweeps=sweeps, sampler_params=params),
-        serve=dataclasses.replace(base.serve, model=DREAM_7B, model_name="d3ray-dream-7b"))
+    recipe = dataclasses.replace(base, preset="dream-7b", serve=preset_config("dream-7b"),
+                                 evaluate=dataclasses.replace(ev, sweeps=sweeps, sampler_params=params))
     return recipe.with_shared(teacher=DREAM_7B)
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -38,11 +36,11 @@ from d3core.models.shipped import TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
 from pipelines.cluster import validate_resources
-from pipelines.preset_defaults import preset_keyword
 from pipelines.trajectory_store import (  # noqa: F401  (the writer's API, re-exported)
     SAMPLER,
     SHARD_META_KEY,
     STAGE,
+    PromptSet,
     check_shard,
     claim,
     complete_shards,
@@ -58,8 +56,6 @@ from pipelines.trajectory_store import (  # noqa: F401  (the writer's API, re-ex
 logger = logging.getLogger("d3ray.trajectories")
 
 
-
-@preset_keyword("trajectories")  # TrajectoriesConfig(preset="llada-8b", num_gpus_per_actor=0.0)
 @dataclass(frozen=True)
 class TrajectoriesConfig:
     """Teacher trajectories: what to decode, with which teacher, and on how many actors."""
@@ -119,18 +115,6 @@ class TrajectoriesConfig:
 
 
 # -- prompts ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromptSet:
-    """The prompts of a run in their stable order, and where they came from (for the fingerprint)."""
-
-    prompts: list[dict]  # [{"id", "prompt_ids", "answer", "task"}]; task None: no scorer
-    source: dict  # {"file_sha256": ...} or {"synthetic": "train", "seed": ...}
-
-    def fingerprint(self) -> dict:
-        planned = [[p["id"], p["prompt_ids"], p["answer"], p["task"]] for p in self.prompts]
-        return {**self.source, "count": len(self.prompts), "planned_sha256": F.digest(planned)}
-
-
 def load_prompt_set(cfg: TrajectoriesConfig) -> PromptSet:
     from d3core.sft import encode_prompt
 
@@ -442,36 +426,7 @@ def _finish(cfg: TrajectoriesConfig, k: int, table: pa.Table, stats: dict, diges
     return table.num_rows
 
 
-# -- CLI -----------------------------------------------------------------------------------------
-def parse_args(argv=None) -> tuple[TrajectoriesConfig, bool]:
-    """(config, overwrite) from the command line, over the preset's recipe."""
-    from pipelines import _cli
-    from pipelines.recipes import RECIPES, get_recipe
+if __name__ == "__main__":  # the command line is pipelines/cli.py's (it reads the recipes, which import this stage)
+    import runpy
 
-    argv = sys.argv[1:] if argv is None else argv
-    preset, data, rest = _cli.pre_parse(argv, list(RECIPES), "tiny")
-    default = _cli.apply(get_recipe(preset).trajectories, _cli.stage_section(data, STAGE), "config")
-    spec = _cli.ViewSpec(TrajectoriesConfig, extra=(
-        ("overwrite", bool, False, "clear OUT if it holds trajectories of other settings, then decode"),))
-    cfg, extras = _cli.parse(spec, default, rest, __doc__, preset, list(RECIPES))
-    require_filesystems(cfg)
-    return cfg, extras["overwrite"]
-
-
-def main(argv=None) -> None:
-    from pipelines import _cli
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    def go():
-        cfg, overwrite = parse_args(argv)
-        logger.info("trajectories config:\n%s", _cli.to_yaml(cfg))
-        return run(cfg, overwrite)
-
-    _cli.run_main(go)
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("pipelines.cli", run_name="__main__")

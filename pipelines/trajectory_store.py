@@ -14,7 +14,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import fsspec
 import pyarrow as pa
@@ -25,9 +25,6 @@ from d3core import trajectory as T
 from pipelines import _io
 from pipelines import fingerprint as F
 
-if TYPE_CHECKING:
-    from pipelines.trajectories import PromptSet, TrajectoriesConfig
-
 logger = logging.getLogger("d3ray.trajectories")
 
 STAGE = "trajectories"
@@ -36,8 +33,40 @@ SAMPLER = "vanilla"
 SHARD_META_KEY = b"d3ray.fingerprint"
 
 
+class Settings(Protocol):
+    """What the store reads of :class:`pipelines.trajectories.TrajectoriesConfig` (the store sits below the stage)."""
+
+    out: str
+    teacher: str
+    trust_remote_code: bool
+    prompts: str | None
+    seed: int
+    shard_size: int
+    batch_size: int
+    gen_length: int
+    max_attempts: int
+    filter_correct: bool
+    keep_all: bool
+
+    def sampler_params(self) -> dict: ...
+
+    def nfe(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of a run in their stable order, and where they came from (for the fingerprint)."""
+
+    prompts: list[dict]  # [{"id", "prompt_ids", "answer", "task"}]; task None: no scorer
+    source: dict  # {"file_sha256": ...} or {"synthetic": "train", "seed": ...}
+
+    def fingerprint(self) -> dict:
+        planned = [[p["id"], p["prompt_ids"], p["answer"], p["task"]] for p in self.prompts]
+        return {**self.source, "count": len(self.prompts), "planned_sha256": F.digest(planned)}
+
+
 # -- fingerprint, shards, manifest ----------------------------------------------------------------
-def fingerprint(cfg: TrajectoriesConfig, prompt_set: PromptSet) -> dict:
+def fingerprint(cfg: Settings, prompt_set: PromptSet) -> dict:
     """Everything that decides the rows: prompts, teacher, decode, seed, row selection, shard layout."""
     decode = {"sampler": SAMPLER, **cfg.sampler_params(), "max_attempts": cfg.max_attempts, "seed": cfg.seed}
     if cfg.max_attempts > 1:  # sampled retries draw per-row seeds batch by batch
@@ -48,7 +77,7 @@ def fingerprint(cfg: TrajectoriesConfig, prompt_set: PromptSet) -> dict:
             "shard_size": cfg.shard_size}
 
 
-def expected_rows(cfg: TrajectoriesConfig, vocab_size: int) -> T.Expected:
+def expected_rows(cfg: Settings, vocab_size: int) -> T.Expected:
     return T.Expected(vocab_size=vocab_size, gen_length=cfg.gen_length, nfe=cfg.nfe(), teacher=cfg.teacher,
                       sampler=SAMPLER, sampler_params=json.dumps(cfg.sampler_params(), sort_keys=True))
 
@@ -73,7 +102,7 @@ def shard_digest(path: str, fs) -> str | None:
     return value.decode() if value else None
 
 
-def check_shard(cfg: TrajectoriesConfig, path: str, digest: str, expected: T.Expected, planned: set[str]) -> pa.Table:
+def check_shard(cfg: Settings, path: str, digest: str, expected: T.Expected, planned: set[str]) -> pa.Table:
     """Read and validate one shard: format, the run that wrote it, token ranges, metadata, the planned ids."""
     fs, _ = fsspec.core.url_to_fs(cfg.out)
     table = T.read_shard(cfg.out, path)
@@ -87,7 +116,7 @@ def check_shard(cfg: TrajectoriesConfig, path: str, digest: str, expected: T.Exp
     return table
 
 
-def complete_shards(cfg: TrajectoriesConfig, shards: list[dict], digest: str, expected: T.Expected) -> dict[int, int]:
+def complete_shards(cfg: Settings, shards: list[dict], digest: str, expected: T.Expected) -> dict[int, int]:
     """``{shard: rows}`` of the shards whose file exists and validates; the others are (re)decoded."""
     fs, root = _io.fs_root(cfg.out)
     done = {}
@@ -104,7 +133,7 @@ def complete_shards(cfg: TrajectoriesConfig, shards: list[dict], digest: str, ex
     return done
 
 
-def write_shard(cfg: TrajectoriesConfig, k: int, table: pa.Table, digest: str) -> None:
+def write_shard(cfg: Settings, k: int, table: pa.Table, digest: str) -> None:
     fs, root = _io.fs_root(cfg.out)
     fs.makedirs(root, exist_ok=True)
     table = table.select([f.name for f in T.SCHEMA])
@@ -114,7 +143,7 @@ def write_shard(cfg: TrajectoriesConfig, k: int, table: pa.Table, digest: str) -
     _io.write_bytes(_io.join(cfg.out, shard_name(k)), buf.getvalue())
 
 
-def write_manifest(cfg: TrajectoriesConfig, shards: list[dict], done: dict[int, int], stats: dict, fp: dict,
+def write_manifest(cfg: Settings, shards: list[dict], done: dict[int, int], stats: dict, fp: dict,
                    vocab_size: int) -> None:
     """The manifest: the fingerprint, how the rows were decoded, and every planned shard's state.
 
@@ -135,7 +164,7 @@ def write_manifest(cfg: TrajectoriesConfig, shards: list[dict], done: dict[int, 
     _io.write_json(_io.join(cfg.out, T.MANIFEST), manifest)
 
 
-def claim(cfg: TrajectoriesConfig, fp: dict, shards: list[dict], overwrite: bool) -> None:
+def claim(cfg: Settings, fp: dict, shards: list[dict], overwrite: bool) -> None:
     """Make ``cfg.out`` this run's: refuse outputs of other settings, or clear them all with ``overwrite``.
 
     Leftover temporary files of a crashed writer are removed; shard files the plan does not name

@@ -1,4 +1,4 @@
-"""``ServeConfig``: one typed, validated description of a d3ray OpenAI deployment, with presets.
+"""``ServeConfig``: one typed, validated description of a d3ray OpenAI deployment, and its presets.
 
 A config names the checkpoint (a path, fsspec URI, hub id or ``hf://`` URI of an official-layout
 checkpoint; ``trust_remote_code`` lets a tokenizer defined by its own code run), the sampler and its
@@ -7,13 +7,15 @@ model deployment is scaled (replicas or autoscaling, CPUs/GPUs per replica, batc
 backpressure, the queue budget and timeouts). ``ServeConfig.from_args`` builds one from the string ``key=value``
 arguments that ``serve run module:app_builder key=value`` passes (or the typed ``args`` of a
 serve config YAML).
+
+The presets (``tiny``, ``llada-8b``, ``dream-7b``: :func:`preset_config`) live here, with the
+config they fill in; the recipes of ``pipelines/recipes.py`` take their serve settings from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,10 +24,10 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
+from d3core.models import dream, llada
+from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
 from serve_apps.engine import BATCHING
-
-logger = logging.getLogger(__name__)
 
 # Parameters a request may override, with their inclusive [low, high] bounds (None: unbounded).
 DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
@@ -315,7 +317,7 @@ class ServeConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> "ServeConfig":
-        """The serve settings of the recipe ``preset`` (``pipelines/recipes.py``, the one table of presets)."""
+        """The preset's settings (:func:`preset_config`) with ``overrides``."""
         base = dataclasses.asdict(preset_config(preset))
         if "autoscaling" in overrides and overrides["autoscaling"] is not None and "num_replicas" not in overrides:
             base["num_replicas"] = None
@@ -355,14 +357,35 @@ def _parse_arg(value: Any) -> Any:
         return value
 
 
-PRESETS = ("tiny", "llada-8b", "dream-7b")
+# -- presets ----------------------------------------------------------------------------------------
+def _tiny() -> ServeConfig:
+    """The shipped ~1M-parameter teacher on CPU, one torch thread per replica."""
+    return ServeConfig(model=str(TINY_TEACHER_DIR), model_name="d3ray-tiny", preset="tiny")
 
 
-def preset_config(preset: str) -> "ServeConfig":
-    """The recipe's ServeConfig. Recipes hold every stage's settings (``pipelines/recipes.py``); this is the
-    one place serve_apps reads them, imported here so that nothing else in serve_apps depends on pipelines."""
-    if preset not in PRESETS:
+def _llada_8b() -> ServeConfig:
+    """LLaDA-8B-Instruct on GPUs: bf16 replicas, autoscaling 1-4, d3LLM's 256 new tokens in blocks of 32."""
+    return ServeConfig(model=llada.OFFICIAL_REPO, model_name="d3ray-llada-8b", preset="llada-8b", device="cuda",
+                       dtype="bfloat16", torch_threads=None, num_cpus=4.0, num_gpus=1.0, ingress_num_cpus=1.0,
+                       num_replicas=None,
+                       autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+                       sampler_params={"gen_length": 256, "block_length": 32, "threshold": 0.5, "cache_delay_iter": 2,
+                                       "refresh_interval": 32},
+                       max_gen_length=1024, max_model_len=2048, max_queued_requests=64, max_batch_size=32,
+                       request_timeout_s=300.0)
+
+
+def _dream_7b() -> ServeConfig:
+    """Dream-v0-Instruct-7B: the llada-8b settings with Dream's checkpoint."""
+    return dataclasses.replace(_llada_8b(), model=dream.OFFICIAL_REPO, model_name="d3ray-dream-7b", preset="dream-7b")
+
+
+_PRESETS = {"tiny": _tiny, "llada-8b": _llada_8b, "dream-7b": _dream_7b}
+PRESETS = tuple(_PRESETS)
+
+
+def preset_config(preset: str) -> ServeConfig:
+    """The serve settings of ``preset`` (also the serve part of the recipe of that name, ``pipelines/recipes.py``)."""
+    if preset not in _PRESETS:
         raise ValueError(f"preset={preset!r} is unknown: choose one of {list(PRESETS)}")
-    from pipelines.recipes import get_recipe
-
-    return get_recipe(preset).serve
+    return _PRESETS[preset]()

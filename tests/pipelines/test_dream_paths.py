@@ -9,6 +9,7 @@ that the driver and every Ray worker resolve ``Dream-org/Dream-v0-Instruct-7B`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -46,7 +47,8 @@ def dream_hub(tmp_path_factory):
 
 def test_dream_trajectories_distill_eval_and_serve(dream_hub, tmp_path):
     from pipelines.distill import DistillConfig, run_distill
-    from pipelines.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.evaluate import run_evaluation
+    from pipelines.recipes import get_recipe
     from pipelines.trajectories import TrajectoriesConfig
     from pipelines.trajectories import run as trajectories
 
@@ -78,8 +80,8 @@ def test_dream_trajectories_distill_eval_and_serve(dream_hub, tmp_path):
     ecfg = dict(models={"teacher": DREAM, "student": str(student)}, ar_model=None, out=str(tmp_path / "eval"),
                 sweeps={"d3llm.entropy_threshold": (0.5,)}, n=4, batch_size=4)
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
-        run_evaluation(EvaluateConfig.from_preset("tiny", **ecfg))
-    report = run_evaluation(EvaluateConfig.from_preset("tiny", **ecfg, trust_remote_code=True))
+        run_evaluation(dataclasses.replace(get_recipe("tiny").evaluate, **ecfg))
+    report = run_evaluation(dataclasses.replace(get_recipe("tiny").evaluate, **ecfg, trust_remote_code=True))
     assert set(report["aup"]["synthetic"]) == {"teacher/d3llm", "student/d3llm"}
     assert {c["model"] for c in report["cells"]} == {"teacher", "student"}
 

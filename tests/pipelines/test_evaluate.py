@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,6 +11,9 @@ import pytest
 
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import evaluate as ev
+from pipelines.cli import parse_evaluate
+from pipelines.recipes import get_recipe
+from pipelines.sweeps import ar_point
 
 TEACHER, AR = str(TINY_TEACHER_DIR), str(TINY_AR_DIR)
 
@@ -64,22 +68,22 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="use_vllm"):
         small(tmp_path, use_vllm="maybe")
     with pytest.raises(ValueError, match="preset"):
-        ev.EvaluateConfig.from_preset("huge")
-    assert ev.EvaluateConfig.from_preset("llada-8b").models == {"teacher": "GSAI-ML/LLaDA-8B-Instruct"}
+        get_recipe("huge")
+    assert get_recipe("llada-8b").evaluate.models == {"teacher": "GSAI-ML/LLaDA-8B-Instruct"}
 
 
 def test_tiny_preset_and_cli(tmp_path):
-    cfg = ev.EvaluateConfig.from_preset("tiny", out=str(tmp_path))
+    cfg = dataclasses.replace(get_recipe("tiny").evaluate, out=str(tmp_path))
     assert cfg.models == {"teacher": TEACHER} and cfg.ar_model == AR and cfg.n == 100
     assert all(len(cfg.sweep_values()[s]) >= 4 for s in ("fast_dllm", "dparallel", "d3llm")) and "vanilla" in cfg.sweeps
-    cli, overwrite = ev.parse_args(["--preset", "tiny", "--model", "teacher=A", "--model", "student=B", "--out", "X",
+    cli, overwrite = parse_evaluate(["--preset", "tiny", "--model", "teacher=A", "--model", "student=B", "--out", "X",
                                     "--sweep", "d3llm.entropy_threshold=0.3,0.5", "--sweep", "vanilla", "--n", "5",
                                     "--ar-model", "None", "--param", "d3llm.cache_delay_iter=1"])
     assert cli.models == {"teacher": "A", "student": "B"} and cli.ar_model is None and cli.n == 5 and not overwrite
     assert cli.sweeps == {"d3llm.entropy_threshold": (0.3, 0.5), "vanilla": ()}
     assert cli.sampler_params == {"d3llm": {"cache_delay_iter": 1}, "fast_dllm": {"cache": "dual"}}  # merged
     assert cfg.sampler_params["d3llm"] == {"cache_delay_iter": 2}  # the recipe untouched
-    assert ev.parse_args(["--sweep", "d3llm=0.3"])[0].sweeps == {"d3llm.entropy_threshold": (0.3,)}  # its one axis
+    assert parse_evaluate(["--sweep", "d3llm=0.3"])[0].sweeps == {"d3llm.entropy_threshold": (0.3,)}  # its one axis
     import pickle
 
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # crosses Ray boundaries as itself
@@ -95,13 +99,15 @@ def test_plan_and_keys(tmp_path):
     d3 = next(c for c in cells if c.sampler == "d3llm")
     from d3core.samplers.d3llm import D3LLMParams
 
-    kw = ev.sampler_kwargs(small(tmp_path, sampler_params={"d3llm": {"cache_delay_iter": 1}}), d3, D3LLMParams)
-    assert kw == {"gen_length": 48, "block_length": 16, "threshold": d3.threshold, "cache_delay_iter": 1}
+    cached = next(c for c in ev.plan_cells(small(tmp_path, sampler_params={"d3llm": {"cache_delay_iter": 1}}))
+                  if c.sampler == "d3llm" and c.threshold == d3.threshold)
+    assert cached.point.params == D3LLMParams(gen_length=48, block_length=16, threshold=d3.threshold,
+                                              cache_delay_iter=1)
 
 
 @pytest.mark.skipif(_vllm_imports(), reason="vLLM is installed here: the fallback path is not taken")
 def test_vllm_on_without_vllm_fails_clearly_and_auto_falls_back(tmp_path):
-    cell = ev.Cell("AR", AR, "ar", None, "synthetic")
+    cell = ev.Cell("AR", AR, ar_point(48), "synthetic")
     with pytest.raises(RuntimeError, match="use_vllm='on'"):
         ev._ar_backend(small(tmp_path, use_vllm="on"), cell, "cpu")
     _, spec, backend = ev._ar_backend(small(tmp_path, use_vllm="auto"), cell, "cpu")
@@ -110,7 +116,7 @@ def test_vllm_on_without_vllm_fails_clearly_and_auto_falls_back(tmp_path):
 
 @pytest.mark.skipif(not _vllm_imports(), reason="vLLM is not importable here (optional extra 'vllm')")
 def test_ar_cell_through_vllm_matches_the_ar_sampler(tmp_path):
-    cell = ev.Cell("AR", AR, "ar", None, "synthetic")
+    cell = ev.Cell("AR", AR, ar_point(48), "synthetic")
     via_vllm = ev.run_cell(small(tmp_path, use_vllm="on"), cell)
     via_ar = ev.run_cell(small(tmp_path, use_vllm="off"), cell)
     assert via_vllm["backend"] == "vllm" and via_ar["backend"] == "d3core-ar"

@@ -20,9 +20,9 @@ from fsspec.registry import _registry as fsspec_registry
 from d3core import trajectory as T
 from d3core.models.checkpoint import load_config
 from d3core.models.shipped import TINY_TEACHER_DIR
+from pipelines import cli, full
 from pipelines import distill as D
 from pipelines import evaluate as E
-from pipelines import full
 from pipelines import trajectories as P
 from trajectory_sets import write_set
 
@@ -59,10 +59,10 @@ def cpu_cluster(monkeypatch):
 
 # -- missing filesystems ----------------------------------------------------------------------------
 @pytest.mark.parametrize("parse, argv, extra", [
-    (P.parse_args, ["--out", "s3://bucket/x"], "s3"),
-    (P.parse_args, ["--prompts", "gs://bucket/p.jsonl"], "gcs"),
-    (D.parse_args, ["--trajectories", "s3://bucket/traj"], "s3"),
-    (E.parse_args, ["--out", "s3://bucket/eval"], "s3"),
+    (cli.parse_trajectories, ["--out", "s3://bucket/x"], "s3"),
+    (cli.parse_trajectories, ["--prompts", "gs://bucket/p.jsonl"], "gcs"),
+    (cli.parse_distill, ["--trajectories", "s3://bucket/traj"], "s3"),
+    (cli.parse_evaluate, ["--out", "s3://bucket/eval"], "s3"),
     (full.parse_args, ["--run-dir", "s3://bucket/run"], "s3"),
     (full.parse_args, ["--run-dir", "gs://bucket/run"], "gcs"),
 ])
@@ -72,8 +72,8 @@ def test_a_missing_filesystem_names_the_extra_to_install(no_s3fs_gcsfs, parse, a
 
 
 def test_a_missing_filesystem_is_exit_2_with_one_line_before_ray(tmp_path):
-    code = ("import sys; sys.modules['s3fs'] = None; from pipelines.trajectories import main; "
-            "main(['--out', 's3://bucket/x', '--n-prompts', '4'])")
+    code = ("import sys; sys.modules['s3fs'] = None; from pipelines.cli import main; "
+            "main('trajectories', ['--out', 's3://bucket/x', '--n-prompts', '4'])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           check=False, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "",
                                "HOME": str(tmp_path)})
@@ -87,12 +87,12 @@ def test_a_missing_filesystem_is_exit_2_with_one_line_before_ray(tmp_path):
 # -- --ar-model none --------------------------------------------------------------------------------
 @pytest.mark.parametrize("word", ["none", "NONE", "None"])
 def test_ar_model_none_means_no_ar_baseline(word, tmp_path):
-    assert E.parse_args(["--ar-model", word])[0].ar_model is None
+    assert cli.parse_evaluate(["--ar-model", word])[0].ar_model is None
     recipe = full.parse_args(["--ar-model", word]).recipe
     assert recipe.ar_model is None and recipe.evaluate.ar_model is None
     config = tmp_path / "c.yaml"
     config.write_text(f"ar_model: {word}\n")
-    assert E.parse_args(["--config", str(config)])[0].ar_model is None
+    assert cli.parse_evaluate(["--config", str(config)])[0].ar_model is None
     assert full.parse_args(["--config", str(config)]).recipe.ar_model is None
 
 
@@ -117,7 +117,7 @@ def test_full_refuses_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_cluste
 
 def test_trajectories_refuse_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_cluster):
     out = tmp_path / "traj"
-    cfg, overwrite = P.parse_args(["--out", str(out), "--n-prompts", "4", "--num-gpus-per-actor", "1"])
+    cfg, overwrite = cli.parse_trajectories(["--out", str(out), "--n-prompts", "4", "--num-gpus-per-actor", "1"])
     with pytest.raises(ValueError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPU"):
         P.run(cfg, overwrite)
     assert not out.exists()
@@ -134,7 +134,7 @@ def test_distill_refuses_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_clu
 
 def test_evaluate_refuses_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_cluster):
     out = tmp_path / "eval"
-    cfg, overwrite = E.parse_args(["--out", str(out), "--n", "4", "--num-gpus-per-cell", "1"])
+    cfg, overwrite = cli.parse_evaluate(["--out", str(out), "--n", "4", "--num-gpus-per-cell", "1"])
     with pytest.raises(ValueError, match=r"num_gpus_per_cell=1 but the Ray cluster has 0 GPU"):
         E.run_evaluation(cfg, overwrite)
     assert not out.exists()
@@ -142,18 +142,18 @@ def test_evaluate_refuses_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_cl
 
 # -- --epochs and the preset's max_steps ------------------------------------------------------------
 def test_an_explicit_epochs_wins_over_the_presets_max_steps():
-    assert D.parse_args([])[0].max_steps == 350  # the tiny preset's length
-    cfg = D.parse_args(["--epochs", "2"])[0]
+    assert cli.parse_distill([])[0].max_steps == 350  # the tiny preset's length
+    cfg = cli.parse_distill(["--epochs", "2"])[0]
     assert (cfg.epochs, cfg.max_steps) == (2, None) and D.plan(cfg, 80) == (2 * (80 // 32), 80 // 32)
-    assert D.parse_args(["--epochs=2"])[0].max_steps is None
-    assert D.parse_args(["--max-steps", "7"])[0].max_steps == 7
+    assert cli.parse_distill(["--epochs=2"])[0].max_steps is None
+    assert cli.parse_distill(["--max-steps", "7"])[0].max_steps == 7
     recipe = full.parse_args(["--distill.epochs", "2"]).recipe
     assert (recipe.distill.epochs, recipe.distill.max_steps) == (2, None)
 
 
 @pytest.mark.parametrize("parse, argv", [
-    (lambda a: D.parse_args(a)[0], ["--epochs", "2", "--max-steps", "7"]),
-    (lambda a: D.parse_args(a)[0], ["--max_steps=7", "--epochs", "2"]),
+    (lambda a: cli.parse_distill(a)[0], ["--epochs", "2", "--max-steps", "7"]),
+    (lambda a: cli.parse_distill(a)[0], ["--max_steps=7", "--epochs", "2"]),
     (full.parse_args, ["--distill.epochs", "2", "--distill-steps", "7"]),
 ])
 def test_epochs_and_max_steps_together_are_refused_naming_both_ways(parse, argv):
@@ -168,8 +168,8 @@ def test_a_saved_recipe_with_both_keeps_its_steps_and_epochs_over_it_wins(tmp_pa
 
     path = tmp_path / "recipe.yaml"
     path.write_text(_cli.to_yaml(full.parse_args([]).bound()))  # every field, max_steps: 350 and epochs: 5
-    assert D.parse_args(["--config", str(path)])[0].max_steps == 350
-    assert D.parse_args(["--config", str(path), "--epochs", "3"])[0].max_steps is None
+    assert cli.parse_distill(["--config", str(path)])[0].max_steps == 350
+    assert cli.parse_distill(["--config", str(path), "--epochs", "3"])[0].max_steps is None
 
 
 def test_full_asks_no_gpus_for_a_finished_stage(tmp_path, cpu_cluster):

@@ -13,7 +13,7 @@ import pytest
 
 from d3core import trajectory as T
 from d3core.models.shipped import TINY_TEACHER_DIR, load_tiny_teacher, load_tiny_tokenizer
-from pipelines import _cli
+from pipelines import _cli, cli
 from pipelines import distill as D
 from pipelines import evaluate as E
 from pipelines import fingerprint as F
@@ -220,7 +220,7 @@ def test_distill_bad_values_fail_before_ray(tmp_path):
                           (["--mask-ratio-max", "1.5"], "mask_ratio_max=1.5"),
                           (["--warmup-steps", "-1"], "warmup_steps=-1")]:
         with pytest.raises(ValueError, match=message):
-            D.parse_args(argv)
+            cli.parse_distill(argv)
 
 
 def test_a_student_of_other_trajectories_is_refused_not_kept(tmp_path):
@@ -258,18 +258,18 @@ def test_evaluate_refuses_a_missing_model_and_another_evaluations_output(tmp_pat
 # -- the config layer -----------------------------------------------------------------------------
 def test_no_sentinels_every_value_means_itself():
     assert D.DistillConfig(warmup_steps=0).warmup_steps == 0  # the two confirmed bugs, verbatim
-    assert P.TrajectoriesConfig(preset="llada-8b", num_gpus_per_actor=0.0).num_gpus_per_actor == 0.0
-    assert D.DistillConfig(preset="llada-8b", warmup_steps=0).warmup_steps == 0
-    assert P.TrajectoriesConfig(preset="llada-8b").num_actors == 8  # the rest is the recipe's
-    llada = get_recipe("llada-8b")
+    llada = get_recipe("llada-8b")  # a stage config from a recipe: the recipe's, with exactly the fields given
     assert dataclasses.replace(llada.trajectories, num_gpus_per_actor=0.0).num_gpus_per_actor == 0.0
-    cfg, _ = P.parse_args(["--preset", "llada-8b", "--num-gpus-per-actor", "0", "--prompts", "p.jsonl"])
+    assert dataclasses.replace(llada.distill, warmup_steps=0).warmup_steps == 0
+    assert dataclasses.replace(llada.trajectories, num_gpus_per_actor=0.0).num_actors == 8  # the rest is the recipe's
+    assert dataclasses.replace(llada.trajectories, num_gpus_per_actor=0.0).num_gpus_per_actor == 0.0
+    cfg, _ = cli.parse_trajectories(["--preset", "llada-8b", "--num-gpus-per-actor", "0", "--prompts", "p.jsonl"])
     assert cfg.num_gpus_per_actor == 0.0 and cfg.num_actors == 8  # the rest is the preset's
-    assert D.parse_args(["--warmup-steps", "0"])[0].warmup_steps == 0
+    assert cli.parse_distill(["--warmup-steps", "0"])[0].warmup_steps == 0
     for argv, message in [(["--num-actors", "-1"], "num_actors=-1: must be >= 1"),
                           (["--num-actors", "0"], "num_actors=0: must be >= 1")]:
         with pytest.raises(ValueError, match=message):
-            P.parse_args(argv)
+            cli.parse_trajectories(argv)
 
 
 def test_one_recipe_is_the_single_source_of_every_stages_defaults():
@@ -359,6 +359,6 @@ def test_a_run_dirs_recipe_configures_every_stage_cli(tmp_path):
                            str(tmp_path / "run")])
     path = tmp_path / "recipe.yaml"
     path.write_text(_cli.to_yaml(cfg.bound()))
-    assert P.parse_args(["--config", str(path)])[0] == cfg.bound().trajectories
-    assert D.parse_args(["--config", str(path)])[0] == cfg.bound().distill
-    assert E.parse_args(["--config", str(path)])[0] == cfg.bound().evaluate
+    assert cli.parse_trajectories(["--config", str(path)])[0] == cfg.bound().trajectories
+    assert cli.parse_distill(["--config", str(path)])[0] == cfg.bound().distill
+    assert cli.parse_evaluate(["--config", str(path)])[0] == cfg.bound().evaluate

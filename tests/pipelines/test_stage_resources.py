@@ -12,7 +12,7 @@ import ray
 from d3core import trajectory as T
 from d3core.models.checkpoint import load_config
 from d3core.models.shipped import TINY_TEACHER_DIR
-from pipelines import _cli, full
+from pipelines import _cli, cli, full
 from pipelines import distill as D
 from pipelines import evaluate as E
 from pipelines import trajectories as P
@@ -72,9 +72,9 @@ def test_full_py_sets_every_stages_resources_and_its_recipe_file_repeats_them(tm
     saved = tmp_path / "recipe.yaml"
     saved.write_text(_cli.to_yaml(recipe))
     assert full.parse_args(["--config", str(saved)]).recipe == recipe
-    assert P.parse_args(["--resources", "worker", "0.5"])[0].resources == {"worker": 0.5}
-    assert D.parse_args(["--resources", "worker", "1"])[0].resources == {"worker": 1.0}
-    assert E.parse_args(["--resources", "worker", "1"])[0].resources == {"worker": 1.0}
+    assert cli.parse_trajectories(["--resources", "worker", "0.5"])[0].resources == {"worker": 0.5}
+    assert cli.parse_distill(["--resources", "worker", "1"])[0].resources == {"worker": 1.0}
+    assert cli.parse_evaluate(["--resources", "worker", "1"])[0].resources == {"worker": 1.0}
     with pytest.raises(ValueError, match=r"resources\['worker'\]=0.0: must be a number > 0"):
         full.parse_args(["--distill.resources", "worker", "0"])
 

@@ -15,6 +15,7 @@ import pytest
 from d3core import trajectory as T
 from d3core.models.shipped import load_tiny_teacher, load_tiny_tokenizer
 from d3core.samplers.vanilla import VanillaParams, generate
+from pipelines import cli
 from pipelines import trajectories as P
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +114,7 @@ def test_a_gpu_request_the_cluster_cannot_meet_is_refused_not_left_hanging(ray_l
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="preset='gpt'"):
-        P.parse_args(["--preset", "gpt"])
+        cli.parse_trajectories(["--preset", "gpt"])
     with pytest.raises(ValueError, match="max_attempts=0"):
         P.TrajectoriesConfig(max_attempts=0)
     with pytest.raises(ValueError, match="block_length=20 must divide gen_length=48"):

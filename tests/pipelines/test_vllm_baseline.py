@@ -17,6 +17,7 @@ import pytest
 from d3core.eval.vllm_ar import CPU_ENV
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import evaluate as ev
+from pipelines.sweeps import ar_point
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -47,7 +48,7 @@ def _config(tmp_path, use_vllm: str, n: int) -> ev.EvaluateConfig:
 
 @pytest.mark.parametrize("task", list(N))
 def test_vllm_cell_gets_the_same_tokens_as_the_ar_sampler(tmp_path, task):
-    cell = ev.Cell(ev.AR_NAME, str(TINY_AR_DIR), "ar", None, task)
+    cell = ev.Cell(ev.AR_NAME, str(TINY_AR_DIR), ar_point(48), task)
     cfg_file, cell_file, out_file = tmp_path / "cfg.pkl", tmp_path / "cell.pkl", tmp_path / "vllm.json"
     cfg_file.write_bytes(pickle.dumps(_config(tmp_path / "vllm", "on", N[task])))
     cell_file.write_bytes(pickle.dumps(cell))
