@@ -11,7 +11,6 @@ overrides the engine's admission and its choice to end a row once its text is fi
 from __future__ import annotations
 
 import collections
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serve_apps.engine import ContinuousEngine, GenerationRequest  # noqa: E402
-
-logger = logging.getLogger("d3ray.bench.legacy_engine")
 
 
 def group_key(req: GenerationRequest) -> tuple:

@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger("d3ray.bench.load")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""

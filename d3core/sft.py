@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,8 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from d3core.samplers.base import make_batch
-
-logger = logging.getLogger(__name__)
 
 MASK_EPS = 1e-3
 

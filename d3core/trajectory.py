@@ -10,15 +10,12 @@ shard and refuses a foreign or corrupt one with a message naming the file and th
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -7,15 +7,12 @@ JSON schemas, the error responses (OpenAI's error body), and drops the 422s.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from serve_apps.protocol import ChatCompletionRequest, CompletionRequest
-
-logger = logging.getLogger(__name__)
 
 ERROR_SCHEMA = {
     "type": "object",

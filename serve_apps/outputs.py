@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
-
-logger = logging.getLogger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"  # what a partial multi-byte character decodes to
 

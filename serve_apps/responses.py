@@ -8,7 +8,6 @@ choice index of prompt ``i``'s ``j``-th completion is ``i * n + j``, as vLLM num
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -20,8 +19,6 @@ from serve_apps.engine import GenerationOutput
 from serve_apps.outputs import Delta
 from serve_apps.replica import engine_error
 from serve_apps.text import decode_prompt
-
-logger = logging.getLogger(__name__)
 
 
 def _usage(outs: list[GenerationOutput]) -> dict[str, Any]:

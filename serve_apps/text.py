@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 from serve_apps.protocol import APIError, ChatMessage
-
-logger = logging.getLogger(__name__)
 
 # OpenAI's "developer" role is the newer name of "system"; templates written before it know only "system".
 ROLE_ALIASES = {"developer": "system"}

@@ -8,13 +8,10 @@ d3LLM divides by a constant 4 (a leftover grad-accumulation factor); ``scale`` k
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ which position in a batch, a row lands in.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,8 +22,6 @@ import torch.nn.functional as F
 from d3core.distill.losses import LossWeights, mask_ratio_bounds, window_size
 from d3core.distill.masking import StudentViews, random_views, trajectory_views
 from d3core.samplers.base import make_batch
-
-logger = logging.getLogger(__name__)
 
 MASKINGS = ("trajectory", "random")
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 

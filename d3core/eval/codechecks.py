@@ -16,15 +16,12 @@ meant, while every call of the candidate in it crosses into the sandbox:
 from __future__ import annotations
 
 import ast
-import logging
 import re
 
 from d3core.eval.benchmarks import Example
 from d3core.eval.sandbox import CodeCheck
 from d3core.eval.sanitize import sanitize as sanitize_code
 from d3core.eval.scoring import extract_code, truncate_completion
-
-logger = logging.getLogger(__name__)
 
 
 def _prompt_header(prompt: str) -> str:

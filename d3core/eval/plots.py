@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import logging
 
 from d3core.eval.report import SINGLE_POINT, system_name
-
-logger = logging.getLogger(__name__)
 
 
 def plot_report(report: dict) -> bytes:

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 FAMILIES = ("llada", "dream", "ar-llada", "ar-dream", "d3ray")
 DLLM_FAMILIES = ("llada", "dream")

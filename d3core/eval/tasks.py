@@ -27,7 +27,6 @@ for code, the sandbox verdict (the per-sample records of :mod:`d3core.eval.recor
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -35,8 +34,6 @@ from d3core.eval import benchmarks, codechecks, protocols, scoring, synthetic
 from d3core.eval.benchmarks import Example
 from d3core.eval.protocols import Protocol, plain_protocol, resolve_protocol
 from d3core.eval.sandbox import CodeCheck, SandboxLimits, Verdict, run_checks
-
-logger = logging.getLogger(__name__)
 
 STYLES = protocols.STYLES
 RAW_FOR_LLADA = frozenset({"gsm8k", "long_gsm8k", "math500"})

@@ -9,7 +9,6 @@ the embedded tokenizer).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,8 +17,6 @@ import torch
 from d3core.models import dream, llada
 from d3core.models.config import ModelConfig
 from d3core.models.layers import DiffusionTransformer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,7 @@ checkpoints, so nothing special-cases them.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_TEACHER_DIR = ASSETS / "tiny" / "teacher"

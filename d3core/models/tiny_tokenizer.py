@@ -9,10 +9,6 @@ tokenizer is saved with ``save_pretrained`` next to the shipped checkpoints and 
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 PAD, UNK, BOS, EOS, EOT, MASK, START = (
     "<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|eot|>", "<|mask|>", "<|start|>",
 )

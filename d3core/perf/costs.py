@@ -19,7 +19,6 @@ Two projections come from the record, each labelled as a projection:
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -31,8 +30,6 @@ from torch.utils._runtime_estimation import _IGNORE_OPS, get_num_bytes
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from d3core.perf.devices import DeviceSpec
-
-logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 KINDS = ("weights", "kv", "logits", "activations")

@@ -6,10 +6,7 @@ card has. Sources: NVIDIA's H100 SXM5 and H200 SXM product briefs / datasheets.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ fake device's peak memory (:class:`~torch.distributed._tools.mem_tracker.MemTrac
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +27,6 @@ from d3core.perf.costs import KINDS, OpCosts
 from d3core.perf.devices import DEVICES, DeviceSpec
 from d3core.perf.fakecuda import DryLink, fake_cuda, fake_model
 from d3core.samplers.engine import Decoder, Program
-
-logger = logging.getLogger(__name__)
 
 
 class ScriptedDecoder(Decoder):

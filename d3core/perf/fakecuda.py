@@ -20,7 +20,6 @@ The engine's host-device traffic (pinned memory, events) sits behind
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,8 +27,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from d3core.samplers.transfer import HostLink
-
-logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 _ORIGINAL = {name: getattr(torch.Tensor, name) for name in

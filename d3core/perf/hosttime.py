@@ -10,7 +10,6 @@ and replaces the device part and the read with scripted decisions, whose own tim
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 
@@ -21,8 +20,6 @@ from d3core.models.registry import build_model
 from d3core.perf.dryrun import ScriptedDecoder
 from d3core.samplers.engine import Program
 from d3core.samplers.plan import StepMeta
-
-logger = logging.getLogger(__name__)
 
 
 class ZeroCostDecoder(ScriptedDecoder):

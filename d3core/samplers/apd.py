@@ -23,7 +23,6 @@ because causal keys depend only on the prefix.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,8 +34,6 @@ from d3core.samplers.engine import Decoder, Program, Row
 from d3core.samplers.generation import OnStep, run
 from d3core.samplers.logits import cell_keys, choose, gumbel_noise
 from d3core.samplers.plan import RowPlan
-
-logger = logging.getLogger(__name__)
 
 COUPLINGS = ("argmax", "shared_gumbel")
 

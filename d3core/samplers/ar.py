@@ -9,7 +9,6 @@ ignored); vLLM is the fast path for AR baselines (:mod:`d3core.eval.vllm_ar`).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,8 +18,6 @@ import torch
 from d3core.samplers.base import DecodeParams, GenerationResult, SequenceResult, validate_prompts
 from d3core.samplers.generation import OnStep, Snapshot, committed_length, row_seeds
 from d3core.samplers.logits import cell_keys, token_stats
-
-logger = logging.getLogger(__name__)
 
 UNDECIDED = -1  # marks slots not generated yet in on_step snapshots
 

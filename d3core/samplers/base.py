@@ -9,13 +9,10 @@ decoding lays each row out on its own (see :mod:`d3core.samplers.engine`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

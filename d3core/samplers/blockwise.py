@@ -19,7 +19,6 @@ it; every slot still masked then becomes EOS.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +27,6 @@ import torch
 from d3core.samplers.base import BlockParams
 from d3core.samplers.engine import Decoder, Program, Row
 from d3core.samplers.plan import Cells, RowParams, RowPlan
-
-logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "prefix", "dual")
 

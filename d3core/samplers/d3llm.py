@@ -81,7 +81,6 @@ Deliberate differences from the reference code:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -92,8 +91,6 @@ from d3core.samplers.base import BlockParams, GenerationResult, check_probabilit
 from d3core.samplers.engine import Decoder, Program, Row, is_eos
 from d3core.samplers.generation import OnStep, run
 from d3core.samplers.plan import Cells, RowPlan
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

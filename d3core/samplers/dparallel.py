@@ -8,7 +8,6 @@ is a per-row parameter.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,8 +16,6 @@ import torch
 from d3core.samplers.base import GenerationResult
 from d3core.samplers.blockwise import BlockwiseParams, BlockwiseProgram, with_best
 from d3core.samplers.generation import OnStep, run
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

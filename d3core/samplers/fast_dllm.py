@@ -10,7 +10,6 @@ The threshold (or factor) is a per-row parameter: rows with different values sha
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,8 +18,6 @@ import torch
 from d3core.samplers.base import GenerationResult, check_probability
 from d3core.samplers.blockwise import BlockwiseParams, BlockwiseProgram, with_best
 from d3core.samplers.generation import OnStep, run
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,9 @@ a row's samples depend on its own seed only, never on which other rows share the
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a 32-bit value times one stays inside int64, on every backend.

@@ -17,18 +17,25 @@ to the cache's scratch row; padding rows attend to one slot and commit nothing.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from d3core.cache import Windows
-from d3core.samplers.plan import (SIT_OUT, HostLayout, HostStep, Refill, RowParams, RowPlan, Shape, StepMeta,
-                                  part_sizes, split_buffer)
+from d3core.samplers.plan import (
+    SIT_OUT,
+    HostLayout,
+    HostStep,
+    Refill,
+    RowParams,
+    RowPlan,
+    Shape,
+    StepMeta,
+    part_sizes,
+    split_buffer,
+)
 from d3core.samplers.transfer import HostLink
-
-logger = logging.getLogger(__name__)
 
 
 def bucket(x: int, cap: int | None = None) -> int:

@@ -9,15 +9,12 @@ per-row parameters by name in :class:`RowParams`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from d3core.cache import Windows
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

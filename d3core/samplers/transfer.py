@@ -9,12 +9,8 @@ event to wait on); the rest of the engine only launches kernels. The fake-CUDA d
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 STAGING_MIN = 1 << 16  # int64 elements of the first pinned staging buffer
 

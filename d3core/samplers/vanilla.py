@@ -9,7 +9,6 @@ ones (``random``). Positions right of the current block are inputs but are never
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,8 +19,6 @@ from d3core.samplers.base import BlockParams, GenerationResult
 from d3core.samplers.engine import Decoder, Program, Row
 from d3core.samplers.generation import OnStep, run
 from d3core.samplers.plan import Cells, RowPlan
-
-logger = logging.getLogger(__name__)
 
 REMASKING = ("low_confidence", "random")
 
