@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 from d3core import trajectory as T
 from d3core.models.checkpoint import load_config
@@ -18,6 +19,15 @@ from pipelines import trajectories as P
 def config(out: str, teacher: str, gen_length: int, n: int, shard_size: int) -> P.TrajectoriesConfig:
     return P.TrajectoriesConfig(out=out, teacher=teacher, gen_length=gen_length, block_length=gen_length,
                                 n_prompts=n, shard_size=shard_size)
+
+
+def random_rows(n: int, teacher: str, gen_length: int) -> list[T.TrajectoryRow]:
+    """``n`` rows of random tokens within ``teacher``'s vocabulary, every slot unmasked at some step."""
+    rng, vocab = random.Random(0), load_config(teacher).vocab_size
+    return [T.TrajectoryRow(id=f"r{i:03d}", prompt_ids=[rng.randrange(10, vocab) for _ in range(5)],
+                            response_ids=[rng.randrange(10, vocab) for _ in range(gen_length)],
+                            unmask_step=rng.sample(range(gen_length), gen_length), is_correct=True, attempts=1,
+                            temperature=0.0, teacher="", sampler="", sampler_params="") for i in range(n)]
 
 
 def conform(rows: list[T.TrajectoryRow], cfg: P.TrajectoriesConfig) -> list[T.TrajectoryRow]:

@@ -8,7 +8,6 @@ Ray is replaced by a CPU-only cluster's answers.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,26 +17,18 @@ import ray
 from fsspec.registry import _registry as fsspec_registry
 
 from d3core import trajectory as T
-from d3core.models.checkpoint import load_config
 from d3core.models.shipped import TINY_TEACHER_DIR
 from pipelines import cli, full
 from pipelines import distill as D
 from pipelines import evaluate as E
 from pipelines import trajectories as P
-from trajectory_sets import write_set
+from trajectory_sets import random_rows, write_set
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER = str(TINY_TEACHER_DIR)
 GEN = 16
 
 
-def random_rows(n: int) -> list[T.TrajectoryRow]:
-    """``n`` rows of random tokens within the tiny teacher's vocabulary, every slot unmasked at some step."""
-    rng, vocab = random.Random(0), load_config(TEACHER).vocab_size
-    return [T.TrajectoryRow(id=f"r{i:03d}", prompt_ids=[rng.randrange(10, vocab) for _ in range(5)],
-                            response_ids=[rng.randrange(10, vocab) for _ in range(GEN)],
-                            unmask_step=rng.sample(range(GEN), GEN), is_correct=True, attempts=1, temperature=0.0,
-                            teacher="", sampler="", sampler_params="") for i in range(n)]
 
 
 @pytest.fixture
@@ -124,7 +115,7 @@ def test_trajectories_refuse_gpus_the_cluster_lacks_before_writing(tmp_path, cpu
 
 
 def test_distill_refuses_gpus_the_cluster_lacks_before_writing(tmp_path, cpu_cluster):
-    write_set(str(tmp_path / "traj"), random_rows(16), TEACHER, GEN)
+    write_set(str(tmp_path / "traj"), random_rows(16, TEACHER, GEN), TEACHER, GEN)
     cfg = D.DistillConfig(trajectories=str(tmp_path / "traj"), out=str(tmp_path / "student"), batch_size=8,
                           window_sizes=(8,), use_gpu=True)
     with pytest.raises(ValueError, match=r"num_workers \(use_gpu=True\)=2 but the Ray cluster has 0 GPU"):

@@ -4,20 +4,16 @@ has none of them. Ray is replaced by a cluster's answers here; tests/cluster run
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import ray
 
-from d3core import trajectory as T
-from d3core.models.checkpoint import load_config
 from d3core.models.shipped import TINY_TEACHER_DIR
 from pipelines import _cli, cli, full
 from pipelines import distill as D
 from pipelines import evaluate as E
 from pipelines import trajectories as P
 from serve_apps.config import ServeConfig
-from trajectory_sets import write_set
+from trajectory_sets import random_rows, write_set
 
 TEACHER = str(TINY_TEACHER_DIR)
 GEN = 16
@@ -29,12 +25,6 @@ class Placed(Exception):
     """Raised by a stand-in for the Ray call that would place the work: carries its arguments."""
 
 
-def rows(n: int) -> list[T.TrajectoryRow]:
-    rng, vocab = random.Random(0), load_config(TEACHER).vocab_size
-    return [T.TrajectoryRow(id=f"r{i:03d}", prompt_ids=[rng.randrange(10, vocab) for _ in range(5)],
-                            response_ids=[rng.randrange(10, vocab) for _ in range(GEN)],
-                            unmask_step=rng.sample(range(GEN), GEN), is_correct=True, attempts=1, temperature=0.0,
-                            teacher="", sampler="", sampler_params="") for i in range(n)]
 
 
 def cluster_with(monkeypatch, resources: dict) -> None:
@@ -113,7 +103,7 @@ def test_distill_workers_ask_ray_for_the_resources(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     monkeypatch.setattr(ray.data, "from_arrow", lambda table: "the rows")  # no object store here
-    write_set(str(tmp_path / "traj"), rows(16), TEACHER, GEN)
+    write_set(str(tmp_path / "traj"), random_rows(16, TEACHER, GEN), TEACHER, GEN)
     cfg = D.DistillConfig(trajectories=str(tmp_path / "traj"), out=str(tmp_path / "student"), batch_size=8,
                           window_sizes=(8,), resources={"worker": 1})
     with pytest.raises(Placed) as placed:
@@ -150,7 +140,7 @@ def test_a_resource_no_node_declares_is_refused_before_anything_is_written(stage
         run = lambda: P.run(P.TrajectoriesConfig(out=str(tmp_path / "out"), n_prompts=4, shard_size=4,  # noqa: E731
                                                  resources={"worker": 1}))
     elif stage == "distill":
-        write_set(str(tmp_path / "traj"), rows(16), TEACHER, GEN)
+        write_set(str(tmp_path / "traj"), random_rows(16, TEACHER, GEN), TEACHER, GEN)
         run = lambda: D.run_distill(D.DistillConfig(trajectories=str(tmp_path / "traj"),  # noqa: E731
                                                     out=str(tmp_path / "out"), batch_size=8, window_sizes=(8,),
                                                     resources={"worker": 1}))
