@@ -24,17 +24,15 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass, field
-
-import fsspec
 
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
 from pipelines import _io
 from pipelines import fingerprint as F
 from pipelines.cluster import validate_resources
+from pipelines.eval_cell import run_cell
 from pipelines.sweeps import DLLM_SAMPLERS, SHAPE_FIELDS, VANILLA, SweepPoint, ar_point, split_sweep_key, sweep_points
 
 logger = logging.getLogger("d3ray.evaluate")
@@ -228,98 +226,18 @@ def fingerprint(cfg: EvaluateConfig, identities: dict[str, dict]) -> dict:
             "ar_model": identities.get(cfg.ar_model) if cfg.ar_model else None, "settings": settings}
 
 
-# -- one cell (runs inside a Ray task) ---------------------------------------------------------
-def _ar_backend(cfg: EvaluateConfig, cell: Cell, device: str):
-    """(model, sampler, backend name): vLLM when allowed and importable, else d3core's ``ar``."""
-    from d3core.samplers import get_sampler
-
-    if cfg.use_vllm != "off":
-        try:
-            from d3core.eval.vllm_ar import VLLM_SAMPLER, VLLMModel
-
-            return VLLMModel(cell.uri, seed=cfg.seed, dtype="auto" if device == "cuda" else "float32"), \
-                VLLM_SAMPLER, "vllm"
-        except (ImportError, OSError, RuntimeError) as err:  # vllm absent or broken in this environment
-            if cfg.use_vllm == "on":
-                raise RuntimeError(f"use_vllm='on' but vLLM could not start ({err}): install the 'vllm' extra "
-                                   "or set use_vllm='auto' to fall back to the ar sampler") from err
-            logger.info("vLLM unavailable (%s): AR baseline via d3core's ar sampler", type(err).__name__)
-    from d3core.models.ar import load_ar_model
-
-    return load_ar_model(cell.uri, device=device), get_sampler("ar"), "d3core-ar"
-
-
-def run_cell(cfg: EvaluateConfig, cell: Cell) -> dict:
-    """Load the cell's model, decode the task's first ``n`` examples, score them; returns the cell record.
-
-    The record's ``samples`` are the per-sample records (:mod:`d3core.eval.records`); the driver
-    writes them beside the cell as JSON Lines.
-    """
-    import torch
-
-    from d3core.eval.harness import evaluate_task
-    from d3core.eval.sandbox import SandboxLimits
-    from d3core.eval.stats import bootstrap_ci
-    from d3core.eval.tasks import get_task
-    from d3core.models.checkpoint import load_pretrained
-    from d3core.models.hub import resolve_checkpoint
-    from d3core.models.tokenizer import load_tokenizer
-    from d3core.samplers import get_sampler
-
-    torch.set_num_threads(cfg.threads_per_cell)
-    device = "cuda" if cfg.num_gpus_per_cell > 0 and torch.cuda.is_available() else "cpu"
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    tokenizer = load_tokenizer(cell.uri, cfg.trust_remote_code)
-    if cell.sampler == "ar":  # vLLM and transformers get the local snapshot of a hub id or hf:// URI
-        local = dataclasses.replace(cell, uri=resolve_checkpoint(cell.uri, trust_remote_code=cfg.trust_remote_code))
-        model, spec, backend = _ar_backend(cfg, local, device)
-    else:
-        model, spec, backend = load_pretrained(cell.uri, device=device), get_sampler(cell.sampler), "d3core"
-    params = cell.point.params
-    task = get_task(cell.task)
-    examples = task.examples(cfg.n or None, seed=cfg.seed)
-    report = evaluate_task(model, tokenizer, task, spec, params, examples, batch_size=cfg.batch_size,
-                           generator=torch.Generator().manual_seed(cfg.seed), style=cfg.prompt_style,
-                           limits=SandboxLimits(cpu_s=cfg.sandbox_timeout_s), code_workers=cfg.code_workers,
-                           protocol=_ar_protocol(cfg, cell), truncate_prompts=True)
-    hardware = torch.cuda.get_device_name() if device == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {cfg.threads_per_cell} torch thread(s)"
-    return {**cell.record(), **report.summary(), "params": dataclasses.asdict(params),
-            "backend": backend, "device": device, "hardware": hardware,
-            "accuracy_ci": list(bootstrap_ci(report.correct, seed=cfg.seed)),
-            "cell_seconds": time.perf_counter() - t0, "cell_cpu_seconds": time.process_time() - cpu0,
-            "samples": [dataclasses.asdict(r) for r in report.samples]}
-
-
-def _ar_protocol(cfg: EvaluateConfig, cell: Cell):
-    """The AR baseline's protocol on the leaderboard of the evaluated dLLMs' family (None: the harness decides)."""
-    if cell.sampler != "ar" or cfg.prompt_style != "auto":
-        return None
-    from d3core.eval.protocols import ar_family_for, checkpoint_family, get_protocol
-    from d3core.models.hub import resolve_checkpoint
-
-    first = next(iter(cfg.models.values()))
-    family = checkpoint_family(resolve_checkpoint(first, weights=False, trust_remote_code=cfg.trust_remote_code))
-    return get_protocol(ar_family_for(family), cell.task)
-
-
 # -- the driver ------------------------------------------------------------------------------
-def _cells_dir(cfg: EvaluateConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    return fs, root.rstrip("/")
-
-
 def read_samples(cfg: EvaluateConfig, cell: Cell) -> list[dict] | None:
     """The per-sample records of a finished cell (None for a cell written before they existed)."""
     from d3core.eval.records import from_jsonl
 
-    fs, root = _cells_dir(cfg)
+    fs, root = _io.fs_root(cfg.out)
     path = f"{root}/cells/{cell.key(cfg)}.samples.jsonl"
     return from_jsonl(fs.cat_file(path).decode()) if fs.exists(path) else None
 
 
 def read_done(cfg: EvaluateConfig, cells: list[Cell]) -> dict[str, dict]:
-    fs, root = _cells_dir(cfg)
+    fs, root = _io.fs_root(cfg.out)
     done = {}
     for cell in cells:
         path = f"{root}/cells/{cell.key(cfg)}.json"
@@ -329,14 +247,6 @@ def read_done(cfg: EvaluateConfig, cells: list[Cell]) -> dict[str, dict]:
             except json.JSONDecodeError:  # a damaged cell file is decoded again, never read
                 logger.warning("cell %s is not valid JSON: decoding it again", path)
     return done
-
-
-def _write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write-then-rename so a reader never sees half a file."""
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
 
 
 def _ray_init() -> None:
@@ -358,15 +268,15 @@ def _require_gpus(cfg: EvaluateConfig) -> None:
     require_resources(cfg.resources, "resources")
 
 
-def write_cell(fs: fsspec.AbstractFileSystem, root: str, key: str, result: dict) -> None:
+def write_cell(cfg: EvaluateConfig, key: str, result: dict) -> None:
     """The cell's per-sample records (``<key>.samples.jsonl``), then its summary (``<key>.json``,
-    which marks it done)."""
+    which marks it done); each written whole or not at all."""
     from d3core.eval.records import to_jsonl
 
     samples = result.pop("samples", None)
     if samples is not None:
-        _write(fs, f"{root}/cells/{key}.samples.jsonl", to_jsonl(samples).encode())
-    _write(fs, f"{root}/cells/{key}.json", json.dumps(result, indent=1).encode())
+        _io.write_bytes(_io.join(cfg.out, "cells", f"{key}.samples.jsonl"), to_jsonl(samples).encode())
+    _io.write_bytes(_io.join(cfg.out, "cells", f"{key}.json"), json.dumps(result, indent=1).encode())
 
 
 def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
@@ -377,7 +287,6 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
     from d3core.eval.vllm_ar import CPU_ENV
 
     _require_gpus(cfg)
-    fs, root = _cells_dir(cfg)
     remote = ray.remote(run_cell)
     refs = {}
     for cell in pending:
@@ -395,7 +304,7 @@ def run_cells(cfg: EvaluateConfig, pending: list[Cell]) -> None:
         ready, waiting = ray.wait(waiting, num_returns=1)
         result = ray.get(ready[0])
         cell = refs[ready[0]]
-        write_cell(fs, root, cell.key(cfg), result)
+        write_cell(cfg, cell.key(cfg), result)
         logger.info("%s: accuracy %.3f TPF %.2f tok/s %.0f (%s)", cell.key(cfg), result["accuracy"], result["tpf"],
                     result["tokens_per_second"], result["backend"])
         bar.update(1)
@@ -503,10 +412,9 @@ def run_evaluation(cfg: EvaluateConfig, overwrite: bool = False) -> dict:
     report["config"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
     report["fingerprint_digest"] = F.read_record(cfg.out)["digest"]
     report["wall_seconds"] = time.perf_counter() - t0
-    fs, root = _cells_dir(cfg)
-    _write(fs, f"{root}/report.json", json.dumps(report, indent=1).encode())
-    _write(fs, f"{root}/report.md", to_markdown(report).encode())
-    _write(fs, f"{root}/aup.png", plot_report(report))
+    _io.write_bytes(_io.join(cfg.out, "report.json"), json.dumps(report, indent=1).encode())
+    _io.write_bytes(_io.join(cfg.out, "report.md"), to_markdown(report).encode())
+    _io.write_bytes(_io.join(cfg.out, "aup.png"), plot_report(report))
     logger.info("report written to %s (%.0f s)", cfg.out, report["wall_seconds"])
     return report
 

@@ -45,22 +45,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 
 from pipelines import _cli, _io, cli
 from pipelines import fingerprint as F
+from pipelines import run_report as R
 from pipelines.cluster import joined_existing_cluster
 from pipelines.logs import RunLogs
 from pipelines.recipes import Recipe, get_recipe
+from pipelines.run_report import STAGES
 
 logger = logging.getLogger("d3ray.full")
 
-STAGES = ("pretrain", "trajectories", "distill", "evaluate", "serve")
 DOWNSTREAM = {"trajectories": ("trajectories", "distill", "evaluate"), "distill": ("distill", "evaluate"),
               "evaluate": ("evaluate",)}
-PARALLEL_SAMPLERS = ("fast_dllm", "dparallel", "d3llm")
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -130,13 +129,6 @@ class FullConfig:
             serve=dataclasses.replace(r.serve, model=self.path("student")))
 
 
-def hardware() -> dict:
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-
-
 # -- stages -----------------------------------------------------------------------------------------
 def stage_pretrain(cfg: FullConfig) -> dict:
     """Retrain the embedded models (hours on 2 CPU cores; minutes on a GPU) into RUN_DIR/pretrain (local)."""
@@ -173,27 +165,11 @@ def stage_evaluate(cfg: FullConfig, recipe: Recipe) -> dict:
         from d3core.models.export import set_evaluation
 
         try:
-            set_evaluation(cfg.path("student"), card_evaluation(report))
+            set_evaluation(cfg.path("student"), R.card_evaluation(report))
         except ValueError as err:  # a card without d3ray's evaluation section (an older export): leave it
             logger.warning("student model card not updated: %s", err)
     return {"aup": report["aup"], "wall_seconds": report["wall_seconds"],
             "fingerprint_digest": report.get("fingerprint_digest")}
-
-
-def card_evaluation(report: dict) -> str:
-    """The run's AUP table for the student's model card (student and teacher rows, every task)."""
-    tasks = list(report["aup"])
-    systems = sorted({s for t in tasks for s in report["aup"][t]})
-    meta = report.get("meta", {})
-    lines = [f"AUP (accuracy under parallelism, as d3LLM defines it) from this run: {meta.get('n', '?')} problems "
-             f"per task, generation length {meta.get('gen_length', '?')}, block {meta.get('block_length', '?')}, "
-             f"on {meta.get('hardware', '?')}.", "", "| system | " + " | ".join(tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for system in systems:
-        cells = [report["aup"][t].get(system) for t in tasks]
-        lines.append(f"| {system} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
-    return "\n".join(lines)
-
 
 
 def stage_serve(cfg: FullConfig, recipe: Recipe) -> dict:
@@ -231,7 +207,6 @@ def _smoke_question(cfg: FullConfig) -> str:
 
         return synthetic.generate("test", 1, seed=0)[0].question
     return "What is 12 times 7? Answer with a number."
-
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -385,7 +360,7 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
         logger.info("stage %s: done in %.0f s", name, result["seconds"])
     manifest = _io.read_json(cfg.path("trajectories", "manifest.json")) or {}
     made_by = (manifest.get("provenance") or {}).get("teacher", teacher)
-    summary = {"recipe": _cli.to_data(recipe), "run_dir": cfg.run_dir, "hardware": hardware(),
+    summary = {"recipe": _cli.to_data(recipe), "run_dir": cfg.run_dir, "hardware": R.hardware(),
                "teacher": made_by, "ar_model": ar_model, "stages": stages}
     if cfg.push_to_hub:
         from d3core.models.export import push_to_hub
@@ -395,9 +370,9 @@ def _run(cfg: FullConfig, recipe: Recipe) -> dict:
     from d3core.eval.records import run_metadata
 
     summary["provenance"] = run_metadata({"evaluation": evaluation.get("config", {}).get("seed")})
-    summary["student_beats_teacher"] = compare(evaluation)
+    summary["student_beats_teacher"] = R.compare(evaluation)
     _io.write_json(cfg.path("report.json"), summary)
-    _io.write_bytes(cfg.path("report.md"), markdown(summary, evaluation, cfg).encode())
+    _io.write_bytes(cfg.path("report.md"), R.markdown(summary, evaluation, cfg.recipe.preset).encode())
     logger.info("report: %s", cfg.path("report.md"))
     say(f"report: {cfg.path('report.md')}")
     return summary
@@ -412,53 +387,6 @@ def _timed(fn) -> dict:
     t0 = time.perf_counter()
     out = fn()
     return {"status": "done", "seconds": round(time.perf_counter() - t0, 1), "result": out}
-
-
-def compare(evaluation: dict) -> dict:
-    """Per task and parallel sampler: student AUP, teacher AUP, and whether the student's is higher."""
-    out: dict = {}
-    for task, systems in evaluation.get("aup", {}).items():
-        for sampler in PARALLEL_SAMPLERS:
-            s, t = systems.get(f"student/{sampler}"), systems.get(f"teacher/{sampler}")
-            if s is not None and t is not None:
-                out.setdefault(task, {})[sampler] = {"student": round(s, 2), "teacher": round(t, 2),
-                                                     "student_higher": s > t}
-    return out
-
-
-def markdown(summary: dict, evaluation: dict, cfg: FullConfig) -> str:
-    hw = summary["hardware"]
-    lines = [f"# d3ray run ({cfg.recipe.preset})", "",
-             f"Hardware: {hw['cpu']}, {hw['cores']} CPU cores, GPUs: {', '.join(hw['gpus']) or 'none'}; "
-             f"torch {hw['torch']}. Teacher: `{summary['teacher']}`.", "",
-             "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-    for name in STAGES:
-        st = summary["stages"].get(name)
-        if st:
-            lines.append(f"| {name} | {st.get('status')} | {st.get('seconds', '')} |")
-    lines += ["", "## Student vs teacher (AUP)", "", "| task | sampler | teacher AUP | student AUP | student higher |",
-              "|---|---|---|---|---|"]
-    for task, samplers in summary["student_beats_teacher"].items():
-        for sampler, row in samplers.items():
-            lines.append(f"| {task} | {sampler} | {row['teacher']:.1f} | {row['student']:.1f} | "
-                         f"{'yes' if row['student_higher'] else 'NO'} |")
-    if summary.get("provenance"):
-        from d3core.eval.report import provenance_line
-
-        lines += ["", provenance_line(summary["provenance"])]
-    if evaluation:
-        from d3core.eval.report import to_markdown
-
-        lines += ["", "## Evaluation", "", "![accuracy vs TPF](eval/aup.png)", "",
-                  f"Per-sample records (prompt, output, extracted answer, verdict, NFE, unmask steps): "
-                  f"`eval/cells/*.samples.jsonl`, {len(evaluation.get('samples', {}))} cells.", "",
-                  to_markdown(evaluation)]
-    serve = summary["stages"].get("serve", {}).get("result")
-    if serve:
-        lines += ["", "## Serve smoke test", "", f"`{serve['model']}` answered: {serve['text']!r} "
-                  f"(usage {serve['usage']})"]
-    return "\n".join(lines) + "\n"
-
 
 
 # -- CLI -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
+from pipelines import eval_cell
 from pipelines import evaluate as ev
 from pipelines.cli import parse_evaluate
 from pipelines.recipes import get_recipe
@@ -109,16 +110,16 @@ def test_plan_and_keys(tmp_path):
 def test_vllm_on_without_vllm_fails_clearly_and_auto_falls_back(tmp_path):
     cell = ev.Cell("AR", AR, ar_point(48), "synthetic")
     with pytest.raises(RuntimeError, match="use_vllm='on'"):
-        ev._ar_backend(small(tmp_path, use_vllm="on"), cell, "cpu")
-    _, spec, backend = ev._ar_backend(small(tmp_path, use_vllm="auto"), cell, "cpu")
+        eval_cell._ar_backend(small(tmp_path, use_vllm="on"), cell, "cpu")
+    _, spec, backend = eval_cell._ar_backend(small(tmp_path, use_vllm="auto"), cell, "cpu")
     assert backend == "d3core-ar" and spec.name == "ar"
 
 
 @pytest.mark.skipif(not _vllm_imports(), reason="vLLM is not importable here (optional extra 'vllm')")
 def test_ar_cell_through_vllm_matches_the_ar_sampler(tmp_path):
     cell = ev.Cell("AR", AR, ar_point(48), "synthetic")
-    via_vllm = ev.run_cell(small(tmp_path, use_vllm="on"), cell)
-    via_ar = ev.run_cell(small(tmp_path, use_vllm="off"), cell)
+    via_vllm = eval_cell.run_cell(small(tmp_path, use_vllm="on"), cell)
+    via_ar = eval_cell.run_cell(small(tmp_path, use_vllm="off"), cell)
     assert via_vllm["backend"] == "vllm" and via_ar["backend"] == "d3core-ar"
     assert via_vllm["accuracy"] == via_ar["accuracy"]
 

@@ -98,7 +98,7 @@ def test_bad_arguments_fail_before_any_stage(tmp_path):
 
 
 def test_card_evaluation_lists_every_system_and_task():
-    from pipelines.full import card_evaluation
+    from pipelines.run_report import card_evaluation
 
     report = {"aup": {"gsm8k": {"teacher/d3llm": 71.25, "student/d3llm": 80.5}, "mbpp": {"student/d3llm": 40.0}},
               "meta": {"n": 8, "gen_length": 256, "block_length": 32, "hardware": "NVIDIA H100"}}

@@ -16,6 +16,7 @@ import pytest
 
 from d3core.eval.vllm_ar import CPU_ENV
 from d3core.models.shipped import TINY_AR_DIR, TINY_TEACHER_DIR
+from pipelines import eval_cell
 from pipelines import evaluate as ev
 from pipelines.sweeps import ar_point
 
@@ -58,7 +59,7 @@ def test_vllm_cell_gets_the_same_tokens_as_the_ar_sampler(tmp_path, task):
                           env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     via_vllm = json.loads(out_file.read_text())
-    via_ar = ev.run_cell(_config(tmp_path / "ar", "off", N[task]), cell)
+    via_ar = eval_cell.run_cell(_config(tmp_path / "ar", "off", N[task]), cell)
     assert via_vllm["backend"] == "vllm" and via_ar["backend"] == "d3core-ar"
     assert via_vllm["protocol"] == via_ar["protocol"]
     assert [s["tokens"] for s in via_vllm["samples"]] == [s["tokens"] for s in via_ar["samples"]]

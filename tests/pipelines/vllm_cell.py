@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main(cfg_file: str, cell_file: str, out_file: str) -> None:
-    from pipelines.evaluate import run_cell
+    from pipelines.eval_cell import run_cell
 
     record = run_cell(pickle.loads(Path(cfg_file).read_bytes()), pickle.loads(Path(cell_file).read_bytes()))
     Path(out_file).write_text(json.dumps(record))
