@@ -1,6 +1,6 @@
 """The serving engine alone, in process: legacy vs request-level vs continuous batching.
 
-No HTTP, no Ray: chat requests go straight to a :class:`~serve_apps.engine.ContinuousEngine`, once
+No HTTP, no Ray: chat requests go straight to a :class:`~serve_apps.batching.ContinuousEngine`, once
 per batching mode, the modes interleaved over ``--repeats`` rounds (machine drift hits every mode).
 Each run is ``--clients`` closed-loop clients for ``--seconds`` (saturation), then streaming
 requests with Poisson arrivals for ``--seconds`` at each ``--loads`` fraction of the first mode's
@@ -64,7 +64,7 @@ class StepMeter:
 def engine_requests(cfg, tokenizer, questions: list[str], workload: str, count: int) -> list:
     """The first ``count`` requests of ``workload``, as the ingress would hand them to the engine."""
     from serve_apps import protocol as P
-    from serve_apps.engine import GenerationRequest
+    from serve_apps.requests import GenerationRequest
     from serve_apps.text import encode_chat
 
     out = []
@@ -102,8 +102,8 @@ async def closed_loop(engine, requests: list, clients: int, seconds: float) -> d
 
 async def open_loop(engine, requests: list, rate: float, seconds: float, seed: int) -> dict:
     """Streaming requests with Poisson arrivals at ``rate`` per second for ``seconds``."""
-    from serve_apps.engine import EngineOverloaded
     from serve_apps.outputs import Delta
+    from serve_apps.requests import EngineOverloaded
 
     async def one(req) -> tuple[float, float | None] | None:
         t0, ttft = time.perf_counter(), None
@@ -145,7 +145,8 @@ async def one_run(model, tokenizer, cfg, requests: list, mode: str, args, capaci
                   seed: int) -> dict:
     """Saturation, then the open loop at ``args.loads`` x ``capacity`` (this run's own rate when None)."""
     from legacy_engine import LegacyEngine
-    from serve_apps.engine import ContinuousEngine
+
+    from serve_apps.batching import ContinuousEngine
 
     meter = StepMeter()
     engine_cls, batching = (LegacyEngine, "request") if mode == "legacy" else (ContinuousEngine, mode)

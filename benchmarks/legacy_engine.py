@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_apps.engine import ContinuousEngine, GenerationRequest  # noqa: E402
+from serve_apps.batching import ContinuousEngine  # noqa: E402
+from serve_apps.requests import GenerationRequest  # noqa: E402
 
 
 def group_key(req: GenerationRequest) -> tuple:

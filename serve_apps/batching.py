@@ -17,7 +17,8 @@ Requests enter a bounded admission queue. A decode thread owns a
 
 Failures stay with their request: a request the decoder refuses, or whose output handling
 raises, fails alone; a step that raises fails the rows in it, and the thread carries on with an
-empty decoder. Overload is answered at once (:class:`EngineOverloaded`), never by a wait.
+empty decoder. Overload is answered at once (:class:`~serve_apps.requests.EngineOverloaded`),
+never by a wait. The requests, outputs and errors are defined in :mod:`serve_apps.requests`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 import torch
@@ -38,86 +39,21 @@ from d3core.samplers import get_sampler
 from d3core.samplers import graphs as graph_modes
 from d3core.samplers.base import validate_prompts
 from d3core.samplers.engine import Decoder, Program, Row, RowOutput
-from serve_apps.outputs import Choice, ChoiceText, Delta
+from serve_apps.outputs import ChoiceText, Delta
+from serve_apps.requests import (
+    EngineClosed,
+    EngineMetrics,
+    EngineOverloaded,
+    EngineTimeout,
+    GenerationOutput,
+    GenerationRequest,
+    RequestFailed,
+)
 
 logger = logging.getLogger(__name__)
 
 SEED_SPACE = 2**63  # row seeds are int64; request seeds are validated to this range by the protocol
 BATCHING = ("continuous", "request")  # admission policies (see the module docstring)
-
-
-class EngineTimeout(Exception):
-    """The request passed its deadline before it finished."""
-
-
-class EngineClosed(Exception):
-    """The engine was shut down."""
-
-
-class EngineOverloaded(Exception):
-    """The admission queue is full; retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class RequestFailed(Exception):
-    """The engine could not decode this request (the cause is in the message); other requests go on."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One request: prompt ids, sampler parameters (a validated frozen dataclass) and output options."""
-
-    prompt_ids: tuple[int, ...]
-    params: Any
-    max_tokens: int | None = None
-    seed: int | None = None
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    timeout_s: float = 60.0
-    request_id: str = ""
-
-    def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1 or None")
-        if self.n < 1:
-            raise ValueError(f"n={self.n}: must be >= 1")
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    choices: tuple[Choice, ...]
-    prompt_tokens: int
-    batch_size: int  # the most rows that shared a step with this request's rows
-    queue_s: float
-    decode_s: float
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.choices)
-
-    @property
-    def nfe(self) -> int:
-        return sum(c.nfe for c in self.choices)
-
-    @property
-    def tokens_computed(self) -> int:
-        return sum(c.tokens_computed for c in self.choices)
-
-    @property
-    def tokens_committed(self) -> int:
-        return sum(c.tokens_committed for c in self.choices)
-
-
-class EngineMetrics(Protocol):
-    def on_step(self, rows: int, seconds: float, tokens: int) -> None: ...
-
-    def on_request(self, status: str, output: GenerationOutput | None) -> None: ...
 
 
 @dataclass(eq=False)

@@ -27,7 +27,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from d3core.models import dream, llada
 from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
-from serve_apps.engine import BATCHING
+from serve_apps.batching import BATCHING
 
 # Parameters a request may override, with their inclusive [low, high] bounds (None: unbounded).
 DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {

@@ -6,7 +6,7 @@ serve_apps/config/tiny.yaml``) serves ``/v1/completions``, ``/v1/chat/completion
 (Prometheus). The ingress admits or refuses a request before reading its body
 (:mod:`serve_apps.admission`), limits the body size, parses and validates requests and tokenizes
 them off the event loop, then calls the model deployment (:class:`D3LLMModel`), which owns the
-checkpoint and a :class:`~serve_apps.engine.ContinuousEngine` and streams final text back. Every
+checkpoint and a :class:`~serve_apps.batching.ContinuousEngine` and streams final text back. Every
 failure reaches the client as an OpenAI-style error body: 4xx for bad requests (401 without the
 API key, 413 for an oversized body, 429 + ``Retry-After`` when a request would wait for a decoder
 row beyond the queue budget), 408 for a request past its timeout, 503 when no replica could serve
@@ -36,12 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_apps import protocol as P
 from serve_apps.admission import Admission
 from serve_apps.config import PRESETS, ServeConfig
-from serve_apps.engine import GenerationOutput, GenerationRequest
 from serve_apps.health import ModelWatch, liveness, readiness
 from serve_apps.metrics import CONTENT_TYPE, HttpMetrics
 from serve_apps.openapi import install_openapi
 from serve_apps.replica import TRUST_FLAG, D3LLMModel, engine_error
-from serve_apps.responses import EventStream, response_body
+from serve_apps.requests import GenerationOutput, GenerationRequest
+from serve_apps.responses import EventStream, new_id, response_body
 from serve_apps.text import encode_chat, encode_completion_prompt
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class OpenAIIngress:
             P.check_prompt(ids, params.gen_length, self.context, self.model_config.vocab_size, where)
             seed = None if req.seed is None else req.seed + i * req.n
             gens.append(GenerationRequest(tuple(ids), params, max_tokens, seed, req.n, req.stop_strings,
-                                          req.want_logprobs, self.cfg.request_timeout_s, P.new_id("req")))
+                                          req.want_logprobs, self.cfg.request_timeout_s, new_id("req")))
         return req, gens, prompts
 
     async def _serve(self, request: Request, model_cls: type, chat: bool):

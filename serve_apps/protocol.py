@@ -1,4 +1,4 @@
-"""OpenAI wire format: request models, validation into engine requests, responses, error bodies.
+"""OpenAI wire format: request models, validation into engine requests, error bodies.
 
 Field policy, as vLLM's OpenAI server has it (docs/serving.md lists every field):
 
@@ -20,13 +20,9 @@ import json
 import logging
 import math
 import re
-import time
 import types
 import typing
-import uuid
-from typing import Any, Literal, Union
-
-from typing import Annotated
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -390,72 +386,4 @@ def check_prompt(prompt_ids: list[int], gen_length: int, max_seq_len: int, vocab
         validate_prompts([prompt_ids], gen_length, max_seq_len, vocab_size, name=param)
     except PromptError as e:
         raise APIError(400, str(e), param=param, code=e.code) from e
-
-
-# ---------------------------------------------------------------- responses
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, nfe: int, batch_size: int, tokens_computed: int = 0,
-          tokens_committed: int = 0) -> dict[str, Any]:
-    """OpenAI's usage plus d3ray's cost figures: NFE, TPF, the batch, and token-forwards per committed token
-    (window tokens the model recomputed / generation slots committed: device-independent)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe,
-            "tpf": round(completion_tokens / max(nfe, 1), 4), "batch_size": batch_size,
-            "tokens_computed": tokens_computed,
-            "token_forwards_per_token": round(tokens_computed / max(tokens_committed, 1), 4)}
-
-
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int) -> dict[str, Any]:
-    """The completions ``logprobs`` object for the chosen tokens (``text_offset`` from ``offset``)."""
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
-
-
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)], "refusal": None}
-
-
-def completion_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool = False) -> dict:
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
-    if not chunk or use is not None:
-        body["usage"] = use
-    return body
-
-
-def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-
-def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
-
-
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
-
-
-def chat_chunk(rid: str, model: str, choices: list[dict], use: dict | None = None) -> dict:
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices}
-    if use is not None:
-        body["usage"] = use
-    return body
-
-
-def chat_delta(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 

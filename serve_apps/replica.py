@@ -1,7 +1,7 @@
 """The model deployment of the OpenAI app: one replica owns a checkpoint and a continuously batching engine.
 
 :class:`D3LLMModel` loads the checkpoint and its tokenizer (final text and stop strings are decided
-next to the decoder), runs a :class:`~serve_apps.engine.ContinuousEngine`, and answers the ingress's
+next to the decoder), runs a :class:`~serve_apps.batching.ContinuousEngine`, and answers the ingress's
 calls with outputs or stream events. Engine failures become :class:`~serve_apps.protocol.APIError` s
 here (``engine_error``), so that what crosses the actor boundary is always an OpenAI-style error.
 
@@ -23,10 +23,17 @@ from ray.serve.exceptions import BackPressureError
 
 from serve_apps import protocol as P
 from serve_apps.admission import GateClosed, RowGate, overloaded
+from serve_apps.batching import ContinuousEngine
 from serve_apps.config import ServeConfig
-from serve_apps.engine import (ContinuousEngine, EngineClosed, EngineOverloaded, EngineTimeout, GenerationOutput,
-                               GenerationRequest, RequestFailed)
 from serve_apps.metrics import engine_metrics
+from serve_apps.requests import (
+    EngineClosed,
+    EngineOverloaded,
+    EngineTimeout,
+    GenerationOutput,
+    GenerationRequest,
+    RequestFailed,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from benchmark_module import load_benchmark
+
 from d3core.eval import synthetic
 from d3core.samplers import get_sampler
 from d3core.samplers.d3llm import D3LLMParams
 from d3core.sft import encode_prompt
-from serve_apps.engine import ContinuousEngine, GenerationRequest
+from serve_apps.batching import ContinuousEngine
+from serve_apps.requests import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PARAMS = D3LLMParams(threshold=0.5, cache_delay_iter=2)

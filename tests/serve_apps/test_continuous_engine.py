@@ -10,8 +10,9 @@ from d3core.eval import synthetic
 from d3core.samplers import get_sampler
 from d3core.samplers.d3llm import D3LLMParams, D3LLMProgram
 from d3core.sft import encode_prompt
-from serve_apps.engine import ContinuousEngine, EngineOverloaded, EngineTimeout, GenerationRequest, RequestFailed
+from serve_apps.batching import ContinuousEngine
 from serve_apps.outputs import Delta
+from serve_apps.requests import EngineOverloaded, EngineTimeout, GenerationRequest, RequestFailed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -278,7 +279,7 @@ def test_bad_requests_and_settings_name_the_value(teacher, tok):
 
 
 def test_each_choice_reports_its_token_forwards_per_committed_token(teacher, tok, prompts):
-    from serve_apps import protocol as P
+    from serve_apps.responses import usage
 
     async def body(engine):
         return await asyncio.gather(engine.generate(GenerationRequest(prompts[0], PARAMS)),
@@ -289,5 +290,5 @@ def test_each_choice_reports_its_token_forwards_per_committed_token(teacher, tok
     choice = whole.choices[0]
     assert (choice.tokens_computed, choice.tokens_committed) == (seq.tokens_computed, PARAMS.gen_length)
     assert 0 < cut.choices[0].tokens_committed < PARAMS.gen_length  # left at max_tokens, before its canvas ended
-    use = P.usage(1, 2, 3, 1, whole.tokens_computed, whole.tokens_committed)
+    use = usage(1, 2, 3, 1, whole.tokens_computed, whole.tokens_committed)
     assert use["token_forwards_per_token"] == round(seq.tokens_computed / PARAMS.gen_length, 4)

@@ -2,7 +2,7 @@
 
 The ingress's own request path (``_serve``: parse, tokenize, answer or stream) and the replica's
 own ``generate`` / ``generate_stream`` are bound onto plain objects around one in-process
-:class:`~serve_apps.engine.ContinuousEngine` on the tiny teacher. The tiny tokenizer is word-level:
+:class:`~serve_apps.batching.ContinuousEngine` on the tiny teacher. The tiny tokenizer is word-level:
 its decoder puts a space between tokens, so each token's text must carry that space.
 """
 
@@ -21,8 +21,8 @@ from d3core.models.checkpoint import load_config
 from d3core.sft import encode_prompt
 from serve_apps import protocol as P
 from serve_apps.admission import Admission, RowGate
+from serve_apps.batching import ContinuousEngine
 from serve_apps.config import ServeConfig
-from serve_apps.engine import ContinuousEngine
 from serve_apps.metrics import HttpMetrics
 from serve_apps.openai_app import OpenAIIngress
 from serve_apps.outputs import ChoiceText

@@ -89,7 +89,8 @@ def test_rows_joining_and_leaving_between_replays_keep_the_eager_tokens(teacher,
 
 
 def test_the_serving_engine_under_replay_gives_each_request_its_eager_answer(teacher, tok, prompts):
-    from serve_apps.engine import ContinuousEngine, GenerationRequest
+    from serve_apps.batching import ContinuousEngine
+    from serve_apps.requests import GenerationRequest
 
     settings = [D3LLMParams(threshold=t, cache_delay_iter=c, temperature=temp)
                 for t, c, temp in ((0.5, 2, 0.0), (0.3, None, 0.0), (0.5, 2, 0.8), (1.0, 1, 0.0))]
@@ -117,7 +118,7 @@ def test_the_serving_engine_under_replay_gives_each_request_its_eager_answer(tea
 
 
 async def _serve_one(teacher, tok, req):
-    from serve_apps.engine import ContinuousEngine
+    from serve_apps.batching import ContinuousEngine
 
     engine = ContinuousEngine(teacher, tok, max_batch_size=4, graphs="off", buckets=True)
     try:
