@@ -194,21 +194,32 @@ def to_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_data(obj), sort_keys=False, default_flow_style=False, width=120)
 
 
-def coerce(kind: Any, value: Any) -> Any:
+def coerce(kind: Any, value: Any, name: str = "value") -> Any:
+    """A config file's ``value`` as the field type ``kind``: lists become tuples, numbers typed as text
+    (YAML reads ``1e-4`` as a string) become numbers; a value of another kind is a ValueError naming ``name``."""
     origin = typing.get_origin(kind)
     if origin is Annotated:
-        return coerce(typing.get_args(kind)[0], value)
+        return coerce(typing.get_args(kind)[0], value, name)
     if origin is tuple and isinstance(value, list):
         args = typing.get_args(kind)
         inner = args[0] if args else Any
-        return tuple(coerce(inner, v) for v in value)
+        return tuple(coerce(inner, v, name) for v in value)
     if origin in (dict, collections.abc.Mapping) and isinstance(value, dict):
         args = typing.get_args(kind)
-        return {k: coerce(args[1], v) for k, v in value.items()} if len(args) == 2 else dict(value)
+        return {k: coerce(args[1], v, f"{name}[{k!r}]") for k, v in value.items()} if len(args) == 2 else dict(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(kind):
             if arg is not type(None) and value is not None:
-                return coerce(arg, value)
+                return coerce(arg, value, name)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    if kind in (int, float) and not isinstance(value, (int, float)) or kind is int and isinstance(value, bool):
+        try:
+            return kind(value) if isinstance(value, str) else kind(None)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{name}={value!r}: expected text")
     return value
 
 
@@ -228,7 +239,7 @@ def apply(obj: Any, data: Mapping[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[name] = apply(current, value, f"{where}.{name}" if where else name)
         else:
-            changes[name] = coerce(hints[name], value)
+            changes[name] = coerce(hints[name], value, f"{where}.{name}" if where else name)
     return dataclasses.replace(obj, **changes)
 
 
@@ -242,7 +253,7 @@ def read_config_file(path: str) -> dict:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ValueError(f"--config {path!r}: not valid YAML ({err})") from err
+            raise ValueError(f"--config {path!r}: not valid YAML ({' '.join(str(err).split())})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

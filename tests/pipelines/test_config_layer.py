@@ -176,3 +176,25 @@ def test_a_stage_writes_rays_chatter_to_the_run_logs_not_the_console(tmp_path):
     driver = (run_dir / "logs" / DRIVER_LOG).read_text()
     assert "Started a local Ray instance" in driver and "ray.data" in driver and "d3ray.trajectories" in driver
     assert (run_dir / "logs" / WORKERS_LOG).exists()  # where the decoder actors print (Ray's markers dropped)
+
+
+# -- a config file's values ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ('distill:\n  lr: "fast"\n', r"distill\.lr='fast': expected a number"),
+    ('trajectories:\n  seed: [1, 2]\n', r"trajectories\.seed=\[1, 2\]: expected an integer"),
+    ('evaluate:\n  anchor_vanilla: "maybe"\n', r"evaluate\.anchor_vanilla='maybe': expected true or false"),
+    ("serve:\n  model_name: 3\n", r"serve\.model_name=3: expected text"),
+    ("evaluate:\n  sweeps: [1, 2\n", r"not valid YAML \(.*line 3"),
+])
+def test_a_config_file_value_of_the_wrong_kind_is_refused_naming_the_field(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        full.parse_args(["--config", str(path), "--run-dir", str(tmp_path / "run")])
+    assert "\n" not in str(err.value)  # one line on the console
+
+
+def test_numbers_a_config_file_types_as_text_are_read_as_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    assert cli.parse_distill(["--config", str(path)])[0].lr == 1e-4
