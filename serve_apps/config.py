@@ -29,6 +29,9 @@ from d3core.models.shipped import TINY_TEACHER_DIR
 from d3core.samplers import SAMPLERS
 from serve_apps.batching import BATCHING
 
+# A key and value to show in the fix of a mapping field given as something else.
+FIELD_EXAMPLES = {"sampler_params": ("threshold", "0.5"), "limits": ("temperature", "[0, 2]"),
+                  "resources": ("worker", "1"), "autoscaling": ("max_replicas", "4")}
 # Parameters a request may override, with their inclusive [low, high] bounds (None: unbounded).
 DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
     "temperature": (0.0, 2.0),
@@ -105,6 +108,11 @@ class ServeConfig:
         def fail(name: str, value: Any, rule: str, fix: str) -> None:
             raise ValueError(f"ServeConfig.{name}={value!r}: {rule}; {fix}")
 
+        for name in ("sampler_params", "limits", "resources", "autoscaling"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) and not (name == "autoscaling" and value is None):
+                fail(name, value, "must be a mapping" + (" or null" if name == "autoscaling" else ""),
+                     f'write it as a JSON object, e.g. {name}={{"{FIELD_EXAMPLES[name][0]}": {FIELD_EXAMPLES[name][1]}}}')
         if not isinstance(self.model, str) or not self.model:
             fail("model", self.model, "must be a non-empty checkpoint URI (local path or fsspec URI, HF layout)",
                  f"pass model=/path/to/checkpoint (preset {self.preset!r} ships no weights)")

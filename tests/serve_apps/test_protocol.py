@@ -82,6 +82,16 @@ def test_bad_config_names_value_rule_and_fix(overrides, match):
         ServeConfig.from_preset("tiny", **overrides)
 
 
+@pytest.mark.parametrize("args, match", [
+    ({"sampler_params": "{bad json"}, r"sampler_params='\{bad json': must be a mapping; .*sampler_params=\{"),
+    ({"autoscaling": "[1, 2]"}, r"autoscaling=\[1, 2\]: must be a mapping or null"),
+    ({"limits": "3"}, r"limits=3: must be a mapping"),
+])
+def test_serve_run_arguments_that_are_no_mapping_are_refused_naming_the_field(args, match):
+    with pytest.raises(ValueError, match=match):
+        ServeConfig.from_args(args)
+
+
 def test_the_ingress_takes_every_connection_so_probes_never_queue_in_serves_proxy():
     """Issue 33: with 320 closed-loop clients the surplus waited up to 39 s in Serve's proxy queue (the ingress took
     its rows + 32), and a probe waited behind it; the ingress now takes the connections and answers them itself."""
