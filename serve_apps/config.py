@@ -209,8 +209,6 @@ class ServeConfig:
 
     def _check_resources(self, fail) -> None:
         """Custom resources only (CPU and GPU have their own fields), amounts Ray accepts."""
-        if not isinstance(self.resources, Mapping):
-            fail("resources", self.resources, "must map resource names to amounts", 'write e.g. {"worker": 1}')
         for name, amount in self.resources.items():
             if not isinstance(name, str) or not name.strip() or name in ("CPU", "GPU", "memory", "object_store_memory"):
                 fail("resources", dict(self.resources), f"{name!r} is no custom resource name",
